@@ -1,0 +1,479 @@
+"""``ContextRelianceCallback``: probe context reliance during training, log it, stop and keep the peak.
+
+The callback is thin: probes come from :mod:`ctx_callback.probes`, encoding and scoring from
+:class:`~ctx_callback.scoring.ProbeScorer`, the metrics from :mod:`ctx_callback.metrics` and the stop/peak decisions
+from :class:`~ctx_callback.peak.PeakTracker`. Here they are wired into the Trainer's events.
+
+Why the callback takes the trainer: the tracker integrations (TensorBoard, W&B, MLflow, trackio, ...) receive rows
+only through ``Trainer.log``; a callback that edits ``logs`` in its own ``on_log`` runs after them, and callback
+events do not receive the trainer. TRL's own logging callbacks take the trainer in their constructor for the same
+reason. Rows are logged through the base ``transformers.Trainer.log`` (not ``SFTTrainer.log``, which would fold its
+own running averages into our row) and ``control.should_log`` is preserved around the call, so the Trainer's own
+loss row for the step is not dropped.
+
+Why not ``ExportableState``: the Trainer restores exportable callbacks by rebuilding them from JSON arguments,
+which would drop the trainer handle and the encoded probes. The peak/patience state is instead rebuilt on resume
+by replaying this callback's own rows in ``state.log_history`` (which the Trainer always restores), so a resumed run
+takes exactly the decisions an uninterrupted one takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .encoding import ALL_VARIANTS
+from .metrics import METRIC_DESCRIPTIONS, METRIC_PREFIX
+from .peak import PeakDecision, PeakTracker
+from .probes import Probe, load_probes
+from .scoring import ProbeScorer
+
+__all__ = ["ContextRelianceCallback"]
+
+logger = logging.getLogger(__name__)
+
+_LOGLIK_ONLY = {"counterfactual_probability", "logprob_margin", "context_lift"}
+_GENERATE_ONLY = {"both_rate", "neither_rate", "memorization_ratio"}
+_LOWER_IS_BETTER = {"parametric_accuracy", "memorization_ratio", "neither_rate", "both_rate"}
+_PROBE_ON = ("steps", "evaluate")
+SUMMARY_FILE = "ctx_reliance_summary.json"
+
+#: Extra keys the callback logs next to the metrics.
+KEY_SMOOTHED = f"{METRIC_PREFIX}/monitor_smoothed"
+KEY_PEAK_VALUE = f"{METRIC_PREFIX}/peak_value"
+KEY_PEAK_STEP = f"{METRIC_PREFIX}/peak_step"
+KEY_SECONDS = f"{METRIC_PREFIX}/probe_seconds"
+KEY_FAILED = f"{METRIC_PREFIX}/probe_failed"
+KEY_STOPPED = f"{METRIC_PREFIX}/early_stop"
+
+
+def _parse_monitor(monitor: str, mode: str, variants: Sequence[str]) -> tuple[str, str, str | None]:
+    """Return (full key, metric name, family) for a user-facing monitor name."""
+    name = monitor
+    for prefix in ("eval_", f"{METRIC_PREFIX}/"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    parts = name.split("/")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"monitor {monitor!r} must look like 'counterfactual_accuracy' or 'world_facts/counterfactual_accuracy'.")
+    metric = parts[-1]
+    family = parts[0] if len(parts) == 2 else None
+    allowed = [m for m in METRIC_DESCRIPTIONS if m != "num_probes"
+               and not (mode == "loglik" and m in _GENERATE_ONLY) and not (mode == "generate" and m in _LOGLIK_ONLY)]
+    if metric not in allowed:
+        raise ValueError(f"Unknown monitor metric {metric!r} for mode={mode!r}; choose one of {allowed}.")
+    needs = {"closed_book_accuracy": "closed_book", "context_lift": "closed_book", "aligned_accuracy": "aligned"}
+    if metric in needs and needs[metric] not in variants:
+        raise ValueError(f"monitor {metric!r} needs the {needs[metric]!r} variant; add it to variants=.")
+    key = f"{METRIC_PREFIX}/{name}"
+    return key, metric, family
+
+
+class ContextRelianceCallback(TrainerCallback):
+    """Probe the model's context reliance every ``eval_steps`` optimizer steps during training.
+
+    Add it to an existing ``Trainer``/``SFTTrainer``::
+
+        trainer = SFTTrainer(model=model, args=SFTConfig(..., report_to="tensorboard"), ...)
+        trainer.add_callback(ContextRelianceCallback(trainer, probes="world_facts", eval_steps=50))
+        trainer.train()
+
+    Every probe event logs ``ctx_reliance/...`` metrics (see the README's glossary) through the trainer, so they reach
+    every tracker in ``report_to``, ``state.log_history`` and ``trainer_state.json`` at the current global step.
+
+    Args:
+        trainer: The trainer this callback is added to (needed to log to its trackers).
+        probes: A built-in suite name (``"world_facts"``, ``"biographies"``, ``"quotes"``, ``"all"``), a path to a
+            ``.json``/``.jsonl`` file, a Hub dataset id, or a list of :class:`~ctx_callback.Probe`.
+        tokenizer: The tokenizer used to render probes. Default: the trainer's ``processing_class``.
+        prompt_format: ``"chat"`` (default: the tokenizer's chat template, as SFTTrainer applies it), a preset
+            (``"alpaca"``, ``"tulu"``, ``"plain"``), a template string with ``{context}``/``{question}``, or a callable.
+        system_prompt: Chat format: optional system message (use the one your training data has).
+        chat_template_kwargs: Chat format: extra ``apply_chat_template`` arguments (use the training ones).
+        eval_steps: Probe every this many optimizer steps (``probe_on="steps"``).
+        probe_on: ``"steps"`` (every ``eval_steps``) or ``"evaluate"`` (on each Trainer evaluation).
+        probe_at_start: Probe once before the first step (the baseline, logged at step 0).
+        probe_at_end: Probe at the last step if it is not a multiple of ``eval_steps``.
+        mode: ``"loglik"`` (default) or ``"generate"`` (greedy decoding + answer matching; slower).
+        variants: Probe rows to score: ``"context"`` (always), ``"closed_book"``, ``"aligned"``.
+        limit_per_family: Use at most this many probes per family (spread evenly) to keep probing cheap.
+        known_only: Before the baseline, keep only probes whose parametric answer the model prefers closed-book
+            (no conflict exists where the model does not know the fact). Needs the ``closed_book`` variant.
+        monitor: Metric that defines the peak, e.g. ``"counterfactual_accuracy"`` (default) or
+            ``"world_facts/counterfactual_accuracy"``.
+        greater_is_better: Direction of ``monitor``; default inferred (``parametric_accuracy`` and
+            ``memorization_ratio`` are better when lower).
+        smoothing: ``"ema"`` (default), ``"mean"`` or ``"none"`` over probe events.
+        ema_alpha: EMA weight of the newest value.
+        smoothing_window: Window of the moving average.
+        min_delta: Smallest smoothed improvement that counts as a new peak.
+        patience: Probe events without improvement before training stops; ``None`` (default) never stops.
+        warmup_steps: Never stop before this global step.
+        save_peak_checkpoint: Have the Trainer save a checkpoint at each new peak, and protect the peak checkpoint
+            from ``save_total_limit`` rotation.
+        restore_peak_at_end: Load the peak checkpoint's weights into the model at train end (full models and PEFT
+            adapters). Requires ``save_peak_checkpoint``.
+        strict: Re-raise a failed probe round instead of logging it and continuing.
+        plot: Write ``ctx_reliance.png`` (the reliance curve) into ``output_dir`` at train end (needs matplotlib).
+        max_batch_tokens: Padded tokens per probe forward pass.
+        max_batch_size: Rows per probe forward pass.
+        max_new_tokens: Generation mode: tokens per answer.
+        engine: Scoring engine (``"auto"``, ``"prefix"``, ``"batched"``, ``"simple"``).
+
+    Raises:
+        ValueError: On any invalid argument, at construction (probe files are loaded and validated here).
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer | None = None,
+        probes: str | os.PathLike | Sequence[Probe] | Sequence[dict] = "default",
+        *,
+        tokenizer: Any = None,
+        prompt_format: Any = "chat",
+        system_prompt: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        eval_steps: int = 50,
+        probe_on: str = "steps",
+        probe_at_start: bool = True,
+        probe_at_end: bool = True,
+        mode: str = "loglik",
+        variants: Sequence[str] = ALL_VARIANTS,
+        limit_per_family: int | None = None,
+        known_only: bool = False,
+        monitor: str = "counterfactual_accuracy",
+        greater_is_better: bool | None = None,
+        smoothing: str = "ema",
+        ema_alpha: float = 0.5,
+        smoothing_window: int = 3,
+        min_delta: float = 0.0,
+        patience: int | None = None,
+        warmup_steps: int = 0,
+        save_peak_checkpoint: bool = False,
+        restore_peak_at_end: bool = False,
+        strict: bool = False,
+        plot: bool = False,
+        max_batch_tokens: int = 8192,
+        max_batch_size: int = 64,
+        max_new_tokens: int = 24,
+        engine: str = "auto",
+    ) -> None:
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise TypeError(
+                f"trainer must be a transformers.Trainer (or SFTTrainer), got {type(trainer).__name__}. "
+                "Usage: trainer.add_callback(ContextRelianceCallback(trainer, probes=...))."
+            )
+        if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
+            raise ValueError(f"eval_steps must be an integer >= 1 (optimizer steps between probes), got {eval_steps!r}.")
+        if probe_on not in _PROBE_ON:
+            raise ValueError(f"probe_on must be one of {list(_PROBE_ON)}, got {probe_on!r}.")
+        if mode not in ("loglik", "generate"):
+            raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}.")
+        if restore_peak_at_end and not save_peak_checkpoint:
+            raise ValueError("restore_peak_at_end=True needs save_peak_checkpoint=True (the peak weights are restored "
+                             "from the peak checkpoint).")
+        if known_only and "closed_book" not in variants:
+            raise ValueError("known_only=True needs the 'closed_book' variant in variants=.")
+        self.monitor_key, self.monitor_metric, monitor_family = _parse_monitor(monitor, mode, tuple(variants))
+        if greater_is_better is None:
+            greater_is_better = self.monitor_metric not in _LOWER_IS_BETTER
+        # PeakTracker validates smoothing, ema_alpha, window, min_delta, patience and warmup_steps.
+        self.tracker = PeakTracker(
+            mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema_alpha,
+            window=smoothing_window, min_delta=min_delta, patience=patience, warmup_steps=warmup_steps,
+        )
+        if isinstance(probes, (str, os.PathLike)):
+            self.probes = load_probes(probes, limit_per_family=limit_per_family)
+        else:
+            self.probes = load_probes(list(probes), limit_per_family=limit_per_family)
+        families = sorted({p.family for p in self.probes})
+        if monitor_family is not None and monitor_family not in families:
+            raise ValueError(f"monitor {monitor!r} names family {monitor_family!r}, which the probes lack; "
+                             f"families: {families}.")
+        self.trainer = trainer
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self.eval_steps = eval_steps
+        self.probe_on = probe_on
+        self.probe_at_start = probe_at_start
+        self.probe_at_end = probe_at_end
+        self.known_only = known_only
+        self.save_peak_checkpoint = save_peak_checkpoint
+        self.restore_peak_at_end = restore_peak_at_end
+        self.strict = strict
+        self.plot = plot
+        self._scorer_kwargs = dict(
+            mode=mode, variants=tuple(variants), engine=engine, max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        self.scorer: ProbeScorer | None = None
+        self.active_indices: list[int] | None = None
+        self.known_counts: dict[str, dict[str, int]] | None = None
+        self.history: list[dict[str, float]] = []
+        self.latest_metrics: dict[str, float] = {}
+        self.last_probe_step: int | None = None
+        self.stop_reason: str | None = None
+        self.stop_step: int | None = None
+        self.peak_checkpoint: str | None = None
+        self.probe_seconds_total = 0.0
+        tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
+        if tokenizer is not None:
+            self._build_scorer(tokenizer, getattr(trainer, "model", None))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------------------------
+    def _build_scorer(self, tokenizer: Any, model: Any) -> None:
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # multimodal processors carry a tokenizer
+        config = getattr(model, "config", None)
+        max_length = getattr(config, "max_position_embeddings", None) if config is not None else None
+        self.scorer = ProbeScorer(self.probes, tokenizer, self.prompt_format, max_length=max_length,
+                                  **self._scorer_kwargs)
+
+    def _check_wiring(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        if self.trainer is None:
+            raise ValueError(
+                "ContextRelianceCallback needs the trainer to log to your trackers (TensorBoard, W&B, MLflow, ...). "
+                "Create it with the trainer and then add it: "
+                "`trainer.add_callback(ContextRelianceCallback(trainer, probes=...))`."
+            )
+        if self.trainer.state is not state:
+            raise ValueError(
+                "ContextRelianceCallback was created with a different trainer than the one that is training. Pass the "
+                "trainer you call .train() on: `trainer.add_callback(ContextRelianceCallback(trainer, ...))`."
+            )
+        if self.scorer is None:
+            tokenizer = kwargs.get("processing_class")
+            if tokenizer is None:
+                raise ValueError(
+                    "ContextRelianceCallback has no tokenizer: pass tokenizer=... to the callback, or "
+                    "processing_class=tokenizer to the trainer."
+                )
+            self._build_scorer(tokenizer, kwargs.get("model"))
+
+    def _replay_history(self, state: TrainerState) -> None:
+        """Rebuild the peak/patience state from this callback's own rows (resume)."""
+        self.tracker.reset()
+        self.history = []
+        for row in state.log_history:
+            if self.monitor_key in row and "step" in row and row["step"] <= state.global_step:
+                self.tracker.update(int(row["step"]), float(row[self.monitor_key]))
+                self.history.append({k: v for k, v in row.items() if k.startswith(METRIC_PREFIX) or k == "step"})
+                self.last_probe_step = int(row["step"])
+        if self.tracker.peak_step is not None:
+            path = os.path.join(self.trainer.args.output_dir, f"checkpoint-{self.tracker.peak_step}")
+            self.peak_checkpoint = path if os.path.isdir(path) else None
+        if self.tracker.num_events:
+            logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", self.tracker.num_events,
+                        self.tracker.peak_value, self.tracker.peak_step)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Probing and logging
+    # ------------------------------------------------------------------------------------------------------------
+    def _log(self, row: dict[str, float], control: TrainerControl) -> None:
+        should_log = control.should_log
+        Trainer.log(self.trainer, dict(row))  # base class: SFTTrainer.log would add its running averages
+        control.should_log = should_log
+
+    def _probe(self, model: torch.nn.Module, state: TrainerState, control: TrainerControl) -> PeakDecision | None:
+        assert self.scorer is not None
+        step = state.global_step
+        try:
+            report = self.scorer.score(model, self.active_indices)
+        except Exception as err:  # noqa: BLE001 - a failed probe must not kill a long run unless strict
+            if self.strict:
+                raise
+            logger.warning("ctx_callback: probe at step %d failed (%s: %s); training continues.", step,
+                           type(err).__name__, err)
+            self._log({KEY_FAILED: 1.0}, control)
+            return None
+        metrics = report.metrics
+        self.probe_seconds_total += report.result.seconds
+        value = metrics.get(self.monitor_key, math.nan)
+        decision = self.tracker.update(step, value)
+        row = dict(metrics)
+        row[KEY_SMOOTHED] = float(decision.smoothed)
+        row[KEY_PEAK_VALUE] = float(decision.peak_value)
+        row[KEY_PEAK_STEP] = float(decision.peak_step) if decision.peak_step is not None else math.nan
+        row[KEY_SECONDS] = float(report.result.seconds)
+        if math.isnan(value):
+            logger.warning("ctx_callback: the monitored metric %s is NaN at step %d (NaN logits?).",
+                           self.monitor_key, step)
+            row[KEY_FAILED] = 1.0
+        if decision.should_stop:
+            row[KEY_STOPPED] = 1.0
+        self._log(row, control)
+        self.latest_metrics = metrics
+        self.last_probe_step = step
+        self.history.append({**{k: v for k, v in row.items()}, "step": step})
+        return decision
+
+    def _act(self, decision: PeakDecision | None, args: TrainingArguments, state: TrainerState,
+             control: TrainerControl) -> None:
+        if decision is None:
+            return
+        step = state.global_step
+        if decision.is_new_peak and self.save_peak_checkpoint and step > 0:
+            path = os.path.join(args.output_dir, f"checkpoint-{step}")
+            control.should_save = True
+            self.peak_checkpoint = path
+            if args.metric_for_best_model is None:
+                # We own the Trainer's "best" bookkeeping: rotation (save_total_limit) then keeps this folder.
+                state.best_global_step = step
+                state.best_metric = float(decision.peak_value)
+                state.best_model_checkpoint = path
+        if decision.should_stop:
+            control.should_training_stop = True
+            self.stop_reason = decision.reason
+            self.stop_step = step
+            message = f"ctx_callback: stopping training at step {step}: {decision.reason}."
+            if self.peak_checkpoint:
+                message += f" Peak checkpoint: {self.peak_checkpoint}."
+            logger.warning(message)
+            if state.is_world_process_zero:
+                print(message)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Trainer events
+    # ------------------------------------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._check_wiring(state, kwargs)
+        model = kwargs["model"]
+        if self.save_peak_checkpoint and args.metric_for_best_model is not None and args.save_total_limit:
+            logger.warning(
+                "ctx_callback: metric_for_best_model=%r is set, so the Trainer owns the 'best' checkpoint and "
+                "save_total_limit=%d may rotate the reliance-peak checkpoint away. Use "
+                "metric_for_best_model=%r to select on reliance, or unset save_total_limit.",
+                args.metric_for_best_model, args.save_total_limit, self.monitor_key,
+            )
+        self.stop_reason = None
+        self.stop_step = None
+        if state.global_step > 0:
+            self._replay_history(state)
+        if self.known_only and self.active_indices is None:
+            self.active_indices, self.known_counts = self.scorer.known_probe_indices(model)
+            summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(self.known_counts.items()))
+            logger.warning("ctx_callback: knowledge verification kept %d/%d probes (%s).", len(self.active_indices),
+                           len(self.probes), summary)
+            if not self.active_indices:
+                raise ValueError("known_only=True kept no probes: the model prefers the parametric answer closed-book "
+                                 "for none of them. Use other probes or known_only=False.")
+        if self.probe_at_start and state.global_step == 0 and self.last_probe_step is None:
+            self._act(self._probe(model, state, control), args, state, control)
+        return control
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        step = state.global_step
+        due = self.probe_on == "steps" and step % self.eval_steps == 0
+        last = self.probe_at_end and state.max_steps > 0 and step >= state.max_steps
+        if (due or last) and self.last_probe_step != step:
+            self._act(self._probe(kwargs["model"], state, control), args, state, control)
+        return control
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs: Any):
+        if self.probe_on == "evaluate" and self.last_probe_step != state.global_step:
+            self._act(self._probe(kwargs["model"], state, control), args, state, control)
+        if metrics is not None and self.latest_metrics and self.last_probe_step == state.global_step:
+            # Visible to metric_for_best_model / save_strategy="best" (injected into the first eval set only).
+            if not any(k.startswith(f"eval_{METRIC_PREFIX}/") for k in metrics):
+                metrics.update({f"eval_{k}": v for k, v in self.latest_metrics.items()})
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if state.is_world_process_zero:
+            self._write_summary(args, state)
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        model = kwargs.get("model")
+        restored = False
+        if (self.restore_peak_at_end and self.peak_checkpoint and self.tracker.peak_step != state.global_step
+                and model is not None):
+            restored = self._restore(model, self.peak_checkpoint)
+        if state.is_world_process_zero:
+            self._write_summary(args, state, restored=restored)
+            if self.plot:
+                self._plot(args, state)
+            print(self.summary_text(restored=restored))
+        return control
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Peak restore, summary, plot
+    # ------------------------------------------------------------------------------------------------------------
+    def _restore(self, model: torch.nn.Module, path: str) -> bool:
+        from .checkpoints import load_weights_into
+
+        try:
+            load_weights_into(model, path)
+        except Exception as err:  # noqa: BLE001
+            if self.strict:
+                raise
+            logger.warning("ctx_callback: could not restore the peak checkpoint %s (%s: %s); the model keeps its "
+                           "final weights.", path, type(err).__name__, err)
+            return False
+        logger.warning("ctx_callback: restored the peak weights from %s.", path)
+        return True
+
+    def summary(self, restored: bool = False) -> dict[str, Any]:
+        """Baseline, peak and final values of the monitored metric, the stop step and the peak checkpoint."""
+        values = [(row["step"], row.get(self.monitor_key)) for row in self.history if self.monitor_key in row]
+        return {
+            "monitor": self.monitor_key,
+            "baseline": values[0][1] if values else None,
+            "baseline_step": values[0][0] if values else None,
+            "final": values[-1][1] if values else None,
+            "final_step": values[-1][0] if values else None,
+            "peak_smoothed": None if math.isnan(self.tracker.peak_value) else self.tracker.peak_value,
+            "peak_step": self.tracker.peak_step,
+            "peak_raw": next((v for s, v in values if s == self.tracker.peak_step), None),
+            "stop_step": self.stop_step,
+            "stop_reason": self.stop_reason,
+            "peak_checkpoint": self.peak_checkpoint,
+            "restored_peak": restored,
+            "probe_events": self.tracker.num_events,
+            "probe_seconds_total": self.probe_seconds_total,
+            "known_counts": self.known_counts,
+        }
+
+    def summary_text(self, restored: bool = False) -> str:
+        s = self.summary(restored)
+
+        def fmt(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        lines = [
+            f"ctx_callback summary ({s['monitor']}):",
+            f"  baseline {fmt(s['baseline'])} at step {s['baseline_step']}",
+            f"  peak     {fmt(s['peak_raw'])} (smoothed {fmt(s['peak_smoothed'])}) at step {s['peak_step']}",
+            f"  final    {fmt(s['final'])} at step {s['final_step']}",
+            f"  stopped early at step {s['stop_step']}" if s["stop_step"] is not None else "  no early stop",
+            f"  peak checkpoint: {s['peak_checkpoint']}" + (" (restored)" if restored else ""),
+            f"  probing took {s['probe_seconds_total']:.1f}s over {s['probe_events']} events",
+        ]
+        return "\n".join(lines)
+
+    def _write_summary(self, args: TrainingArguments, state: TrainerState, restored: bool = False) -> None:
+        if not args.output_dir:
+            return
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        payload = {"summary": self.summary(restored), "history": self.history}
+        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+
+    def _plot(self, args: TrainingArguments, state: TrainerState) -> None:
+        try:
+            from .plotting import plot_reliance
+        except ImportError as err:  # pragma: no cover - matplotlib missing
+            logger.warning("ctx_callback: plot=True needs matplotlib (%s).", err)
+            return
+        plot_reliance(state.log_history, os.path.join(args.output_dir, "ctx_reliance.png"),
+                      monitor_key=self.monitor_key, stop_step=self.stop_step)

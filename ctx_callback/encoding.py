@@ -1,0 +1,161 @@
+"""Tokenize probes once into a cached, model-independent encoding.
+
+Every probe gives up to three *variants* (rows of the score table):
+
+- ``"context"``: the counterfactual context + question (the knowledge conflict);
+- ``"closed_book"``: the question alone (does the model know the fact?);
+- ``"aligned"``: a context that states the true fact + question.
+
+Each variant has one prompt and two candidate answers (counterfactual, parametric). Both answers are scored
+after the *same* prompt tokens, which lets the scoring engine share the prompt between them.
+
+Token boundary rule: the answer's tokens are ``tokenize(prompt + continuation)[len(tokenize(prompt)):]`` when the
+prompt's tokens are a prefix of the joint tokenization (the usual case, and how ``SFTTrainer`` builds completion
+tokens); when the tokenizer merges tokens across the boundary, the continuation is tokenized on its own and
+appended, so the prompt tokens stay identical for both answers. The scorer computes exactly these tokens, batched or
+not.
+
+Prompts longer than ``max_length`` are an error, not a silent truncation: cutting a counterfactual context can
+remove the very sentence that states the counterfactual answer, which would turn the probe into noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .formatting import PromptFormat
+from .probes import Probe, ProbeFormatError
+
+__all__ = ["ALL_VARIANTS", "EncodedItem", "EncodedProbes", "encode_probes"]
+
+ALL_VARIANTS: tuple[str, ...] = ("context", "closed_book", "aligned")
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    """One (probe, variant) prompt with its two candidate answers, as token ids."""
+
+    probe_index: int
+    variant: str
+    prompt_text: str
+    prompt_ids: tuple[int, ...]
+    counterfactual_ids: tuple[int, ...]
+    parametric_ids: tuple[int, ...]
+
+    @property
+    def max_length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.counterfactual_ids), len(self.parametric_ids))
+
+
+@dataclass
+class EncodedProbes:
+    """The tokenized probe set: immutable after :func:`encode_probes`; scoring does no tokenizer work."""
+
+    probes: list[Probe]
+    variants: tuple[str, ...]
+    items: list[EncodedItem]
+    pad_token_id: int
+    shared_prefix: tuple[int, ...]
+    tokenizer_name: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of all (prompt, answer) pairs, prompts counted once per answer (what a naive loop processes)."""
+        return sum(2 * len(i.prompt_ids) + len(i.counterfactual_ids) + len(i.parametric_ids) for i in self.items)
+
+    def items_for(self, probe_indices: Sequence[int] | None) -> list[EncodedItem]:
+        if probe_indices is None:
+            return list(self.items)
+        wanted = set(int(i) for i in probe_indices)
+        return [item for item in self.items if item.probe_index in wanted]
+
+
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _answer_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, continuation: str, add_special: bool) -> list[int]:
+    joint = _tokenize(tokenizer, prompt + continuation, add_special)
+    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+        return joint[len(prompt_ids):]
+    return _tokenize(tokenizer, continuation, False)
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    if not sequences:
+        return ()
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        i = 0
+        while i < n and seq[i] == first[i]:
+            i += 1
+        n = i
+    return tuple(first[:n])
+
+
+def encode_probes(
+    probes: Sequence[Probe],
+    tokenizer: Any,
+    prompt_format: PromptFormat,
+    *,
+    variants: Sequence[str] = ALL_VARIANTS,
+    max_length: int | None = None,
+) -> EncodedProbes:
+    """Render and tokenize every probe variant once.
+
+    Args:
+        probes: Validated probes.
+        tokenizer: The training tokenizer.
+        prompt_format: How prompts are rendered (see :mod:`ctx_callback.formatting`).
+        variants: Which variants to encode; ``"context"`` is always included.
+        max_length: Longest allowed prompt + answer in tokens (usually the model's maximum position).
+
+    Raises:
+        ProbeFormatError: A probe does not fit ``max_length`` or its answer tokenizes to nothing.
+        ValueError: Unknown variant name.
+    """
+    unknown = set(variants) - set(ALL_VARIANTS)
+    if unknown:
+        raise ValueError(f"Unknown probe variants {sorted(unknown)}; choose from {list(ALL_VARIANTS)}.")
+    variants = tuple(v for v in ALL_VARIANTS if v in set(variants) | {"context"})
+    add_special = prompt_format.adds_special_tokens
+    items: list[EncodedItem] = []
+    too_long: list[str] = []
+    for index, probe in enumerate(probes):
+        contexts = {"context": probe.context, "closed_book": None, "aligned": probe.aligned()}
+        for variant in variants:
+            if variant == "aligned" and contexts["aligned"] is None:
+                continue
+            context = contexts[variant]
+            prompt = prompt_format.prompt(context, probe.question)
+            prompt_ids = _tokenize(tokenizer, prompt, add_special)
+            answers = []
+            for answer in (probe.counterfactual_answer, probe.parametric_answer):
+                continuation = prompt_format.continuation(context, probe.question, answer, prompt=prompt)
+                ids = _answer_ids(tokenizer, prompt_ids, prompt, continuation, add_special)
+                if not ids:
+                    raise ProbeFormatError(f"probe {probe.id!r}: answer {answer!r} tokenizes to no tokens.")
+                answers.append(tuple(ids))
+            item = EncodedItem(index, variant, prompt, tuple(prompt_ids), answers[0], answers[1])
+            if max_length is not None and item.max_length > max_length:
+                too_long.append(f"{probe.id!r} ({variant}: {item.max_length} tokens)")
+            items.append(item)
+    if too_long:
+        raise ProbeFormatError(
+            f"{len(too_long)} probe prompt(s) do not fit the model's maximum length of {max_length} tokens: "
+            f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}. Probes are never truncated (a cut "
+            "context may lose the counterfactual statement): shorten or drop these probes."
+        )
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return EncodedProbes(
+        probes=list(probes),
+        variants=variants,
+        items=items,
+        pad_token_id=int(pad),
+        shared_prefix=_common_prefix([item.prompt_ids for item in items]),
+        tokenizer_name=getattr(tokenizer, "name_or_path", ""),
+    )

@@ -1,0 +1,242 @@
+"""Prompt formats: render a probe exactly as the model sees its training data.
+
+Three kinds, all exposing the same two methods (:meth:`PromptFormat.prompt` and :meth:`PromptFormat.continuation`):
+
+- ``"chat"``: the tokenizer's chat template, ``add_generation_prompt=True``, optional system prompt and
+  ``chat_template_kwargs`` (pass the same ones as training). The answer continuation is the text the template puts
+  after the generation prompt, up to the end of the answer: the end-of-turn token is *not* scored, so a model
+  that would go on after the answer ("Lyon, a city in ...") is not penalised for it.
+- a template string with ``{context}`` and ``{question}`` placeholders, or a preset name (``"alpaca"``, ``"tulu"``,
+  ``"plain"``); the answer is appended after ``answer_prefix``.
+- a user callable ``fn(context_or_None, question) -> prompt_text``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["PROMPT_PRESETS", "PromptFormat", "resolve_prompt_format"]
+
+#: Preset templates: (template with context, closed-book template, answer prefix).
+PROMPT_PRESETS: dict[str, tuple[str, str, str]] = {
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{question}\n\n### Input:\n{context}\n\n### Response:\n",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\n{question}\n\n### Response:\n",
+        "",
+    ),
+    "tulu": (
+        "<|user|>\n{context}\n\n{question}\n<|assistant|>\n",
+        "<|user|>\n{question}\n<|assistant|>\n",
+        "",
+    ),
+    "plain": (
+        "Context: {context}\nQuestion: {question}\nAnswer:",
+        "Question: {question}\nAnswer:",
+        " ",
+    ),
+}
+
+#: How the user turn of a chat prompt is built from a probe (``closed_book`` drops the context).
+DEFAULT_USER_TEMPLATE = "{context}\n\n{question}"
+DEFAULT_CLOSED_BOOK_TEMPLATE = "{question}"
+
+
+def _check_placeholders(template: str, name: str, needed: tuple[str, ...]) -> None:
+    for key in needed:
+        if "{" + key + "}" not in template:
+            raise ValueError(f"{name} {template!r} must contain the placeholder {{{key}}}.")
+    try:
+        template.format(context="", question="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"{name} {template!r} is not a valid format string with only {{context}} and {{question}} "
+            f"placeholders ({type(err).__name__}: {err}); write literal braces as '{{{{' and '}}}}'."
+        ) from None
+
+
+@dataclass
+class PromptFormat:
+    """How a probe is turned into prompt text and how an answer continues it.
+
+    Build one with :meth:`chat`, :meth:`template` or :meth:`from_callable` (or let :func:`resolve_prompt_format`
+    pick from a string). Instances are plain data: the same probes + format + tokenizer give the same tokens.
+
+    Attributes:
+        kind: ``"chat"``, ``"template"`` or ``"callable"``.
+        tokenizer: The tokenizer (chat formats use its chat template).
+        system_prompt: Optional system message (chat only).
+        chat_template_kwargs: Extra keyword arguments for ``apply_chat_template`` (e.g. ``enable_thinking``).
+        user_template: Chat user turn with a context (placeholders ``{context}``, ``{question}``).
+        closed_book_user_template: Chat user turn without a context.
+        template: Prompt template with a context (template kind).
+        closed_book_template: Prompt template without a context (template kind).
+        answer_prefix: Text placed between the prompt and the answer (template and callable kinds).
+        fn: The user callable (callable kind).
+    """
+
+    kind: str
+    tokenizer: Any = None
+    system_prompt: str | None = None
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    user_template: str = DEFAULT_USER_TEMPLATE
+    closed_book_user_template: str = DEFAULT_CLOSED_BOOK_TEMPLATE
+    template: str | None = None
+    closed_book_template: str | None = None
+    answer_prefix: str = ""
+    fn: Callable[[str | None, str], str] | None = None
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def chat(
+        cls,
+        tokenizer: Any,
+        *,
+        system_prompt: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        user_template: str = DEFAULT_USER_TEMPLATE,
+        closed_book_user_template: str = DEFAULT_CLOSED_BOOK_TEMPLATE,
+    ) -> "PromptFormat":
+        """The tokenizer's chat template (as ``SFTTrainer`` applies it to conversational data)."""
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "prompt_format='chat' needs a tokenizer with a chat template, and this tokenizer has none. "
+                "Set tokenizer.chat_template, or pass prompt_format='alpaca' / 'tulu' / 'plain' or a template "
+                "string with {context} and {question} that matches your training data."
+            )
+        _check_placeholders(user_template, "user_template", ("context", "question"))
+        _check_placeholders(closed_book_user_template, "closed_book_user_template", ("question",))
+        return cls(
+            kind="chat",
+            tokenizer=tokenizer,
+            system_prompt=system_prompt,
+            chat_template_kwargs=dict(chat_template_kwargs or {}),
+            user_template=user_template,
+            closed_book_user_template=closed_book_user_template,
+        )
+
+    @classmethod
+    def from_template(
+        cls,
+        template: str,
+        *,
+        closed_book_template: str | None = None,
+        answer_prefix: str = "",
+        tokenizer: Any = None,
+    ) -> "PromptFormat":
+        """A template string, or a preset name from :data:`PROMPT_PRESETS`."""
+        if template in PROMPT_PRESETS:
+            template, preset_closed, preset_prefix = PROMPT_PRESETS[template]
+            closed_book_template = closed_book_template or preset_closed
+            answer_prefix = answer_prefix or preset_prefix
+        _check_placeholders(template, "prompt template", ("context", "question"))
+        if closed_book_template is not None:
+            _check_placeholders(closed_book_template, "closed_book_template", ("question",))
+        return cls(
+            kind="template",
+            tokenizer=tokenizer,
+            template=template,
+            closed_book_template=closed_book_template,
+            answer_prefix=answer_prefix,
+        )
+
+    @classmethod
+    def from_callable(
+        cls, fn: Callable[[str | None, str], str], *, answer_prefix: str = "", tokenizer: Any = None
+    ) -> "PromptFormat":
+        """A callable ``fn(context, question) -> prompt``; ``context`` is ``None`` for the closed-book control."""
+        if not callable(fn):
+            raise TypeError(f"prompt_format callable expected, got {type(fn).__name__}.")
+        return cls(kind="callable", tokenizer=tokenizer, fn=fn, answer_prefix=answer_prefix)
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+    def _messages(self, context: str | None, question: str) -> list[dict[str, str]]:
+        if context is None:
+            user = self.closed_book_user_template.format(question=question, context="")
+        else:
+            user = self.user_template.format(context=context, question=question)
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": user})
+        return messages
+
+    def prompt(self, context: str | None, question: str) -> str:
+        """The prompt text for one probe variant (``context=None`` is the closed-book control)."""
+        if self.kind == "chat":
+            return self.tokenizer.apply_chat_template(
+                self._messages(context, question), tokenize=False, add_generation_prompt=True,
+                **self.chat_template_kwargs,
+            )
+        if self.kind == "template":
+            if context is None:
+                if self.closed_book_template is None:
+                    # No closed-book template: keep the template with an empty context.
+                    return self.template.format(context="", question=question)
+                return self.closed_book_template.format(question=question, context="")
+            return self.template.format(context=context, question=question)
+        text = self.fn(context, question)
+        if not isinstance(text, str):
+            raise TypeError(f"prompt_format callable must return a string, got {type(text).__name__}.")
+        return text
+
+    def continuation(self, context: str | None, question: str, answer: str, prompt: str | None = None) -> str:
+        """The text that follows :meth:`prompt` when the model gives ``answer`` (end-of-turn tokens excluded)."""
+        if self.kind != "chat":
+            return self.answer_prefix + answer
+        prompt = prompt if prompt is not None else self.prompt(context, question)
+        messages = self._messages(context, question) + [{"role": "assistant", "content": answer}]
+        full = self.tokenizer.apply_chat_template(messages, tokenize=False, **self.chat_template_kwargs)
+        if not full.startswith(prompt):
+            raise ValueError(
+                "The chat template renders the conversation with the answer differently from the generation prompt "
+                "(the prompt is not a prefix), so the answer's tokens cannot be located. Use a template string "
+                "prompt_format instead."
+            )
+        tail = full[len(prompt):]
+        end = tail.find(answer)
+        if end < 0:
+            raise ValueError(f"The chat template dropped or rewrote the answer {answer!r}; cannot score it.")
+        return tail[: end + len(answer)]
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Whether prompts are tokenized with the tokenizer's special tokens (BOS) added.
+
+        Chat templates write their special tokens into the text themselves, so they are tokenized with
+        ``add_special_tokens=False``; plain text prompts get the tokenizer's BOS like ``SFTTrainer`` gives them.
+        """
+        return self.kind != "chat"
+
+
+def resolve_prompt_format(prompt_format: Any, tokenizer: Any, **chat_options: Any) -> PromptFormat:
+    """Turn the user-facing ``prompt_format`` argument into a :class:`PromptFormat`.
+
+    Args:
+        prompt_format: ``"chat"``, a preset name, a template string with ``{context}``/``{question}``,
+            a callable, or a :class:`PromptFormat`.
+        tokenizer: The tokenizer (used by ``"chat"``).
+        **chat_options: ``system_prompt``, ``chat_template_kwargs`` for the chat format.
+    """
+    if isinstance(prompt_format, PromptFormat):
+        if prompt_format.tokenizer is None:
+            prompt_format.tokenizer = tokenizer
+        return prompt_format
+    if callable(prompt_format):
+        return PromptFormat.from_callable(prompt_format, tokenizer=tokenizer)
+    if not isinstance(prompt_format, str):
+        raise TypeError(
+            f"prompt_format must be 'chat', a preset ({sorted(PROMPT_PRESETS)}), a template string, a callable or "
+            f"a PromptFormat; got {type(prompt_format).__name__}."
+        )
+    if prompt_format == "chat":
+        return PromptFormat.chat(tokenizer, **chat_options)
+    if prompt_format in PROMPT_PRESETS or "{" in prompt_format:
+        return PromptFormat.from_template(prompt_format, tokenizer=tokenizer)
+    raise ValueError(
+        f"Unknown prompt_format {prompt_format!r}: use 'chat', a preset ({sorted(PROMPT_PRESETS)}), a template "
+        "string containing {context} and {question}, or a callable(context, question) -> str."
+    )

@@ -1,0 +1,74 @@
+"""Reliance-curve plots (needs matplotlib: ``pip install ctx_callback[plot]``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from .metrics import METRIC_PREFIX
+
+__all__ = ["plot_reliance"]
+
+_CURVES = (
+    ("counterfactual_accuracy", "counterfactual accuracy (follows context)"),
+    ("parametric_accuracy", "parametric accuracy (answers from memory)"),
+    ("closed_book_accuracy", "closed-book accuracy (knows the fact)"),
+)
+
+
+def plot_reliance(
+    log_history: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    monitor_key: str = f"{METRIC_PREFIX}/counterfactual_accuracy",
+    stop_step: int | None = None,
+    title: str = "Context reliance during training",
+    size: tuple[float, float] = (8.0, 4.5),
+    dpi: int = 100,
+) -> str:
+    """Draw the reliance curves from ``trainer_state.json``'s ``log_history`` into a PNG.
+
+    Plots counterfactual, parametric and closed-book accuracy against the global step, marks the peak of
+    ``monitor_key`` (from the logged ``ctx_reliance/peak_step``) and the stop step, and the training loss on a
+    second axis. Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in log_history if f"{METRIC_PREFIX}/counterfactual_accuracy" in r]
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    for metric, label in _CURVES:
+        key = f"{METRIC_PREFIX}/{metric}"
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    smoothed = [(r["step"], r[f"{METRIC_PREFIX}/monitor_smoothed"]) for r in rows
+                if f"{METRIC_PREFIX}/monitor_smoothed" in r]
+    if smoothed:
+        ax.plot(*zip(*smoothed), linestyle="--", color="gray", label=f"{monitor_key.split('/')[-1]} (smoothed)")
+    peaks = [r.get(f"{METRIC_PREFIX}/peak_step") for r in rows]
+    peak_step = next((p for p in reversed(peaks) if p is not None and p == p), None)
+    if peak_step is not None:
+        ax.axvline(peak_step, color="green", linestyle=":", label=f"peak (step {int(peak_step)})")
+    if stop_step is not None:
+        ax.axvline(stop_step, color="red", linestyle=":", label=f"stop (step {stop_step})")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    losses = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
+    if losses:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*losses), color="black", alpha=0.3, linewidth=1, label="training loss")
+        ax2.set_ylabel("training loss")
+        lines, labels = ax.get_legend_handles_labels()
+        lines2, labels2 = ax2.get_legend_handles_labels()
+        ax.legend(lines + lines2, labels + labels2, fontsize=7, loc="lower left")
+    else:
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return os.fspath(path)

@@ -1,0 +1,562 @@
+"""Counterfactual probes: the schema, validation, and loaders for built-in suites and public formats.
+
+A probe is one knowledge conflict: a ``context`` that contradicts a fact the model is expected to know,
+a ``question`` about that fact, the ``counterfactual_answer`` the context states and the
+``parametric_answer`` the model knows. Each probe also yields two controls: a *closed-book* variant
+(no context: does the model know the fact?) and an *aligned* variant (the context states the true fact).
+
+Everything that can be wrong with a probe is checked when it is loaded, so a bad file fails before any
+training starts, with the file, the line (or probe id) and the field in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "BUILTIN_SUITES",
+    "Probe",
+    "ProbeFormatError",
+    "load_probes",
+    "probes_from_records",
+]
+
+#: Names of the suites shipped inside the package (``ctx_callback/data/<name>.jsonl``).
+BUILTIN_SUITES: tuple[str, ...] = ("world_facts", "biographies", "quotes")
+#: Aliases that expand to several built-in suites.
+_SUITE_GROUPS = {"all": BUILTIN_SUITES, "default": BUILTIN_SUITES}
+
+_FORMATS = ("ctx_callback", "paper", "nq_swap", "memotrap", "columns")
+_REQUIRED_FIELDS = ("context", "question", "counterfactual_answer", "parametric_answer")
+
+
+class ProbeFormatError(ValueError):
+    """A probe file or record is malformed. The message names the source, the line or probe id and the field."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One counterfactual probe.
+
+    Attributes:
+        id: Unique identifier within a probe set.
+        family: Group used for per-family metrics (``world_facts``, ``biographies``, ``quotes``, ...).
+        context: Passage (or instruction) that states the counterfactual answer.
+        question: The question, or the text the model must continue.
+        counterfactual_answer: The answer stated by ``context``.
+        parametric_answer: The answer the model knows from pre-training.
+        counterfactual_aliases: Other surface forms of the counterfactual answer (generation mode matching).
+        parametric_aliases: Other surface forms of the parametric answer.
+        aligned_context: The context rewritten to state the true fact. When ``None`` it is derived by replacing
+            the counterfactual answer with the parametric one in ``context``; when that is impossible the aligned
+            control is skipped for this probe.
+        metadata: Free-form, JSON-serializable metadata.
+    """
+
+    id: str
+    family: str
+    context: str
+    question: str
+    counterfactual_answer: str
+    parametric_answer: str
+    counterfactual_aliases: tuple[str, ...] = ()
+    parametric_aliases: tuple[str, ...] = ()
+    aligned_context: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def aligned(self) -> str | None:
+        """The context stating the true fact, or ``None`` if it cannot be built."""
+        if self.aligned_context is not None:
+            return self.aligned_context
+        if self.counterfactual_answer in self.context:
+            return self.context.replace(self.counterfactual_answer, self.parametric_answer)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict in the native ``ctx_callback`` format."""
+        record = asdict(self)
+        record["counterfactual_aliases"] = list(self.counterfactual_aliases)
+        record["parametric_aliases"] = list(self.parametric_aliases)
+        record["metadata"] = dict(self.metadata)
+        return record
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _where(source: str, line: int | None, probe_id: str | None) -> str:
+    parts = [source]
+    if line is not None:
+        parts.append(f"line {line}")
+    if probe_id is not None:
+        parts.append(f"probe {probe_id!r}")
+    return ", ".join(parts)
+
+
+def _require_str(record: Mapping[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:
+    if key not in record or record[key] is None:
+        raise ProbeFormatError(f"{where}: missing required field {key!r} (fields present: {sorted(record)}).")
+    value = record[key]
+    if not isinstance(value, str):
+        raise ProbeFormatError(
+            f"{where}: field {key!r} must be a string, got {type(value).__name__} ({value!r})."
+        )
+    value = value.strip()
+    if not value and not allow_empty:
+        raise ProbeFormatError(f"{where}: field {key!r} is empty.")
+    return value
+
+
+def _aliases(record: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = record.get(key) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ProbeFormatError(f"{where}: field {key!r} must be a list of strings, got {type(value).__name__}.")
+    out = []
+    for alias in value:
+        if not isinstance(alias, str):
+            raise ProbeFormatError(f"{where}: field {key!r} must contain strings only, got {alias!r}.")
+        if alias.strip():
+            out.append(alias.strip())
+    return tuple(out)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _validated_probe(record: Mapping[str, Any], *, source: str, line: int | None, default_id: str) -> Probe:
+    if not isinstance(record, Mapping):
+        raise ProbeFormatError(f"{_where(source, line, None)}: expected a JSON object, got {type(record).__name__}.")
+    raw_id = record.get("id", default_id)
+    if raw_id is None:
+        raw_id = default_id
+    if not isinstance(raw_id, (str, int)):
+        raise ProbeFormatError(f"{_where(source, line, None)}: field 'id' must be a string, got {raw_id!r}.")
+    probe_id = str(raw_id)
+    where = _where(source, line, probe_id)
+    family = record.get("family") or "default"
+    if not isinstance(family, str):
+        raise ProbeFormatError(f"{where}: field 'family' must be a string, got {family!r}.")
+    context = _require_str(record, "context", where)
+    question = _require_str(record, "question", where)
+    cf = _require_str(record, "counterfactual_answer", where)
+    par = _require_str(record, "parametric_answer", where)
+    if _normalize(cf) == _normalize(par):
+        raise ProbeFormatError(
+            f"{where}: 'counterfactual_answer' and 'parametric_answer' are identical ({cf!r}); "
+            "a probe needs two different answers to measure a conflict."
+        )
+    aligned = record.get("aligned_context")
+    if aligned is not None:
+        aligned = _require_str(record, "aligned_context", where)
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        raise ProbeFormatError(f"{where}: field 'metadata' must be an object, got {type(metadata).__name__}.")
+    return Probe(
+        id=probe_id,
+        family=family.strip() or "default",
+        context=context,
+        question=question,
+        counterfactual_answer=cf,
+        parametric_answer=par,
+        counterfactual_aliases=_aliases(record, "counterfactual_aliases", where),
+        parametric_aliases=_aliases(record, "parametric_aliases", where),
+        aligned_context=aligned,
+        metadata=dict(metadata),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public formats -> native records
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _split_answers(value: Any, key: str, where: str) -> tuple[Any, list[str]]:
+    """NQ-Swap style answers may be a string or a list (first = answer, rest = aliases)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ProbeFormatError(f"{where}: field {key!r} is an empty list.")
+        return value[0], [v for v in value[1:] if isinstance(v, str)]
+    return value, []
+
+
+def _from_paper(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    par_key = "memory_answer" if "memory_answer" in record else "parametric_answer"
+    if par_key not in record:
+        raise ProbeFormatError(f"{where}: missing required field 'memory_answer' (or 'parametric_answer').")
+    cf, cf_alias = _split_answers(record.get("answer"), "answer", where)
+    par, par_alias = _split_answers(record.get(par_key), par_key, where)
+    if "answer" not in record:
+        raise ProbeFormatError(f"{where}: missing required field 'answer'.")
+    return {
+        "id": record.get("id"),
+        "family": record.get("family") or record.get("source") or "paper",
+        "context": record.get("context"),
+        "question": record.get("question"),
+        "counterfactual_answer": cf,
+        "parametric_answer": par,
+        "counterfactual_aliases": cf_alias,
+        "parametric_aliases": par_alias,
+    }
+
+
+def _from_nq_swap(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    for key in ("question", "sub_context", "sub_answer", "org_answer"):
+        if key not in record:
+            raise ProbeFormatError(f"{where}: missing required NQ-Swap field {key!r} (fields present: {sorted(record)}).")
+    cf, cf_alias = _split_answers(record["sub_answer"], "sub_answer", where)
+    par, par_alias = _split_answers(record["org_answer"], "org_answer", where)
+    return {
+        "id": record.get("id"),
+        "family": "nq_swap",
+        "context": record["sub_context"],
+        "aligned_context": record.get("org_context"),
+        "question": record["question"],
+        "counterfactual_answer": cf,
+        "parametric_answer": par,
+        "counterfactual_aliases": cf_alias,
+        "parametric_aliases": par_alias,
+    }
+
+
+_MEMOTRAP_SPLIT = re.compile(r"^(.*?:)\s*(.+)$", re.DOTALL)
+
+
+def _from_memotrap(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    for key in ("prompt", "classes", "answer_index"):
+        if key not in record:
+            raise ProbeFormatError(f"{where}: missing required MemoTrap field {key!r} (fields present: {sorted(record)}).")
+    classes, index = record["classes"], record["answer_index"]
+    if isinstance(classes, str):
+        try:
+            classes = json.loads(classes.replace("'", '"'))
+        except json.JSONDecodeError as err:
+            raise ProbeFormatError(f"{where}: field 'classes' is not a list: {classes!r}.") from err
+    if not isinstance(classes, (list, tuple)) or len(classes) != 2:
+        raise ProbeFormatError(f"{where}: field 'classes' must be a list of two continuations, got {classes!r}.")
+    if not isinstance(index, int) or index not in (0, 1):
+        raise ProbeFormatError(f"{where}: field 'answer_index' must be 0 or 1, got {index!r}.")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        raise ProbeFormatError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}.")
+    match = _MEMOTRAP_SPLIT.match(prompt.strip())
+    if match is None:
+        raise ProbeFormatError(
+            f"{where}: MemoTrap prompt {prompt!r} has no ':' separating the instruction from the text to continue."
+        )
+
+    def clean(answer: Any) -> Any:
+        return answer.strip().rstrip(".!?,;") if isinstance(answer, str) else answer
+
+    return {
+        "id": record.get("id"),
+        "family": "memotrap",
+        "context": match.group(1),
+        "question": match.group(2).strip(),
+        "counterfactual_answer": clean(classes[index]),
+        "parametric_answer": clean(classes[1 - index]),
+    }
+
+
+def _from_columns(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for target, column in mapping.items():
+        if column not in record:
+            raise ProbeFormatError(
+                f"{where}: column {column!r} (mapped to {target!r}) is missing; columns present: {sorted(record)}."
+            )
+        value = record[column]
+        if target in ("counterfactual_answer", "parametric_answer"):
+            value, aliases = _split_answers(value, column, where)
+            alias_key = target.replace("_answer", "_aliases")
+            out.setdefault(alias_key, aliases)
+        out[target] = value
+    for key in ("id", "family"):
+        if key not in out and key in record:
+            out[key] = record[key]
+    return out
+
+
+def _detect_format(record: Mapping[str, Any]) -> str:
+    keys = set(record)
+    if {"counterfactual_answer", "parametric_answer"} <= keys:
+        return "ctx_callback"
+    if {"sub_context", "sub_answer"} <= keys:
+        return "nq_swap"
+    if {"prompt", "classes", "answer_index"} <= keys:
+        return "memotrap"
+    if "answer" in keys and ("memory_answer" in keys or "parametric_answer" in keys):
+        return "paper"
+    raise ProbeFormatError(
+        f"cannot detect the probe format from fields {sorted(keys)}. Pass format= one of {list(_FORMATS)}, "
+        "or format='columns' with column_mapping={'context': ..., 'question': ..., "
+        "'counterfactual_answer': ..., 'parametric_answer': ...}."
+    )
+
+
+def _convert(record: Any, fmt: str, where: str, column_mapping: Mapping[str, str] | None) -> Mapping[str, Any]:
+    if not isinstance(record, Mapping):
+        raise ProbeFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if fmt == "ctx_callback":
+        return record
+    if fmt == "paper":
+        return _from_paper(record, where)
+    if fmt == "nq_swap":
+        return _from_nq_swap(record, where)
+    if fmt == "memotrap":
+        return _from_memotrap(record, where)
+    assert column_mapping is not None
+    return _from_columns(record, where, column_mapping)
+
+
+def probes_from_records(
+    records: Iterable[Any],
+    *,
+    format: str | None = None,
+    column_mapping: Mapping[str, str] | None = None,
+    source: str = "<records>",
+    line_numbers: Sequence[int] | None = None,
+    id_prefix: str | None = None,
+) -> list[Probe]:
+    """Validate dict records (native or a public format) into :class:`Probe` objects.
+
+    Args:
+        records: Iterable of mappings (or :class:`Probe` objects, passed through).
+        format: One of ``"ctx_callback"``, ``"paper"``, ``"nq_swap"``, ``"memotrap"``, ``"columns"``;
+            ``None`` detects it from the first record's fields.
+        column_mapping: For ``format="columns"``: ``{native_field: column}``, e.g.
+            ``{"context": "passage", "question": "q", "counterfactual_answer": "new", "parametric_answer": "old"}``.
+        source: Name used in error messages (a file path, a dataset id).
+        line_numbers: Line number of each record in ``source`` (for JSONL files), used in error messages.
+        id_prefix: Prefix for generated ids of records without an ``id`` (defaults to ``source``'s stem).
+
+    Raises:
+        ProbeFormatError: On the first invalid record, naming the source, line/probe id and field.
+    """
+    if format is not None and format not in _FORMATS:
+        raise ValueError(f"Unknown probe format {format!r}; expected one of {list(_FORMATS)} or None (auto-detect).")
+    if format == "columns" or column_mapping is not None:
+        if not column_mapping:
+            raise ValueError("format='columns' needs column_mapping={native_field: column_name}.")
+        unknown = set(column_mapping) - {
+            "id", "family", "context", "question", "counterfactual_answer", "parametric_answer", "aligned_context",
+            "counterfactual_aliases", "parametric_aliases",
+        }
+        if unknown:
+            raise ValueError(f"column_mapping has unknown target fields {sorted(unknown)}.")
+        missing = [key for key in _REQUIRED_FIELDS if key not in column_mapping]
+        if missing:
+            raise ValueError(f"column_mapping must map the required fields {missing}.")
+        format = "columns"
+    prefix = id_prefix or Path(source).stem or "probe"
+    probes: list[Probe] = []
+    seen: dict[str, str] = {}
+    fmt = format
+    for index, record in enumerate(records):
+        line = line_numbers[index] if line_numbers is not None else None
+        if isinstance(record, Probe):
+            probe = record
+        else:
+            where = _where(source, line, str(record.get("id")) if isinstance(record, Mapping) and "id" in record else None)
+            if not isinstance(record, Mapping):
+                raise ProbeFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            if fmt is None:
+                try:
+                    fmt = _detect_format(record)
+                except ProbeFormatError as err:
+                    raise ProbeFormatError(f"{where}: {err}") from None
+            native = dict(_convert(record, fmt, where, column_mapping))
+            probe = _validated_probe(native, source=source, line=line, default_id=f"{prefix}/{index}")
+        if probe.id in seen:
+            raise ProbeFormatError(
+                f"{_where(source, line, probe.id)}: duplicate probe id (first seen at {seen[probe.id]})."
+            )
+        seen[probe.id] = f"line {line}" if line is not None else f"record {index}"
+        probes.append(probe)
+    return probes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files, built-in suites, Hub datasets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _read_json_file(path: Path) -> tuple[list[Any], list[int] | None]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix == ".json" or stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ProbeFormatError(f"{path}, line {err.lineno}: malformed JSON: {err.msg}.") from None
+        if isinstance(data, Mapping):
+            # {"data": [...]} or {"probes": [...]} wrappers
+            for key in ("probes", "data", "examples"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
+        if not isinstance(data, list):
+            raise ProbeFormatError(f"{path}: expected a JSON array of probe objects (or JSON Lines).")
+        return data, None
+    records, lines = [], []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as err:
+            raise ProbeFormatError(f"{path}, line {number}: malformed JSON line: {err.msg} (column {err.colno}).") from None
+        lines.append(number)
+    return records, lines
+
+
+def _builtin_path(name: str) -> Path:
+    return Path(str(resources.files("ctx_callback") / "data" / f"{name}.jsonl"))
+
+
+def _load_builtin(name: str) -> list[Probe]:
+    path = _builtin_path(name)
+    records, lines = _read_json_file(path)
+    return probes_from_records(records, format="ctx_callback", source=str(path), line_numbers=lines)
+
+
+def _load_hub(dataset_id: str, *, split: str | None, config: str | None, **kwargs: Any) -> tuple[list[Any], str]:
+    """Load a dataset from the Hugging Face Hub (or any ``datasets.load_dataset`` source)."""
+    import datasets
+
+    dataset = datasets.load_dataset(dataset_id, config, split=split or "train", **kwargs)
+    return [dict(row) for row in dataset], f"{dataset_id}[{split or 'train'}]"
+
+
+def load_probes(
+    source: str | os.PathLike | Sequence[Any] | Any = "default",
+    *,
+    format: str | None = None,
+    column_mapping: Mapping[str, str] | None = None,
+    families: Sequence[str] | None = None,
+    limit_per_family: int | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    **load_dataset_kwargs: Any,
+) -> list[Probe]:
+    """Load and validate counterfactual probes.
+
+    Args:
+        source: What to load:
+
+            - a built-in suite name (``"world_facts"``, ``"biographies"``, ``"quotes"``), ``"all"``/``"default"``
+              for all of them, or a ``"+"``-joined list such as ``"world_facts+quotes"``;
+            - a path to a ``.json`` (array) or ``.jsonl`` file, in the native format or a public one
+              (the paper's released files, NQ-Swap, MemoTrap), or a directory of such files;
+            - a Hub dataset id (anything ``datasets.load_dataset`` accepts), loaded with ``split`` (default ``"train"``);
+            - a ``datasets.Dataset``, a list of dicts, or a list of :class:`Probe`.
+        format: Force a format (``"ctx_callback"``, ``"paper"``, ``"nq_swap"``, ``"memotrap"``, ``"columns"``);
+            by default it is detected from the first record.
+        column_mapping: ``{native_field: column}`` for datasets in another layout (implies ``format="columns"``).
+        families: Keep only these families.
+        limit_per_family: Keep at most this many probes per family, spread evenly over the family (deterministic).
+        split: Dataset split for Hub datasets.
+        config: Dataset configuration name for Hub datasets.
+        **load_dataset_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``revision=``).
+
+    Returns:
+        The validated probes, in source order.
+
+    Raises:
+        ProbeFormatError: A record is invalid (the message names the file, line or probe id, and field).
+        ValueError: ``source`` is not a suite name, an existing path or a loadable dataset.
+    """
+    probes: list[Probe]
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        path = Path(text).expanduser()
+        names = _SUITE_GROUPS.get(text, tuple(text.split("+")))
+        if all(name in BUILTIN_SUITES for name in names) and not path.exists():
+            probes = [p for name in names for p in _load_builtin(name)]
+        elif path.is_dir():
+            files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
+            if not files:
+                raise ValueError(f"Probe directory {path} contains no .json or .jsonl files.")
+            probes = []
+            for file in files:
+                records, lines = _read_json_file(file)
+                probes.extend(
+                    probes_from_records(records, format=format, column_mapping=column_mapping, source=str(file),
+                                        line_numbers=lines)
+                )
+            _check_unique(probes, str(path))
+        elif path.is_file():
+            records, lines = _read_json_file(path)
+            probes = probes_from_records(
+                records, format=format, column_mapping=column_mapping, source=str(path), line_numbers=lines
+            )
+        elif path.suffix in (".json", ".jsonl") or text.startswith((".", "/", "~")):
+            raise ValueError(f"Probe file {text!r} does not exist.")
+        elif "/" in text:
+            try:
+                records, name = _load_hub(text, split=split, config=config, **load_dataset_kwargs)
+            except Exception as err:  # noqa: BLE001 - re-raised with the options spelled out
+                raise ValueError(
+                    f"Could not load probes {text!r} as a dataset with datasets.load_dataset ({type(err).__name__}: "
+                    f"{err}). Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); local files: .json/.jsonl paths."
+                ) from err
+            probes = probes_from_records(records, format=format, column_mapping=column_mapping, source=name,
+                                         id_prefix=text.replace("/", "_"))
+        else:
+            raise ValueError(
+                f"Unknown probe suite {text!r}. Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); "
+                "or pass a path to a .json/.jsonl file, or a Hub dataset id such as 'org/name'."
+            )
+    else:
+        records = source
+        if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
+            records = [dict(row) for row in source]
+        probes = probes_from_records(list(records), format=format, column_mapping=column_mapping)
+
+    if families is not None:
+        wanted = set(families)
+        available = {p.family for p in probes}
+        unknown = wanted - available
+        if unknown:
+            raise ValueError(f"families {sorted(unknown)} not found; available families: {sorted(available)}.")
+        probes = [p for p in probes if p.family in wanted]
+    if limit_per_family is not None:
+        probes = _spread_per_family(probes, limit_per_family)
+    if not probes:
+        raise ValueError(f"No probes loaded from {source!r}.")
+    return probes
+
+
+def _check_unique(probes: Sequence[Probe], source: str) -> None:
+    seen: set[str] = set()
+    for probe in probes:
+        if probe.id in seen:
+            raise ProbeFormatError(f"{source}: duplicate probe id {probe.id!r} across files.")
+        seen.add(probe.id)
+
+
+def _spread_per_family(probes: Sequence[Probe], limit: int) -> list[Probe]:
+    """Keep at most ``limit`` probes per family, evenly spread over the family (deterministic, source order)."""
+    if limit < 1:
+        raise ValueError(f"limit_per_family must be >= 1, got {limit}.")
+    by_family: dict[str, list[int]] = {}
+    for index, probe in enumerate(probes):
+        by_family.setdefault(probe.family, []).append(index)
+    keep: set[int] = set()
+    for indices in by_family.values():
+        n = len(indices)
+        if n <= limit:
+            keep.update(indices)
+        else:
+            keep.update(indices[(i * n) // limit] for i in range(limit))
+    return [probe for index, probe in enumerate(probes) if index in keep]
