@@ -2,9 +2,11 @@
 
 Each probe event feeds one value of the monitored metric. The tracker smooths it (EMA or moving average over
 probe events), keeps the best smoothed value and its step, and counts the events since that best. A new best
-needs to beat the old one by more than ``min_delta``; NaN is never an improvement (it counts as an event without
-improvement and does not enter the smoothing). Stopping is advised once ``patience`` events passed without
+needs to beat the old one by more than ``min_delta``. Stopping is advised once ``patience`` events passed without
 improvement, but never before ``warmup_steps``.
+
+NaN (a failed or diverged probe) is never an improvement; it neither enters the smoothing nor counts towards
+``patience``, so a run of broken probe rounds cannot trigger a stop on its own.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ class PeakTracker:
         value = float(value)
         self.num_events += 1
         self.last_step = int(step)
+        if math.isnan(value):
+            return PeakDecision(
+                step=int(step), value=value, smoothed=self.smoothed, is_new_peak=False, should_stop=False,
+                peak_step=self.peak_step, peak_value=self.peak_value, events_since_peak=self.events_since_peak,
+            )
         self.smoothed = self._smooth(value)
         new_peak = self._improves(self.smoothed)
         if new_peak:

@@ -430,6 +430,19 @@ def _load_builtin(name: str) -> list[Probe]:
     return probes_from_records(records, format="ctx_callback", source=str(path), line_numbers=lines)
 
 
+def _hub_probes(text: str, format: str | None, column_mapping: Mapping[str, str] | None, split: str | None,
+                config: str | None, kwargs: Mapping[str, Any]) -> list[Probe]:
+    try:
+        records, name = _load_hub(text, split=split, config=config, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the options spelled out
+        raise ValueError(
+            f"Could not load probes {text!r} as a dataset with datasets.load_dataset ({type(err).__name__}: "
+            f"{err}). Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); local files: .json/.jsonl paths."
+        ) from err
+    prefix = text.rstrip("/").split("/")[-1]
+    return probes_from_records(records, format=format, column_mapping=column_mapping, source=name, id_prefix=prefix)
+
+
 def _load_hub(dataset_id: str, *, split: str | None, config: str | None, **kwargs: Any) -> tuple[list[Any], str]:
     """Load a dataset from the Hugging Face Hub (or any ``datasets.load_dataset`` source)."""
     import datasets
@@ -447,6 +460,7 @@ def load_probes(
     limit_per_family: int | None = None,
     split: str | None = None,
     config: str | None = None,
+    from_hub: bool = False,
     **load_dataset_kwargs: Any,
 ) -> list[Probe]:
     """Load and validate counterfactual probes.
@@ -467,6 +481,8 @@ def load_probes(
         limit_per_family: Keep at most this many probes per family, spread evenly over the family (deterministic).
         split: Dataset split for Hub datasets.
         config: Dataset configuration name for Hub datasets.
+        from_hub: Always load ``source`` with ``datasets.load_dataset`` (also for local dataset folders and
+            dataset scripts); by default only strings that are neither suites nor existing paths go there.
         **load_dataset_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``revision=``).
 
     Returns:
@@ -481,7 +497,9 @@ def load_probes(
         text = os.fspath(source)
         path = Path(text).expanduser()
         names = _SUITE_GROUPS.get(text, tuple(text.split("+")))
-        if all(name in BUILTIN_SUITES for name in names) and not path.exists():
+        if from_hub:
+            probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
+        elif all(name in BUILTIN_SUITES for name in names) and not path.exists():
             probes = [p for name in names for p in _load_builtin(name)]
         elif path.is_dir():
             files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
@@ -503,15 +521,7 @@ def load_probes(
         elif path.suffix in (".json", ".jsonl") or text.startswith((".", "/", "~")):
             raise ValueError(f"Probe file {text!r} does not exist.")
         elif "/" in text:
-            try:
-                records, name = _load_hub(text, split=split, config=config, **load_dataset_kwargs)
-            except Exception as err:  # noqa: BLE001 - re-raised with the options spelled out
-                raise ValueError(
-                    f"Could not load probes {text!r} as a dataset with datasets.load_dataset ({type(err).__name__}: "
-                    f"{err}). Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); local files: .json/.jsonl paths."
-                ) from err
-            probes = probes_from_records(records, format=format, column_mapping=column_mapping, source=name,
-                                         id_prefix=text.replace("/", "_"))
+            probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
         else:
             raise ValueError(
                 f"Unknown probe suite {text!r}. Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); "
