@@ -41,12 +41,13 @@ def make_tiny_llama(tokenizer, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    options = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-        **overrides,
     )
+    options.update(overrides)
+    config = LlamaConfig(**options)
     return LlamaForCausalLM(config).float()
 
 

@@ -43,12 +43,12 @@ def sft_config(output_dir, **overrides: Any):
     return SFTConfig(**kwargs)
 
 
-def make_trainer(model, tokenizer, output_dir, dataset=None, **overrides):
+def make_trainer(model, tokenizer, output_dir, dataset=None, eval_dataset=None, peft_config=None, **overrides):
     from trl import SFTTrainer
 
     return SFTTrainer(
         model=model, args=sft_config(output_dir, **overrides), train_dataset=dataset or conflict_dataset(15, 15),
-        processing_class=tokenizer,
+        eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
     )
 
 
