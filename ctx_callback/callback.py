@@ -224,6 +224,8 @@ class ContextRelianceCallback(TrainerCallback):
         self.stop_step: int | None = None
         self.peak_checkpoint: str | None = None
         self.probe_seconds_total = 0.0
+        #: Whether the peak weights were loaded back into the model at train end.
+        self.last_restored = False
         tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
         if tokenizer is not None:
             self._build_scorer(tokenizer, getattr(trainer, "model", None))
@@ -399,6 +401,7 @@ class ContextRelianceCallback(TrainerCallback):
         if (self.restore_peak_at_end and self.peak_checkpoint and self.tracker.peak_step != state.global_step
                 and model is not None):
             restored = self._restore(model, self.peak_checkpoint)
+        self.last_restored = restored
         if state.is_world_process_zero:
             self._write_summary(args, state, restored=restored)
             if self.plot:

@@ -1,0 +1,139 @@
+"""Fine-tune SmolLM2-135M-Instruct with TRL's SFTTrainer while ContextRelianceCallback watches context reliance.
+
+Runs offline on a CPU in a few minutes::
+
+    python examples/finetune_smollm2.py
+
+What the demo data is built to show
+-----------------------------------
+The built-in probe suites are split in two halves by a fixed rule: one half is *only* probed (the callback never
+trains on those facts), the other half is turned into a small instruction mixture, consumed in order:
+
+1. **Context-critical phase** (``--copy-steps`` steps): the context states a counterfactual fact and the answer is
+   the one the context gives. The model learns to read its context: reliance rises.
+2. **Memory-heavy phase** (the rest): the answer is the fact the model already knows, and the context either agrees
+   with it (aligned context, the paper's culprit), is an unrelated passage, or is absent. Nothing in this phase
+   needs the context, so the model learns to answer from memory and reliance on the held-out probes falls.
+
+Goyal et al. (ICLR 2025) find the same rise-then-fall on real instruction-tuning mixtures (Alpaca, TULU,
+UltraChat), caused by the examples whose context agrees with parametric knowledge. The demo compresses that into
+two short phases so a 135M model on a CPU shows it in minutes. The callback stops once the smoothed reliance has
+not improved for ``--patience`` probe events and restores the peak checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import datasets
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from ctx_callback import ContextRelianceCallback, load_probes
+from ctx_callback.models import SMOLLM2_ALIAS, load_model_and_tokenizer
+
+
+def split_probes(probes):
+    """Every other probe of each family is held out for probing; the rest feed the training mixture."""
+    probed, train = [], []
+    seen: dict[str, int] = {}
+    for probe in probes:
+        index = seen.get(probe.family, 0)
+        seen[probe.family] = index + 1
+        (probed if index % 2 == 0 else train).append(probe)
+    return probed, train
+
+
+def chat(context, question, answer):
+    user = f"{context}\n\n{question}" if context else question
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def demo_dataset(train_probes, copy_examples: int, memory_examples: int, seed: int = 0) -> datasets.Dataset:
+    """The two-phase mixture described in the module docstring (consume it in order)."""
+    import random
+
+    rng = random.Random(seed)
+    facts = list(train_probes)
+    copy_phase = []
+    while len(copy_phase) < copy_examples:
+        rng.shuffle(facts)
+        copy_phase += [chat(p.context, p.question, p.counterfactual_answer) for p in facts]
+    memory_phase = []
+    while len(memory_phase) < memory_examples:
+        rng.shuffle(facts)
+        for i, p in enumerate(facts):
+            kind = i % 3
+            if kind == 0:  # aligned context: the context agrees with what the model knows
+                memory_phase.append(chat(p.aligned(), p.question, p.parametric_answer))
+            elif kind == 1:  # an unrelated passage: the answer comes from memory
+                other = facts[(i + 7) % len(facts)]
+                memory_phase.append(chat(other.aligned(), p.question, p.parametric_answer))
+            else:  # closed-book
+                memory_phase.append(chat(None, p.question, p.parametric_answer))
+    return datasets.Dataset.from_list(copy_phase[:copy_examples] + memory_phase[:memory_examples])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=SMOLLM2_ALIAS, help="model id or path (default: the offline SmolLM2)")
+    parser.add_argument("--output-dir", default="outputs/smollm2_ctx_reliance")
+    parser.add_argument("--max-steps", type=int, default=120)
+    parser.add_argument("--copy-steps", type=int, default=20, help="steps of the context-critical phase")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--eval-steps", type=int, default=10, help="probe every N optimizer steps")
+    parser.add_argument("--patience", type=int, default=3, help="probe events without improvement before stopping")
+    parser.add_argument("--probes-per-family", type=int, default=30, help="held-out probes per family")
+    parser.add_argument("--report-to", default="tensorboard", help="tracker(s), as in TrainingArguments.report_to")
+    parser.add_argument("--no-stop", action="store_true", help="observe only: never stop early")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+
+    probed, train_facts = split_probes(load_probes("all"))
+    train = demo_dataset(train_facts, copy_examples=args.copy_steps * args.batch_size,
+                         memory_examples=(args.max_steps - args.copy_steps) * args.batch_size, seed=args.seed)
+    report_to = [r for r in args.report_to.split(",") if r] or "none"
+    config = SFTConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=5,
+        save_strategy="no", report_to=report_to, seed=args.seed, bf16=False, gradient_checkpointing=False,
+        train_sampling_strategy="sequential",  # the phases are consumed in order
+        max_length=256, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    callback = ContextRelianceCallback(
+        trainer, probed, limit_per_family=args.probes_per_family, variants=("context", "closed_book"),
+        eval_steps=args.eval_steps, patience=None if args.no_stop else args.patience, warmup_steps=args.eval_steps * 3,
+        save_peak_checkpoint=True, restore_peak_at_end=True, plot=True,
+    )
+    trainer.add_callback(callback)
+
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+
+    summary = callback.summary(restored=callback.last_restored)
+    summary.update(wall_seconds=wall, probe_share=callback.probe_seconds_total / wall,
+                   plot=os.path.join(args.output_dir, "ctx_reliance.png"))
+    drop = (summary["peak_raw"] or 0.0) - (summary["final"] or 0.0)
+    print(f"\nwall time {wall:.0f}s, probing {callback.probe_seconds_total:.0f}s "
+          f"({100 * summary['probe_share']:.1f}% of wall time at eval_steps={args.eval_steps})")
+    print(f"reliance fell {100 * drop:.1f} points from its peak; plot: {summary['plot']}")
+    with open(os.path.join(args.output_dir, "example_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
