@@ -623,8 +623,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     total, scored, failed, cached = len(checkpoints), 0, [], 0
 
     def save() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        return _write_results(json_path, csv_path, data, scans, fingerprint, checkpoints, monitor_key, greater_is_better,
-                       output_dir)
+        return _write_results(json_path, csv_path, data, scans, fingerprint, checkpoints, monitor_key,
+                              greater_is_better, output_dir)
 
     for index, ckpt in enumerate(checkpoints, start=1):
         prefix = f"[{index}/{total}] {ckpt.name}"

@@ -291,6 +291,13 @@ class ProbeScorer:
     def variants(self) -> tuple[str, ...]:
         return self.encoded.variants
 
+    @property
+    def active_engine(self) -> str:
+        """The log-likelihood engine in use: the requested one, or what ``"auto"`` resolved to so far."""
+        if self._resolved_engine is not None:
+            return self._resolved_engine
+        return "prefix" if self.encoded.shared_prefix else "batched"
+
     def score(self, model: torch.nn.Module, probe_indices: Sequence[int] | None = None) -> ScoreReport:
         """Score ``model`` on all probes (or ``probe_indices``) and compute the metrics."""
         result = self.score_raw(model, probe_indices)

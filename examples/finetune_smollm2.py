@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=5,
-        save_strategy="no", report_to=report_to, seed=args.seed, bf16=False, gradient_checkpointing=False,
+        save_strategy="no", report_to=report_to, seed=args.seed, bf16=False, activation_checkpointing=False,
         train_sampling_strategy="sequential",  # the phases are consumed in order
         max_length=256, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )

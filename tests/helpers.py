@@ -36,7 +36,7 @@ def sft_config(output_dir, **overrides: Any):
     kwargs = dict(
         output_dir=str(output_dir), per_device_train_batch_size=7, learning_rate=5e-3, lr_scheduler_type="constant",
         warmup_steps=0, max_steps=30, logging_steps=1, save_strategy="no", report_to="none", bf16=False, fp16=False,
-        gradient_checkpointing=False, train_sampling_strategy="sequential", seed=0, data_seed=0, use_cpu=True,
+        activation_checkpointing=False, train_sampling_strategy="sequential", seed=0, data_seed=0, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, max_length=128,
     )
     kwargs.update(overrides)

@@ -322,13 +322,13 @@ def test_plain_trainer_with_a_prompt_template(tokenizer, tmp_path):
 
 def test_bf16_autocast_and_gradient_checkpointing(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
-    trainer = make_trainer(model, tokenizer, tmp_path, max_steps=2, bf16=True, gradient_checkpointing=True)
+    trainer = make_trainer(model, tokenizer, tmp_path, max_steps=2, bf16=True, activation_checkpointing=True)
     trainer.add_callback(ContextRelianceCallback(trainer, PROBES, eval_steps=1))
     trainer.train()
     rows = probe_rows(trainer)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(math.isfinite(r[CF_PROB]) for r in rows)
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     assert model.training
 
 
@@ -404,3 +404,25 @@ def test_scorer_reports_the_same_metrics_as_the_callback_logs(tokenizer, tmp_pat
     fresh = ProbeScorer(probes_from_records(PROBES), tokenizer).score(model).metrics
     for key, value in fresh.items():
         assert logged[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_known_only_keeps_the_probes_the_model_knows_closed_book(tokenizer, tmp_path):
+    model = make_tiny_llama(tokenizer, seed=3)
+    scorer = ProbeScorer(probes_from_records(PROBES), tokenizer, variants=("context", "closed_book"))
+    raw = scorer.score_raw(model)
+    expected = [i for i in range(len(PROBES)) if raw.scores[i, 1, 1] > raw.scores[i, 1, 0]]
+    assert 0 < len(expected) < len(PROBES), "pick a seed where the random model knows some probes but not all"
+
+    trainer = make_trainer(model, tokenizer, tmp_path, max_steps=2)
+    callback = ContextRelianceCallback(trainer, PROBES, eval_steps=2, known_only=True,
+                                       variants=("context", "closed_book"))
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.active_indices == expected
+    assert callback.known_counts == {"capitals": {"kept": len(expected), "total": len(PROBES)}}
+    rows = probe_rows(trainer)
+    assert all(row["ctx_reliance/num_probes"] == len(expected) for row in rows)
+    # At the baseline, every kept probe prefers its parametric answer closed-book, by construction.
+    assert rows[0]["ctx_reliance/closed_book_accuracy"] == 1.0
+    summary = json.loads((tmp_path / "ctx_reliance_summary.json").read_text())["summary"]
+    assert summary["known_counts"]["capitals"]["kept"] == len(expected)

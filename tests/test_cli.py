@@ -1,4 +1,4 @@
-"""End-to-end tests of the ``ctx-callback`` command line: real tiny training runs, real checkpoints, real subprocesses."""
+"""End-to-end tests of the ``ctx-callback`` command line: real tiny training runs, checkpoints and subprocesses."""
 
 from __future__ import annotations
 
@@ -346,7 +346,8 @@ def test_plot_output_dir_falls_back_to_checkpoint_then_scan(full_run, full_scan,
 
     assert full_scan.returncode == 0, full_scan.stderr
     run = tmp_path / "run"
-    shutil.copytree(full_run / "checkpoint-6", run / "checkpoint-6", ignore=shutil.ignore_patterns("*.pt", "*.safetensors"))
+    shutil.copytree(full_run / "checkpoint-6", run / "checkpoint-6",
+                    ignore=shutil.ignore_patterns("*.pt", "*.safetensors"))
     assert main(["plot", str(run), "-o", str(tmp_path / "a.png")]) == 0
     assert "checkpoint-6/trainer_state.json" in capsys.readouterr().out
     # No trainer state with reliance rows anywhere: the scan results are used.
