@@ -4,44 +4,59 @@ Goyal, Baek, Kolter and Raghunathan (ICLR 2025, "Context-Parametric Inversion") 
 fine-tuning a model's reliance on its context, under knowledge conflicts, first rises and then falls. This package
 measures it while you train: counterfactual probes, a fast forward-only scorer, and a ``TrainerCallback`` that logs
 the metrics to your tracker, stops at the peak and keeps the peak checkpoint.
+
+Names are imported lazily, so ``import ctx_callback`` (and the command line's ``--help``) does not load torch.
 """
 
-from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
-from .formatting import PROMPT_PRESETS, PromptFormat
-from .metrics import METRIC_DESCRIPTIONS, compute_metrics, metric_key
-from .peak import PeakDecision, PeakTracker
-from .probes import BUILTIN_SUITES, Probe, ProbeFormatError, load_probes, probes_from_records
-from .scoring import ProbeScorer, ScoreReport, ScoreResult
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ALL_VARIANTS",
-    "BUILTIN_SUITES",
-    "METRIC_DESCRIPTIONS",
-    "PROMPT_PRESETS",
-    "ContextRelianceCallback",
-    "EncodedProbes",
-    "PeakDecision",
-    "PeakTracker",
-    "Probe",
-    "ProbeFormatError",
-    "ProbeScorer",
-    "PromptFormat",
-    "ScoreReport",
-    "ScoreResult",
-    "compute_metrics",
-    "encode_probes",
-    "load_probes",
-    "metric_key",
-    "probes_from_records",
-]
+_EXPORTS = {
+    "ALL_VARIANTS": "encoding",
+    "EncodedProbes": "encoding",
+    "encode_probes": "encoding",
+    "PROMPT_PRESETS": "formatting",
+    "PromptFormat": "formatting",
+    "METRIC_DESCRIPTIONS": "metrics",
+    "compute_metrics": "metrics",
+    "metric_key": "metrics",
+    "PeakDecision": "peak",
+    "PeakTracker": "peak",
+    "BUILTIN_SUITES": "probes",
+    "Probe": "probes",
+    "ProbeFormatError": "probes",
+    "load_probes": "probes",
+    "probes_from_records": "probes",
+    "ProbeScorer": "scoring",
+    "ScoreReport": "scoring",
+    "ScoreResult": "scoring",
+    "ContextRelianceCallback": "callback",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .callback import ContextRelianceCallback
+    from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
+    from .formatting import PROMPT_PRESETS, PromptFormat
+    from .metrics import METRIC_DESCRIPTIONS, compute_metrics, metric_key
+    from .peak import PeakDecision, PeakTracker
+    from .probes import BUILTIN_SUITES, Probe, ProbeFormatError, load_probes, probes_from_records
+    from .scoring import ProbeScorer, ScoreReport, ScoreResult
 
 
-def __getattr__(name: str):
-    # The callback imports transformers' Trainer (slow); load it on first use.
-    if name == "ContextRelianceCallback":
-        from .callback import ContextRelianceCallback
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ctx_callback' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return ContextRelianceCallback
-    raise AttributeError(f"module 'ctx_callback' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

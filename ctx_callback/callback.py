@@ -30,7 +30,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .encoding import ALL_VARIANTS
-from .metrics import METRIC_DESCRIPTIONS, METRIC_PREFIX
+from .metrics import METRIC_PREFIX
+from .monitor import parse_monitor
 from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
 from .scoring import ProbeScorer
@@ -39,9 +40,6 @@ __all__ = ["ContextRelianceCallback"]
 
 logger = logging.getLogger(__name__)
 
-_LOGLIK_ONLY = {"counterfactual_probability", "logprob_margin", "context_lift"}
-_GENERATE_ONLY = {"both_rate", "neither_rate", "memorization_ratio"}
-_LOWER_IS_BETTER = {"parametric_accuracy", "memorization_ratio", "neither_rate", "both_rate"}
 _PROBE_ON = ("steps", "evaluate")
 SUMMARY_FILE = "ctx_reliance_summary.json"
 
@@ -52,28 +50,6 @@ KEY_PEAK_STEP = f"{METRIC_PREFIX}/peak_step"
 KEY_SECONDS = f"{METRIC_PREFIX}/probe_seconds"
 KEY_FAILED = f"{METRIC_PREFIX}/probe_failed"
 KEY_STOPPED = f"{METRIC_PREFIX}/early_stop"
-
-
-def _parse_monitor(monitor: str, mode: str, variants: Sequence[str]) -> tuple[str, str, str | None]:
-    """Return (full key, metric name, family) for a user-facing monitor name."""
-    name = monitor
-    for prefix in ("eval_", f"{METRIC_PREFIX}/"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    parts = name.split("/")
-    if len(parts) > 2 or not all(parts):
-        raise ValueError(f"monitor {monitor!r} must look like 'counterfactual_accuracy' or 'world_facts/counterfactual_accuracy'.")
-    metric = parts[-1]
-    family = parts[0] if len(parts) == 2 else None
-    allowed = [m for m in METRIC_DESCRIPTIONS if m != "num_probes"
-               and not (mode == "loglik" and m in _GENERATE_ONLY) and not (mode == "generate" and m in _LOGLIK_ONLY)]
-    if metric not in allowed:
-        raise ValueError(f"Unknown monitor metric {metric!r} for mode={mode!r}; choose one of {allowed}.")
-    needs = {"closed_book_accuracy": "closed_book", "context_lift": "closed_book", "aligned_accuracy": "aligned"}
-    if metric in needs and needs[metric] not in variants:
-        raise ValueError(f"monitor {metric!r} needs the {needs[metric]!r} variant; add it to variants=.")
-    key = f"{METRIC_PREFIX}/{name}"
-    return key, metric, family
 
 
 class ContextRelianceCallback(TrainerCallback):
@@ -181,9 +157,10 @@ class ContextRelianceCallback(TrainerCallback):
                              "from the peak checkpoint).")
         if known_only and "closed_book" not in variants:
             raise ValueError("known_only=True needs the 'closed_book' variant in variants=.")
-        self.monitor_key, self.monitor_metric, monitor_family = _parse_monitor(monitor, mode, tuple(variants))
+        parsed = parse_monitor(monitor, mode, tuple(variants))
+        self.monitor_key, self.monitor_metric, monitor_family = parsed.key, parsed.metric, parsed.family
         if greater_is_better is None:
-            greater_is_better = self.monitor_metric not in _LOWER_IS_BETTER
+            greater_is_better = parsed.greater_is_better
         # PeakTracker validates smoothing, ema_alpha, window, min_delta, patience and warmup_steps.
         self.tracker = PeakTracker(
             mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema_alpha,
@@ -339,9 +316,9 @@ class ContextRelianceCallback(TrainerCallback):
             message = f"ctx_callback: stopping training at step {step}: {decision.reason}."
             if self.peak_checkpoint:
                 message += f" Peak checkpoint: {self.peak_checkpoint}."
-            logger.warning(message)
+            logger.info(message)
             if state.is_world_process_zero:
-                print(message)
+                print(message)  # always visible, whatever the logging configuration
 
     # ------------------------------------------------------------------------------------------------------------
     # Trainer events

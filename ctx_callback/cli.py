@@ -48,7 +48,7 @@ SCAN_JSON = "ctx_reliance_scan.json"
 SCAN_CSV = "ctx_reliance_scan.csv"
 PLOT_FILE = "ctx_reliance.png"
 SCAN_FORMAT = "ctx_callback.scan/1"
-PREFIX = "ctx_reliance"  # == metrics.METRIC_PREFIX (not imported: keeps --help free of torch)
+from .metrics import METRIC_PREFIX as PREFIX  # noqa: E402 (numpy only; keeps --help free of torch)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _VARIANTS = ("context", "closed_book", "aligned")
@@ -56,10 +56,6 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin|"
                            r"adapter_model\.(safetensors|bin))$")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
-# Same tables as the callback (callback.py is not imported: it pulls in transformers.Trainer, ~3 s).
-_LOGLIK_ONLY = {"counterfactual_probability", "logprob_margin", "context_lift"}
-_GENERATE_ONLY = {"both_rate", "neither_rate", "memorization_ratio"}
-_LOWER_IS_BETTER = {"parametric_accuracy", "memorization_ratio", "neither_rate", "both_rate"}
 #: Short column names of the printed tables, in display order.
 _SHORT = {
     "counterfactual_accuracy": "cf", "parametric_accuracy": "par", "closed_book_accuracy": "cb",
@@ -237,31 +233,15 @@ def _version() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _metric_names() -> list[str]:
-    from .metrics import METRIC_DESCRIPTIONS
-
-    return [m for m in METRIC_DESCRIPTIONS if m != "num_probes"]
-
-
 def parse_monitor(monitor: str, mode: str, variants: Sequence[str]) -> tuple[str, bool]:
     """``(full metric key, greater_is_better)`` for a user-facing monitor name (the callback's rules)."""
-    name = monitor
-    for prefix in ("eval_", f"{PREFIX}/"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    parts = name.split("/")
-    if len(parts) > 2 or not all(parts):
-        raise CliError(f"--monitor {monitor!r} must look like 'counterfactual_accuracy' or "
-                       "'world_facts/counterfactual_accuracy'")
-    metric = parts[-1]
-    allowed = [m for m in _metric_names() if not (mode == "loglik" and m in _GENERATE_ONLY)
-               and not (mode == "generate" and m in _LOGLIK_ONLY)]
-    if metric not in allowed:
-        raise CliError(f"unknown --monitor metric {metric!r} for --mode {mode}; choose one of {allowed}")
-    needs = {"closed_book_accuracy": "closed_book", "context_lift": "closed_book", "aligned_accuracy": "aligned"}
-    if metric in needs and needs[metric] not in variants:
-        raise CliError(f"--monitor {metric} needs the {needs[metric]!r} variant; add it to --variants")
-    return f"{PREFIX}/{name}", metric not in _LOWER_IS_BETTER
+    from .monitor import parse_monitor as parse
+
+    try:
+        parsed = parse(monitor, mode, variants)
+    except ValueError as err:
+        raise CliError(f"--monitor: {err}") from None
+    return parsed.key, parsed.greater_is_better
 
 
 def _load_probes(args: argparse.Namespace) -> list[Any]:
@@ -814,8 +794,9 @@ def scan_to_log_history(scan: dict[str, Any], monitor_key: str | None = None) ->
     rows = sorted(scan.get("rows", []), key=lambda r: r["step"])
     peak = scan.get("peak")
     if monitor_key is not None and monitor_key != scan.get("monitor"):
-        metric = monitor_key.split("/")[-1]
-        peak = _find_peak(rows, monitor_key, metric not in _LOWER_IS_BETTER)
+        from .monitor import LOWER_IS_BETTER
+
+        peak = _find_peak(rows, monitor_key, monitor_key.split("/")[-1] not in LOWER_IS_BETTER)
     history: list[dict[str, Any]] = []
     for row in rows:
         entry = {"step": row["step"], **row["metrics"]}

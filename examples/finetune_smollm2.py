@@ -82,7 +82,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=SMOLLM2_ALIAS, help="model id or path (default: the offline SmolLM2)")
     parser.add_argument("--output-dir", default="outputs/smollm2_ctx_reliance")
-    parser.add_argument("--max-steps", type=int, default=120)
+    parser.add_argument("--max-steps", type=int, default=70)
     parser.add_argument("--copy-steps", type=int, default=20, help="steps of the context-critical phase")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
