@@ -34,7 +34,8 @@ from .metrics import METRIC_PREFIX
 from .monitor import parse_monitor
 from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
-from .scoring import ProbeScorer
+from .distributed import broadcast_from_main, plan_probes, run_round
+from .scoring import ProbeScorer, ScoreResult
 
 __all__ = ["ContextRelianceCallback"]
 
@@ -265,8 +266,12 @@ class ContextRelianceCallback(TrainerCallback):
     def _probe(self, model: torch.nn.Module, state: TrainerState, control: TrainerControl) -> PeakDecision | None:
         assert self.scorer is not None
         step = state.global_step
+        indices = self.active_indices if self.active_indices is not None else range(len(self.probes))
+        plan = plan_probes(indices, self.trainer)  # this rank's share (all probes under FSDP / ZeRO-3)
+        self.scorer.synced_gpus = plan.sharded_params
         try:
-            report = self.scorer.score(model, self.active_indices)
+            result = run_round(lambda mine: self.scorer.score_raw(model, mine), ScoreResult.merge, plan)
+            metrics = self.scorer.metrics(result)
         except Exception as err:  # noqa: BLE001 - a failed probe must not kill a long run unless strict
             if self.strict:
                 raise
@@ -274,15 +279,16 @@ class ContextRelianceCallback(TrainerCallback):
                            type(err).__name__, err)
             self._log({KEY_FAILED: 1.0}, control)
             return None
-        metrics = report.metrics
-        self.probe_seconds_total += report.result.seconds
+        self.probe_seconds_total += result.seconds
         value = metrics.get(self.monitor_key, math.nan)
-        decision = self.tracker.update(step, value)
+        # Every rank feeds the tracker identical values; the decision is still taken once and shared, so that
+        # stopping and saving (a barrier) happen on all ranks or on none.
+        decision = broadcast_from_main(self.tracker.update(step, value), plan)
         row = dict(metrics)
         row[KEY_SMOOTHED] = float(decision.smoothed)
         row[KEY_PEAK_VALUE] = float(decision.peak_value)
         row[KEY_PEAK_STEP] = float(decision.peak_step) if decision.peak_step is not None else math.nan
-        row[KEY_SECONDS] = float(report.result.seconds)
+        row[KEY_SECONDS] = float(result.seconds)
         if math.isnan(value):
             logger.warning("ctx_callback: the monitored metric %s is NaN at step %d (NaN logits?).",
                            self.monitor_key, step)

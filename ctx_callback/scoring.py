@@ -281,6 +281,8 @@ class ProbeScorer:
         )
         self._resolved_engine: str | None = None if engine == "auto" else engine
         self._eos_ids = self._stop_token_ids(tokenizer)
+        #: Generation mode: keep decoding until every rank is done (needed with FSDP / ZeRO-3 parameter sharding).
+        self.synced_gpus = False
 
     # -- public API ---------------------------------------------------------------------------------------------
     @property
@@ -563,7 +565,8 @@ class ProbeScorer:
                 input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 attention[r, width - len(ids):] = 1
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config,
+                synced_gpus=self.synced_gpus,
             )
             for r, b in enumerate(batch):
                 texts[b] = self.tokenizer.decode(output[r, width:], skip_special_tokens=True).strip()

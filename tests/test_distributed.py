@@ -1,0 +1,80 @@
+"""A real two-process run (torch.distributed.run, gloo on CPU): sharded probing equals one process, decisions agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "workers" / "ddp_probe.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, smollm2_dir, mode, sharded="replicated"):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(WORKER), str(smollm2_dir), str(tmp_path), mode, sharded]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as err:  # a hang is a failure, not a stuck CI
+        pytest.fail(f"two-process run timed out (hang?):\n{(err.stderr or b'')[-3000:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["synced_gpus"] for r in ranks] == [sharded == "sharded"] * 2
+    assert ranks[0].get("failed_steps") == ranks[1].get("failed_steps")
+    return ranks
+
+
+def assert_rows_equal_one_process(ranks):
+    for rank in ranks:
+        assert rank["rows"], "no probe rows logged"
+        for row in rank["rows"]:
+            single = rank["rescored"][str(row["step"])]
+            assert row["ctx_reliance/num_probes"] == 7  # all probes, although each rank scored 4 or 3 of them
+            for key, value in single.items():
+                assert row[key] == pytest.approx(value, abs=1e-5, nan_ok=True), (rank["rank"], row["step"], key)
+    # Both ranks logged identical numbers at identical steps.
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "ctx_reliance/probe_seconds"} for r in rows]  # noqa: E731
+    assert strip(ranks[0]["rows"]) == strip(ranks[1]["rows"])
+
+
+def test_two_process_ddp_loglik_sharded_probing_and_early_stop(tmp_path, smollm2_dir):
+    ranks = launch(tmp_path, smollm2_dir, "loglik")
+    assert_rows_equal_one_process(ranks)
+    # The stop was decided once and taken by both ranks at the same step.
+    assert [r["stop_step"] for r in ranks] == [4, 4]
+    assert [r["global_step"] for r in ranks] == [4, 4]
+    assert [row["step"] for row in ranks[0]["rows"]] == [0, 2, 4]
+
+
+def test_two_process_ddp_generation_mode(tmp_path, smollm2_dir):
+    ranks = launch(tmp_path, smollm2_dir, "generate")
+    assert_rows_equal_one_process(ranks)
+    assert [r["global_step"] for r in ranks] == [8, 8]
+
+
+def test_two_process_sharded_parameter_path_scores_everything_in_lock_step(tmp_path, smollm2_dir):
+    """The FSDP / ZeRO-3 rank logic (every rank scores all probes, synced generation, rank 0's result shared)."""
+    ranks = launch(tmp_path, smollm2_dir, "generate", sharded="sharded")
+    assert_rows_equal_one_process(ranks)
+    assert [r["global_step"] for r in ranks] == [8, 8]
+
+
+def test_a_probe_failure_on_one_rank_is_handled_on_every_rank(tmp_path, smollm2_dir):
+    """Rank 1's probes raise; both ranks log the failure at the same steps and train on (no hang, no divergence)."""
+    ranks = launch(tmp_path, smollm2_dir, "loglik", sharded="fail_on_rank1")
+    assert ranks[0]["rows"] == ranks[1]["rows"] == []
+    assert [r["failed_steps"] for r in ranks] == [[0, 2, 4, 6, 8]] * 2
+    assert [r["global_step"] for r in ranks] == [8, 8]

@@ -1,0 +1,81 @@
+"""One rank of the two-process test (launched by tests/test_distributed.py through torch.distributed.run).
+
+Trains a tiny Llama with SFTTrainer under DDP on CPU (gloo) with ContextRelianceCallback, and writes what this rank
+saw to OUT/rank{N}.json: the logged probe rows, a full one-process re-score of the same weights at every probe step,
+the stop step and the final global step.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+
+from ctx_callback import ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
+from tests.conftest import make_tiny_llama  # noqa: E402
+from tests.helpers import PROBES, make_trainer  # noqa: E402
+
+
+class Rescore(TrainerCallback):
+    """After the callback under test: score all probes on this rank alone, as a one-process run would."""
+
+    def __init__(self, scorer, callback):
+        self.scorer, self.callback, self.rows = scorer, callback, {}
+
+    def _record(self, state, model):
+        if self.callback.last_probe_step == state.global_step and state.global_step not in self.rows:
+            self.rows[state.global_step] = self.scorer.score(model).metrics
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._record(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._record(state, model)
+
+
+def main(tokenizer_dir, out_dir, mode, sharded):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = make_tiny_llama(tokenizer)
+    if sharded == "sharded":
+        # accelerate enables FSDP only on accelerators (on CPU it silently runs DDP), so the FSDP / ZeRO-3 path is
+        # exercised by declaring the parameters sharded: every rank then scores every probe in lock step and rank
+        # 0's result is shared (generation runs with synced_gpus=True).
+        import ctx_callback.distributed as distributed
+
+        distributed.params_are_sharded = lambda trainer: True
+    trainer = make_trainer(model, tokenizer, os.path.join(out_dir, "run"), max_steps=8,
+                           per_device_train_batch_size=3, ddp_backend="gloo")
+    rank = trainer.args.process_index
+    if sharded == "fail_on_rank1" and rank == 1:  # a probe failure (as an OOM would be) on one rank only
+        def fail_in_eval(module, args):
+            if not module.training:
+                raise RuntimeError("simulated out of memory on rank 1")
+
+        model.model.register_forward_pre_hook(fail_in_eval)
+    kwargs = dict(eval_steps=2, variants=("context", "closed_book"), mode=mode, max_new_tokens=3)
+    if mode == "loglik":  # a stop that does not depend on the training dynamics: no event can improve on the first
+        kwargs.update(patience=1, min_delta=10.0, warmup_steps=4)
+    if sharded == "fail_on_rank1":
+        kwargs["engine"] = "batched"
+    callback = ContextRelianceCallback(trainer, PROBES, **kwargs)
+    rescore = Rescore(ProbeScorer(probes_from_records(PROBES), tokenizer, mode=mode, max_new_tokens=3,
+                                  variants=("context", "closed_book")), callback)
+    trainer.add_callback(callback)
+    trainer.add_callback(rescore)
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "ctx_reliance/counterfactual_accuracy" in r]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "synced_gpus": callback.scorer.synced_gpus, "world_size": trainer.args.world_size, "rows": rows,
+                   "rescored": {str(k): v for k, v in rescore.rows.items()}, "stop_step": callback.stop_step,
+                   "global_step": trainer.state.global_step,
+                   "failed_steps": [r["step"] for r in trainer.state.log_history if "ctx_reliance/probe_failed" in r]},
+                  f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
