@@ -97,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="ProbeScorer max_batch_tokens")
     parser.add_argument("--lm-eval-batch-sizes", default="1,16,64")
     parser.add_argument("--skip", default="", help="comma list of a,b,c,d to skip")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -113,7 +114,7 @@ def main(argv=None):
     model.to(device).eval()
     probes = load_probes(args.probes, limit_per_family=args.limit_per_family)
     variants = tuple(args.variants.split(","))
-    engine = ProbeScorer(probes, tokenizer, variants=variants)
+    engine = ProbeScorer(probes, tokenizer, variants=variants, max_batch_tokens=args.batch_tokens)
     simple = ProbeScorer(probes, tokenizer, variants=variants, engine="simple")
     items = engine.encoded.items
     request_tokens = sum(2 * len(it.prompt_ids) + len(it.counterfactual_ids) + len(it.parametric_ids)

@@ -124,11 +124,19 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - start
 
     summary = callback.summary(restored=callback.last_restored)
-    summary.update(wall_seconds=wall, probe_share=callback.probe_seconds_total / wall,
+    probing = callback.probe_seconds_total
+    steps = max(trainer.state.global_step, 1)
+    seconds_per_step = (wall - probing) / steps
+    seconds_per_round = probing / max(summary["probe_events"], 1)
+    # What the same probe set costs at the callback's default cadence, from this run's own step and round times.
+    share_at_default = seconds_per_round / (50 * seconds_per_step + seconds_per_round)
+    summary.update(wall_seconds=wall, probe_share=probing / wall, seconds_per_step=seconds_per_step,
+                   seconds_per_probe_round=seconds_per_round, probe_share_at_eval_steps_50=share_at_default,
                    plot=os.path.join(args.output_dir, "ctx_reliance.png"))
     drop = (summary["peak_raw"] or 0.0) - (summary["final"] or 0.0)
-    print(f"\nwall time {wall:.0f}s, probing {callback.probe_seconds_total:.0f}s "
-          f"({100 * summary['probe_share']:.1f}% of wall time at eval_steps={args.eval_steps})")
+    print(f"\nwall time {wall:.0f}s, probing {probing:.0f}s ({100 * summary['probe_share']:.1f}% of wall time at "
+          f"eval_steps={args.eval_steps}); {seconds_per_step:.2f}s per training step, {seconds_per_round:.1f}s per "
+          f"probe round: {100 * share_at_default:.1f}% of wall time at the default eval_steps=50")
     print(f"reliance fell {100 * drop:.1f} points from its peak; plot: {summary['plot']}")
     with open(os.path.join(args.output_dir, "example_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
