@@ -4,7 +4,7 @@ Times, in one process, on the same model and the same (prompt, continuation) req
 
 (a) naive    one forward pass per (prompt, answer) pair (``ProbeScorer(engine="simple")``);
 (b) lm-eval  ``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=...).loglikelihood`` at its best batch
-             size among ``--lm-eval-batch-sizes`` (optional: ``pip install lm-eval``);
+             size among ``--lm-eval-batch-sizes`` (optional: ``pip install -e .[bench]``);
 (c) engine   ``ProbeScorer`` with its default engine (a shared-prefix KV cache, logits only at answer positions);
 (d) bound    one forward pass over the unique tokens only: the shared preamble once, then each prompt's own tokens
              and both answers once, in batches of equal length (no padding), no output projection. Not a usable
