@@ -15,6 +15,9 @@ Why not ``ExportableState``: the Trainer restores exportable callbacks by rebuil
 which would drop the trainer handle and the encoded probes. The peak/patience state is instead rebuilt on resume
 by replaying this callback's own rows in ``state.log_history`` (which the Trainer always restores), so a resumed run
 takes exactly the decisions an uninterrupted one takes.
+
+Under several processes (DDP, FSDP, DeepSpeed) :mod:`ctx_callback.distributed` decides which probes each rank scores
+and combines the results, and the stop/save decision is taken once and broadcast, so every rank acts alike.
 """
 
 from __future__ import annotations

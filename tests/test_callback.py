@@ -322,9 +322,18 @@ def test_plain_trainer_with_a_prompt_template(tokenizer, tmp_path):
 
 def test_bf16_autocast_and_gradient_checkpointing(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
+    probe_dtypes, train_dtypes = set(), set()
+
+    def record_dtype(module, args, output):  # what precision the matmuls actually ran in
+        (train_dtypes if module.training else probe_dtypes).add(output.dtype)
+
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(record_dtype)
     trainer = make_trainer(model, tokenizer, tmp_path, max_steps=2, bf16=True, activation_checkpointing=True)
     trainer.add_callback(ContextRelianceCallback(trainer, PROBES, eval_steps=1))
     trainer.train()
+    # The probe runs under the same autocast as training (accelerate patches the model's forward).
+    assert train_dtypes == {torch.bfloat16}
+    assert probe_dtypes == {torch.bfloat16}
     rows = probe_rows(trainer)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(math.isfinite(r[CF_PROB]) for r in rows)
