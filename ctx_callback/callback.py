@@ -32,12 +32,12 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .distributed import broadcast_from_main, plan_probes, run_round
 from .encoding import ALL_VARIANTS
 from .metrics import METRIC_PREFIX
 from .monitor import parse_monitor
 from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
-from .distributed import broadcast_from_main, plan_probes, run_round
 from .scoring import ProbeScorer, ScoreResult
 
 __all__ = ["ContextRelianceCallback"]

@@ -272,10 +272,9 @@ def _torch_dtype(name: str) -> Any:
 
 
 def _resolve_name(name_or_path: str) -> str:
-    """The offline SmolLM2 alias becomes its cache directory; anything else is returned as is."""
-    from .models import SMOLLM2_ALIAS, smollm2_path
+    from .models import resolve_model_path
 
-    return str(smollm2_path()) if name_or_path == SMOLLM2_ALIAS else name_or_path
+    return resolve_model_path(name_or_path)
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -107,6 +107,11 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """The offline SmolLM2 alias becomes its (built on demand) cache directory; anything else is returned as is."""
+    return str(smollm2_path(cache_dir)) if name_or_path == SMOLLM2_ALIAS else name_or_path
+
+
 def load_model_and_tokenizer(
     name_or_path: str = SMOLLM2_ALIAS, *, cache_dir: str | os.PathLike | None = None, **model_kwargs: Any
 ):
@@ -122,7 +127,7 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path: str | Path = smollm2_path(cache_dir) if name_or_path == SMOLLM2_ALIAS else name_or_path
+    path = resolve_model_path(name_or_path, cache_dir)
     model_kwargs.setdefault("dtype", "auto")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)

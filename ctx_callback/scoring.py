@@ -365,7 +365,7 @@ class ProbeScorer:
     def _loglik(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
         if not items:
             return []
-        engine = self._resolved_engine or "prefix"
+        engine = self.active_engine
         if engine == "prefix" and self._prefix_length(items) == 0:
             engine = "batched"
         if engine == "prefix":
