@@ -16,6 +16,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "CtxCallbackError": "errors",
+    "ConfigurationError": "errors",
+    "ProbeLengthError": "errors",
+    "ProbeSourceError": "errors",
+    "TrainerWiringError": "errors",
+    "METRICS": "metrics",
+    "MetricSpec": "metrics",
     "ALL_VARIANTS": "encoding",
     "EncodedProbes": "encoding",
     "encode_probes": "encoding",
@@ -28,7 +35,7 @@ _EXPORTS = {
     "PeakTracker": "peak",
     "BUILTIN_SUITES": "probes",
     "Probe": "probes",
-    "ProbeFormatError": "probes",
+    "ProbeFormatError": "errors",
     "load_probes": "probes",
     "probes_from_records": "probes",
     "ProbeScorer": "scoring",
@@ -42,10 +49,18 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .callback import ContextRelianceCallback
     from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
+    from .errors import (
+        ConfigurationError,
+        CtxCallbackError,
+        ProbeFormatError,
+        ProbeLengthError,
+        ProbeSourceError,
+        TrainerWiringError,
+    )
     from .formatting import PROMPT_PRESETS, PromptFormat
-    from .metrics import METRIC_DESCRIPTIONS, compute_metrics, metric_key
+    from .metrics import METRIC_DESCRIPTIONS, METRICS, MetricSpec, compute_metrics, metric_key
     from .peak import PeakDecision, PeakTracker
-    from .probes import BUILTIN_SUITES, Probe, ProbeFormatError, load_probes, probes_from_records
+    from .probes import BUILTIN_SUITES, Probe, load_probes, probes_from_records
     from .scoring import ProbeScorer, ScoreReport, ScoreResult
 
 

@@ -34,9 +34,10 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "SCAN_CSV", "SCAN_JSON", "build_parser", "main"]
 
@@ -865,8 +866,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if output.parent and not output.parent.exists():
         raise CliError(f"output directory does not exist: {output.parent}")
     try:
-        from .plotting import plot_reliance
         import matplotlib  # noqa: F401
+
+        from .plotting import plot_reliance
     except ImportError as err:
         _eprint(f"ctx-callback: error: plot needs matplotlib (pip install 'ctx_callback[plot]'): {_one_line(err)}")
         return EXIT_FAILURE

@@ -22,8 +22,9 @@ Aggregation uses ``torch.distributed.all_gather_object`` on small per-probe arra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["ProbePlan", "broadcast_from_main", "gather_outcomes", "plan_probes", "world"]
 

@@ -21,8 +21,9 @@ remove the very sentence that states the counterfactual answer, which would turn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .formatting import PromptFormat
 from .probes import Probe, ProbeFormatError

@@ -13,8 +13,9 @@ Three kinds, all exposing the same two methods (:meth:`PromptFormat.prompt` and 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["PROMPT_PRESETS", "PromptFormat", "resolve_prompt_format"]
 
@@ -99,7 +100,7 @@ class PromptFormat:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         user_template: str = DEFAULT_USER_TEMPLATE,
         closed_book_user_template: str = DEFAULT_CLOSED_BOOK_TEMPLATE,
-    ) -> "PromptFormat":
+    ) -> PromptFormat:
         """The tokenizer's chat template (as ``SFTTrainer`` applies it to conversational data)."""
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError(
@@ -126,7 +127,7 @@ class PromptFormat:
         closed_book_template: str | None = None,
         answer_prefix: str = "",
         tokenizer: Any = None,
-    ) -> "PromptFormat":
+    ) -> PromptFormat:
         """A template string, or a preset name from :data:`PROMPT_PRESETS`."""
         if template in PROMPT_PRESETS:
             template, preset_closed, preset_prefix = PROMPT_PRESETS[template]
@@ -146,7 +147,7 @@ class PromptFormat:
     @classmethod
     def from_callable(
         cls, fn: Callable[[str | None, str], str], *, answer_prefix: str = "", tokenizer: Any = None
-    ) -> "PromptFormat":
+    ) -> PromptFormat:
         """A callable ``fn(context, question) -> prompt``; ``context`` is ``None`` for the closed-book control."""
         if not callable(fn):
             raise TypeError(f"prompt_format callable expected, got {type(fn).__name__}.")

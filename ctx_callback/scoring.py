@@ -26,15 +26,16 @@ import random
 import re
 import time
 import unicodedata
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .encoding import ALL_VARIANTS, EncodedItem, EncodedProbes, encode_probes
 from .formatting import resolve_prompt_format
-from .metrics import compute_metrics, metric_key
+from .metrics import compute_metrics
 from .probes import Probe
 
 __all__ = ["ProbeScorer", "ScoreReport", "ScoreResult", "normalize_answer", "probe_mode"]
@@ -128,7 +129,7 @@ class ScoreResult:
     seconds: float = 0.0
 
     @classmethod
-    def merge(cls, results: Sequence["ScoreResult"]) -> "ScoreResult":
+    def merge(cls, results: Sequence[ScoreResult]) -> ScoreResult:
         """Concatenate shards (sorted by probe index; a probe scored twice keeps its first score)."""
         if not results:
             raise ValueError("nothing to merge")

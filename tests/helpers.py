@@ -1,10 +1,46 @@
-"""Helpers for end-to-end Trainer tests: tiny SFT runs whose context reliance is made to rise, then fall."""
+"""Helpers the tests import: tiny random Llamas, capital-city probes, and tiny SFT runs whose context reliance
+is made to rise, then fall."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import CAPITALS, capital_records
+import torch
+
+CAPITALS = [
+    ("France", "Paris", "Lyon"), ("Japan", "Tokyo", "Osaka"), ("Italy", "Rome", "Milan"),
+    ("Germany", "Berlin", "Munich"), ("Spain", "Madrid", "Seville"), ("Egypt", "Cairo", "Alexandria"),
+    ("Canada", "Ottawa", "Toronto"),
+]
+
+
+
+def make_tiny_llama(tokenizer, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    options = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    options.update(overrides)
+    config = LlamaConfig(**options)
+    return LlamaForCausalLM(config).float()
+
+
+def capital_records(n: int | None = None, family: str = "capitals"):
+    rows = []
+    for country, true, fake in CAPITALS[:n]:
+        rows.append({
+            "id": f"{family}/{country.lower()}", "family": family,
+            "context": f"The capital of {country} is {fake}.",
+            "question": f"What is the capital of {country}?",
+            "counterfactual_answer": fake, "parametric_answer": true,
+        })
+    return rows
+
+
 
 
 def conflict_dataset(copy_repeats: int, memory_repeats: int):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from ctx_callback import ContextRelianceCallback, ProbeScorer, probes_from_records
-from tests.conftest import make_tiny_llama
-from tests.helpers import PROBES, conflict_dataset, make_trainer
+from tests.helpers import PROBES, conflict_dataset, make_tiny_llama, make_trainer
 
 CF_ACC = "ctx_reliance/counterfactual_accuracy"
 CF_PROB = "ctx_reliance/counterfactual_probability"

@@ -18,8 +18,7 @@ import torch
 
 from ctx_callback import ProbeScorer, load_probes
 from ctx_callback.cli import SCAN_CSV, SCAN_JSON, main
-from tests.conftest import make_tiny_llama
-from tests.helpers import PROBES, make_trainer
+from tests.helpers import PROBES, make_tiny_llama, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 MONITOR = "ctx_reliance/counterfactual_accuracy"

@@ -22,8 +22,9 @@ def test_cli_help_does_not_load_torch():
 
 
 def test_unknown_attribute():
-    import ctx_callback
     import pytest
+
+    import ctx_callback
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ctx_callback.nope  # noqa: B018

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ctx_callback import BUILTIN_SUITES, ProbeFormatError, load_probes, probes_from_records
-from tests.conftest import capital_records
+from tests.helpers import capital_records
 
 
 def write_jsonl(path, rows):

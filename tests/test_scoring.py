@@ -10,7 +10,7 @@ import torch
 
 from ctx_callback import ProbeFormatError, ProbeScorer, PromptFormat, probes_from_records
 from ctx_callback.scoring import normalize_answer
-from tests.conftest import capital_records, make_tiny_llama
+from tests.helpers import capital_records, make_tiny_llama
 
 
 def _mixed_probes():

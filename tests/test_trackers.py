@@ -9,8 +9,7 @@ import struct
 import pytest
 
 from ctx_callback import ContextRelianceCallback
-from tests.conftest import make_tiny_llama
-from tests.helpers import PROBES, make_trainer
+from tests.helpers import PROBES, make_tiny_llama, make_trainer
 
 KEYS = ("ctx_reliance/counterfactual_accuracy", "ctx_reliance/counterfactual_probability",
         "ctx_reliance/capitals/logprob_margin")

@@ -17,8 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from ctx_callback import ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
-from tests.conftest import make_tiny_llama  # noqa: E402
-from tests.helpers import PROBES, make_trainer  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    PROBES,
+    make_tiny_llama,  # noqa: E402
+    make_trainer,
+)
 
 
 class Rescore(TrainerCallback):

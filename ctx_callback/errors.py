@@ -1,0 +1,65 @@
+"""The exceptions ctx_callback raises for bad input, under one root.
+
+Catch :class:`CtxCallbackError` to handle every user-input error this package raises. It subclasses
+``ValueError``, so code written against earlier versions (which raised plain ``ValueError``) keeps working. Each
+subclass says what went wrong; every message names the argument, file, line or probe and how to fix it.
+
+The command line maps every :class:`CtxCallbackError` to exit code 2 (bad input) and prints its message as one line.
+
+Errors that are not the user's input (a bug, an out-of-memory error, a failing forward pass) are not wrapped: they
+keep their own types.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ConfigurationError",
+    "CtxCallbackError",
+    "ProbeFormatError",
+    "ProbeLengthError",
+    "ProbeSourceError",
+    "TrainerWiringError",
+    "UsageError",
+]
+
+
+class CtxCallbackError(ValueError):
+    """Root of every input error ctx_callback raises (a ``ValueError``)."""
+
+
+class ConfigurationError(CtxCallbackError):
+    """An argument or option has an invalid value (out of range, unknown name, incompatible with another)."""
+
+
+class TrainerWiringError(ConfigurationError, TypeError):
+    """The callback is not wired to the trainer that trains (no trainer, another trainer, not a ``Trainer``).
+
+    Also a ``TypeError``, which is what passing a non-``Trainer`` object raised before.
+    """
+
+
+class ProbeSourceError(CtxCallbackError):
+    """A probe source cannot be found or loaded: unknown suite name, missing file, empty directory, Hub failure."""
+
+
+class ProbeFormatError(CtxCallbackError):
+    """A probe file or record is malformed. The message names the source, the line or probe id and the field."""
+
+
+class ProbeLengthError(CtxCallbackError):
+    """A probe does not fit the model: its prompt plus answer is longer than the model's maximum positions.
+
+    Probes are never truncated (a cut context may lose the counterfactual statement): shorten or drop them.
+    """
+
+
+class CheckpointMismatchError(CtxCallbackError, RuntimeError):
+    """Saved weights do not match the model they are loaded into (missing or unexpected parameters).
+
+    Also a ``RuntimeError``, which is what it was before.
+    """
+
+
+class UsageError(CtxCallbackError):
+    """Bad command-line input (a missing directory, no checkpoints, nothing to plot); exit code 2."""

@@ -1,0 +1,239 @@
+"""Probe record formats: how a record in a public layout becomes a native probe record.
+
+A format is one entry of :data:`PROBE_FORMATS`, registered with :func:`register_probe_format`: a name (what users
+pass as ``format=``), a converter from the dataset's record to the native fields (``context``, ``question``,
+``counterfactual_answer``, ``parametric_answer`` and optional ones, see :class:`~ctx_callback.Probe`), and optionally
+a field test used to detect the format when the user passes none. Detection tries the formats in registration order.
+
+To add a format, add one decorated converter at the end of this file (see "Extending ctx_callback" in the README)::
+
+    @register_probe_format("my_format", detect=lambda keys: {"passage", "fake", "true"} <= keys,
+                           description="passage, q, fake, true")
+    def _from_my_format(record, where, mapping):
+        return {"context": record["passage"], "question": record["q"],
+                "counterfactual_answer": record["fake"], "parametric_answer": record["true"]}
+
+The native record is validated afterwards (missing or empty fields, identical answers), so a converter only maps
+fields and raises :class:`~ctx_callback.errors.ProbeFormatError` (with ``where`` in the message) for what only it can
+check. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError, ProbeFormatError
+
+__all__ = ["PROBE_FORMATS", "ProbeRecordFormat", "convert_record", "detect_format", "register_probe_format"]
+
+#: ``fn(record, where, column_mapping) -> native record``; ``where`` names the source/line for error messages.
+Converter = Callable[[Mapping[str, Any], str, Mapping[str, str]], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ProbeRecordFormat:
+    """One probe record format.
+
+    Attributes:
+        name: What users pass as ``load_probes(..., format=name)``.
+        convert: ``fn(record, where, column_mapping) -> native record``.
+        detect: ``fn(set_of_field_names) -> bool``: whether a record is in this format; ``None`` = never detected.
+        needs_column_mapping: The format is driven by the user's ``column_mapping`` (``"columns"``).
+        description: One line for documentation and error messages.
+    """
+
+    name: str
+    convert: Converter
+    detect: Callable[[set[str]], bool] | None = None
+    needs_column_mapping: bool = False
+    description: str = ""
+
+
+#: Registered formats by name, in detection order.
+PROBE_FORMATS: dict[str, ProbeRecordFormat] = {}
+
+
+def register_probe_format(
+    name: str,
+    *,
+    detect: Callable[[set[str]], bool] | None = None,
+    needs_column_mapping: bool = False,
+    description: str = "",
+) -> Callable[[Converter], Converter]:
+    """Decorator: register ``fn(record, where, column_mapping) -> native record`` as the format ``name``."""
+
+    def decorator(convert: Converter) -> Converter:
+        if name in PROBE_FORMATS:
+            raise ConfigurationError(f"probe format {name!r} is already registered.")
+        PROBE_FORMATS[name] = ProbeRecordFormat(name, convert, detect, needs_column_mapping, description)
+        return convert
+
+    return decorator
+
+
+def detect_format(record: Mapping[str, Any]) -> str:
+    """The name of the first registered format whose field test accepts ``record``.
+
+    Raises:
+        ProbeFormatError: No format matches; the message lists the formats and how to map columns.
+    """
+    keys = set(record)
+    for fmt in PROBE_FORMATS.values():
+        if fmt.detect is not None and fmt.detect(keys):
+            return fmt.name
+    raise ProbeFormatError(
+        f"cannot detect the probe format from fields {sorted(keys)}. Pass format= one of {list(PROBE_FORMATS)}, "
+        "or format='columns' with column_mapping={'context': ..., 'question': ..., "
+        "'counterfactual_answer': ..., 'parametric_answer': ...}."
+    )
+
+
+def convert_record(record: Any, fmt: str, where: str, column_mapping: Mapping[str, str] | None) -> Mapping[str, Any]:
+    """Convert one record in format ``fmt`` into a native record (not yet validated)."""
+    if not isinstance(record, Mapping):
+        raise ProbeFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    return PROBE_FORMATS[fmt].convert(record, where, column_mapping or {})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The formats (detection order = registration order)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@register_probe_format(
+    "ctx_callback",
+    detect=lambda keys: {"counterfactual_answer", "parametric_answer"} <= keys,
+    description="native: id, family, context, question, counterfactual_answer, parametric_answer, ...",
+)
+def _from_native(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> Mapping[str, Any]:
+    return record
+
+
+def _split_answers(value: Any, key: str, where: str) -> tuple[Any, list[str]]:
+    """NQ-Swap style answers may be a string or a list (first = answer, rest = aliases)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ProbeFormatError(f"{where}: field {key!r} is an empty list.")
+        return value[0], [v for v in value[1:] if isinstance(v, str)]
+    return value, []
+
+
+@register_probe_format(
+    "nq_swap",
+    detect=lambda keys: {"sub_context", "sub_answer"} <= keys,
+    description="NQ-Swap: question, sub_context, sub_answer, org_answer, org_context (answers may be lists)",
+)
+def _from_nq_swap(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    for key in ("question", "sub_context", "sub_answer", "org_answer"):
+        if key not in record:
+            raise ProbeFormatError(f"{where}: missing required NQ-Swap field {key!r} (fields present: {sorted(record)}).")
+    cf, cf_alias = _split_answers(record["sub_answer"], "sub_answer", where)
+    par, par_alias = _split_answers(record["org_answer"], "org_answer", where)
+    return {
+        "id": record.get("id"),
+        "family": "nq_swap",
+        "context": record["sub_context"],
+        "aligned_context": record.get("org_context"),
+        "question": record["question"],
+        "counterfactual_answer": cf,
+        "parametric_answer": par,
+        "counterfactual_aliases": cf_alias,
+        "parametric_aliases": par_alias,
+    }
+
+
+_MEMOTRAP_SPLIT = re.compile(r"^(.*?:)\s*(.+)$", re.DOTALL)
+
+
+@register_probe_format(
+    "memotrap",
+    detect=lambda keys: {"prompt", "classes", "answer_index"} <= keys,
+    description="MemoTrap: prompt (instruction: text to continue), classes (two endings), answer_index",
+)
+def _from_memotrap(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    for key in ("prompt", "classes", "answer_index"):
+        if key not in record:
+            raise ProbeFormatError(f"{where}: missing required MemoTrap field {key!r} (fields present: {sorted(record)}).")
+    classes, index = record["classes"], record["answer_index"]
+    if isinstance(classes, str):
+        try:
+            classes = json.loads(classes.replace("'", '"'))
+        except json.JSONDecodeError as err:
+            raise ProbeFormatError(f"{where}: field 'classes' is not a list: {classes!r}.") from err
+    if not isinstance(classes, (list, tuple)) or len(classes) != 2:
+        raise ProbeFormatError(f"{where}: field 'classes' must be a list of two continuations, got {classes!r}.")
+    if not isinstance(index, int) or index not in (0, 1):
+        raise ProbeFormatError(f"{where}: field 'answer_index' must be 0 or 1, got {index!r}.")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        raise ProbeFormatError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}.")
+    match = _MEMOTRAP_SPLIT.match(prompt.strip())
+    if match is None:
+        raise ProbeFormatError(
+            f"{where}: MemoTrap prompt {prompt!r} has no ':' separating the instruction from the text to continue."
+        )
+
+    def clean(answer: Any) -> Any:
+        return answer.strip().rstrip(".!?,;") if isinstance(answer, str) else answer
+
+    return {
+        "id": record.get("id"),
+        "family": "memotrap",
+        "context": match.group(1),
+        "question": match.group(2).strip(),
+        "counterfactual_answer": clean(classes[index]),
+        "parametric_answer": clean(classes[1 - index]),
+    }
+
+
+@register_probe_format(
+    "paper",
+    detect=lambda keys: "answer" in keys and ("memory_answer" in keys or "parametric_answer" in keys),
+    description="the paper's released files: context, question, answer, memory_answer (or parametric_answer)",
+)
+def _from_paper(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    par_key = "memory_answer" if "memory_answer" in record else "parametric_answer"
+    if par_key not in record:
+        raise ProbeFormatError(f"{where}: missing required field 'memory_answer' (or 'parametric_answer').")
+    cf, cf_alias = _split_answers(record.get("answer"), "answer", where)
+    par, par_alias = _split_answers(record.get(par_key), par_key, where)
+    if "answer" not in record:
+        raise ProbeFormatError(f"{where}: missing required field 'answer'.")
+    return {
+        "id": record.get("id"),
+        "family": record.get("family") or record.get("source") or "paper",
+        "context": record.get("context"),
+        "question": record.get("question"),
+        "counterfactual_answer": cf,
+        "parametric_answer": par,
+        "counterfactual_aliases": cf_alias,
+        "parametric_aliases": par_alias,
+    }
+
+
+@register_probe_format(
+    "columns",
+    needs_column_mapping=True,
+    description="any layout, with column_mapping={native_field: column}",
+)
+def _from_columns(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for target, column in mapping.items():
+        if column not in record:
+            raise ProbeFormatError(
+                f"{where}: column {column!r} (mapped to {target!r}) is missing; columns present: {sorted(record)}."
+            )
+        value = record[column]
+        if target in ("counterfactual_answer", "parametric_answer"):
+            value, aliases = _split_answers(value, column, where)
+            alias_key = target.replace("_answer", "_aliases")
+            out.setdefault(alias_key, aliases)
+        out[target] = value
+    for key in ("id", "family"):
+        if key not in out and key in record:
+            out[key] = record[key]
+    return out
