@@ -15,42 +15,80 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: Public name -> the module that defines it (imported on first access).
 _EXPORTS = {
-    "CtxCallbackError": "errors",
-    "ConfigurationError": "errors",
-    "ProbeLengthError": "errors",
-    "ProbeSourceError": "errors",
-    "TrainerWiringError": "errors",
-    "METRICS": "metrics",
-    "MetricSpec": "metrics",
+    "ContextRelianceCallback": "callback",
     "ALL_VARIANTS": "encoding",
     "EncodedProbes": "encoding",
     "encode_probes": "encoding",
+    "CheckpointMismatchError": "errors",
+    "ConfigurationError": "errors",
+    "ConfigurationTypeError": "errors",
+    "CtxCallbackError": "errors",
+    "ProbeFormatError": "errors",
+    "ProbeLengthError": "errors",
+    "ProbeSourceError": "errors",
+    "TrainerWiringError": "errors",
     "PROMPT_PRESETS": "formatting",
     "PromptFormat": "formatting",
+    "METRICS": "metrics",
     "METRIC_DESCRIPTIONS": "metrics",
+    "MetricSpec": "metrics",
     "compute_metrics": "metrics",
     "metric_key": "metrics",
     "PeakDecision": "peak",
     "PeakTracker": "peak",
+    "PROBE_FORMATS": "probe_formats",
+    "register_probe_format": "probe_formats",
     "BUILTIN_SUITES": "probes",
     "Probe": "probes",
-    "ProbeFormatError": "errors",
     "load_probes": "probes",
     "probes_from_records": "probes",
     "ProbeScorer": "scoring",
     "ScoreReport": "scoring",
     "ScoreResult": "scoring",
-    "ContextRelianceCallback": "callback",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ALL_VARIANTS",
+    "BUILTIN_SUITES",
+    "CheckpointMismatchError",
+    "ConfigurationError",
+    "ConfigurationTypeError",
+    "ContextRelianceCallback",
+    "CtxCallbackError",
+    "EncodedProbes",
+    "METRICS",
+    "METRIC_DESCRIPTIONS",
+    "MetricSpec",
+    "PROBE_FORMATS",
+    "PROMPT_PRESETS",
+    "PeakDecision",
+    "PeakTracker",
+    "Probe",
+    "ProbeFormatError",
+    "ProbeLengthError",
+    "ProbeScorer",
+    "ProbeSourceError",
+    "PromptFormat",
+    "ScoreReport",
+    "ScoreResult",
+    "TrainerWiringError",
+    "compute_metrics",
+    "encode_probes",
+    "load_probes",
+    "metric_key",
+    "probes_from_records",
+    "register_probe_format",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .callback import ContextRelianceCallback
     from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
     from .errors import (
+        CheckpointMismatchError,
         ConfigurationError,
+        ConfigurationTypeError,
         CtxCallbackError,
         ProbeFormatError,
         ProbeLengthError,
@@ -60,6 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .formatting import PROMPT_PRESETS, PromptFormat
     from .metrics import METRIC_DESCRIPTIONS, METRICS, MetricSpec, compute_metrics, metric_key
     from .peak import PeakDecision, PeakTracker
+    from .probe_formats import PROBE_FORMATS, register_probe_format
     from .probes import BUILTIN_SUITES, Probe, load_probes, probes_from_records
     from .scoring import ProbeScorer, ScoreReport, ScoreResult
 

@@ -35,7 +35,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from .distributed import broadcast_from_main, plan_probes, run_round
 from .encoding import ALL_VARIANTS
+from .errors import ConfigurationError, TrainerWiringError
 from .metrics import METRIC_PREFIX
+from .models import max_positions
 from .monitor import parse_monitor
 from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
@@ -107,9 +109,13 @@ class ContextRelianceCallback(TrainerCallback):
         max_batch_size: Rows per probe forward pass.
         max_new_tokens: Generation mode: tokens per answer.
         engine: Scoring engine (``"auto"``, ``"prefix"``, ``"batched"``, ``"simple"``).
+        verbose: Print the stop message and the train-end summary on the main process. They are always logged
+            at INFO level through the ``ctx_callback.callback`` logger as well.
 
     Raises:
-        ValueError: On any invalid argument, at construction (probe files are loaded and validated here).
+        ConfigurationError: On any invalid argument, at construction (a ``ValueError``; probe files are loaded and
+            validated here, raising ``ProbeSourceError``/``ProbeFormatError``).
+        TrainerWiringError: ``trainer`` is not a ``transformers.Trainer``.
     """
 
     def __init__(
@@ -145,29 +151,36 @@ class ContextRelianceCallback(TrainerCallback):
         max_batch_size: int = 64,
         max_new_tokens: int = 24,
         engine: str = "auto",
+        verbose: bool = True,
     ) -> None:
         if trainer is not None and not isinstance(trainer, Trainer):
-            raise TypeError(
+            raise TrainerWiringError(
                 f"trainer must be a transformers.Trainer (or SFTTrainer), got {type(trainer).__name__}. "
                 "Usage: trainer.add_callback(ContextRelianceCallback(trainer, probes=...))."
             )
         if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
-            raise ValueError(f"eval_steps must be an integer >= 1 (optimizer steps between probes), got {eval_steps!r}.")
+            raise ConfigurationError(
+                f"eval_steps must be an integer >= 1 (optimizer steps between probes), got {eval_steps!r}."
+            )
+        if not isinstance(verbose, bool):
+            raise ConfigurationError(f"verbose must be True or False, got {verbose!r}.")
         if probe_on not in _PROBE_ON:
-            raise ValueError(f"probe_on must be one of {list(_PROBE_ON)}, got {probe_on!r}.")
+            raise ConfigurationError(f"probe_on must be one of {list(_PROBE_ON)}, got {probe_on!r}.")
         if mode not in ("loglik", "generate"):
-            raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}.")
+            raise ConfigurationError(f"mode must be 'loglik' or 'generate', got {mode!r}.")
         if restore_peak_at_end and not save_peak_checkpoint:
-            raise ValueError("restore_peak_at_end=True needs save_peak_checkpoint=True (the peak weights are restored "
-                             "from the peak checkpoint).")
+            raise ConfigurationError(
+                "restore_peak_at_end=True needs save_peak_checkpoint=True (the peak weights are restored from the "
+                "peak checkpoint)."
+            )
         if known_only and "closed_book" not in variants:
-            raise ValueError("known_only=True needs the 'closed_book' variant in variants=.")
+            raise ConfigurationError("known_only=True needs the 'closed_book' variant in variants=.")
         parsed = parse_monitor(monitor, mode, tuple(variants))
         self.monitor_key, self.monitor_metric, monitor_family = parsed.key, parsed.metric, parsed.family
         if greater_is_better is None:
             greater_is_better = parsed.greater_is_better
         # PeakTracker validates smoothing, ema_alpha, window, min_delta, patience and warmup_steps.
-        self.tracker = PeakTracker(
+        self.peak_tracker = PeakTracker(
             mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema_alpha,
             window=smoothing_window, min_delta=min_delta, patience=patience, warmup_steps=warmup_steps,
         )
@@ -177,7 +190,7 @@ class ContextRelianceCallback(TrainerCallback):
             self.probes = load_probes(list(probes), limit_per_family=limit_per_family)
         families = sorted({p.family for p in self.probes})
         if monitor_family is not None and monitor_family not in families:
-            raise ValueError(f"monitor {monitor!r} names family {monitor_family!r}, which the probes lack; "
+            raise ConfigurationError(f"monitor {monitor!r} names family {monitor_family!r}, which the probes lack; "
                              f"families: {families}.")
         self.trainer = trainer
         self.tokenizer = tokenizer
@@ -191,6 +204,7 @@ class ContextRelianceCallback(TrainerCallback):
         self.restore_peak_at_end = restore_peak_at_end
         self.strict = strict
         self.plot = plot
+        self.verbose = verbose
         self._scorer_kwargs = dict(
             mode=mode, variants=tuple(variants), engine=engine, max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
@@ -217,27 +231,26 @@ class ContextRelianceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------------------------
     def _build_scorer(self, tokenizer: Any, model: Any) -> None:
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # multimodal processors carry a tokenizer
-        config = getattr(model, "config", None)
-        max_length = getattr(config, "max_position_embeddings", None) if config is not None else None
+        max_length = max_positions(getattr(model, "config", None))
         self.scorer = ProbeScorer(self.probes, tokenizer, self.prompt_format, max_length=max_length,
                                   **self._scorer_kwargs)
 
     def _check_wiring(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
         if self.trainer is None:
-            raise ValueError(
+            raise TrainerWiringError(
                 "ContextRelianceCallback needs the trainer to log to your trackers (TensorBoard, W&B, MLflow, ...). "
                 "Create it with the trainer and then add it: "
                 "`trainer.add_callback(ContextRelianceCallback(trainer, probes=...))`."
             )
         if self.trainer.state is not state:
-            raise ValueError(
+            raise TrainerWiringError(
                 "ContextRelianceCallback was created with a different trainer than the one that is training. Pass the "
                 "trainer you call .train() on: `trainer.add_callback(ContextRelianceCallback(trainer, ...))`."
             )
         if self.scorer is None:
             tokenizer = kwargs.get("processing_class")
             if tokenizer is None:
-                raise ValueError(
+                raise TrainerWiringError(
                     "ContextRelianceCallback has no tokenizer: pass tokenizer=... to the callback, or "
                     "processing_class=tokenizer to the trainer."
                 )
@@ -245,19 +258,20 @@ class ContextRelianceCallback(TrainerCallback):
 
     def _replay_history(self, state: TrainerState) -> None:
         """Rebuild the peak/patience state from this callback's own rows (resume)."""
-        self.tracker.reset()
+        self.peak_tracker.reset()
         self.history = []
         for row in state.log_history:
             if self.monitor_key in row and "step" in row and row["step"] <= state.global_step:
-                self.tracker.update(int(row["step"]), float(row[self.monitor_key]))
+                self.peak_tracker.update(int(row["step"]), float(row[self.monitor_key]))
                 self.history.append({k: v for k, v in row.items() if k.startswith(METRIC_PREFIX) or k == "step"})
                 self.last_probe_step = int(row["step"])
-        if self.tracker.peak_step is not None:
-            path = os.path.join(self.trainer.args.output_dir, f"checkpoint-{self.tracker.peak_step}")
+        if self.peak_tracker.peak_step is not None:
+            path = os.path.join(self.trainer.args.output_dir, f"checkpoint-{self.peak_tracker.peak_step}")
             self.peak_checkpoint = path if os.path.isdir(path) else None
-        if self.tracker.num_events:
-            logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", self.tracker.num_events,
-                        self.tracker.peak_value, self.tracker.peak_step)
+        if self.peak_tracker.num_events:
+            tracker = self.peak_tracker
+            logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
+                        tracker.peak_value, tracker.peak_step)
 
     # ------------------------------------------------------------------------------------------------------------
     # Probing and logging
@@ -287,7 +301,7 @@ class ContextRelianceCallback(TrainerCallback):
         value = metrics.get(self.monitor_key, math.nan)
         # Every rank feeds the tracker identical values; the decision is still taken once and shared, so that
         # stopping and saving (a barrier) happen on all ranks or on none.
-        decision = broadcast_from_main(self.tracker.update(step, value), plan)
+        decision = broadcast_from_main(self.peak_tracker.update(step, value), plan)
         row = dict(metrics)
         row[KEY_SMOOTHED] = float(decision.smoothed)
         row[KEY_PEAK_VALUE] = float(decision.peak_value)
@@ -326,9 +340,13 @@ class ContextRelianceCallback(TrainerCallback):
             message = f"ctx_callback: stopping training at step {step}: {decision.reason}."
             if self.peak_checkpoint:
                 message += f" Peak checkpoint: {self.peak_checkpoint}."
-            logger.info(message)
-            if state.is_world_process_zero:
-                print(message)  # always visible, whatever the logging configuration
+            self._announce(message, state)
+
+    def _announce(self, message: str, state: TrainerState) -> None:
+        """Log ``message`` at INFO; with ``verbose=True`` also print it, on the main process only."""
+        logger.info(message)
+        if self.verbose and state.is_world_process_zero:
+            print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------------------------
     # Trainer events
@@ -353,8 +371,10 @@ class ContextRelianceCallback(TrainerCallback):
             logger.warning("ctx_callback: knowledge verification kept %d/%d probes (%s).", len(self.active_indices),
                            len(self.probes), summary)
             if not self.active_indices:
-                raise ValueError("known_only=True kept no probes: the model prefers the parametric answer closed-book "
-                                 "for none of them. Use other probes or known_only=False.")
+                raise ConfigurationError(
+                    "known_only=True kept no probes: the model prefers the parametric answer closed-book for none of "
+                    "them. Use other probes or known_only=False."
+                )
         if self.probe_at_start and state.global_step == 0 and self.last_probe_step is None:
             self._act(self._probe(model, state, control), args, state, control)
         return control
@@ -385,7 +405,7 @@ class ContextRelianceCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
         restored = False
-        if (self.restore_peak_at_end and self.peak_checkpoint and self.tracker.peak_step != state.global_step
+        if (self.restore_peak_at_end and self.peak_checkpoint and self.peak_tracker.peak_step != state.global_step
                 and model is not None):
             restored = self._restore(model, self.peak_checkpoint)
         self.last_restored = restored
@@ -393,7 +413,7 @@ class ContextRelianceCallback(TrainerCallback):
             self._write_summary(args, state, restored=restored)
             if self.plot:
                 self._plot(args, state)
-            print(self.summary_text(restored=restored))
+            self._announce(self.summary_text(restored=restored), state)
         return control
 
     # ------------------------------------------------------------------------------------------------------------
@@ -422,14 +442,14 @@ class ContextRelianceCallback(TrainerCallback):
             "baseline_step": values[0][0] if values else None,
             "final": values[-1][1] if values else None,
             "final_step": values[-1][0] if values else None,
-            "peak_smoothed": None if math.isnan(self.tracker.peak_value) else self.tracker.peak_value,
-            "peak_step": self.tracker.peak_step,
-            "peak_raw": next((v for s, v in values if s == self.tracker.peak_step), None),
+            "peak_smoothed": None if math.isnan(self.peak_tracker.peak_value) else self.peak_tracker.peak_value,
+            "peak_step": self.peak_tracker.peak_step,
+            "peak_raw": next((v for s, v in values if s == self.peak_tracker.peak_step), None),
             "stop_step": self.stop_step,
             "stop_reason": self.stop_reason,
             "peak_checkpoint": self.peak_checkpoint,
             "restored_peak": restored,
-            "probe_events": self.tracker.num_events,
+            "probe_events": self.peak_tracker.num_events,
             "probe_seconds_total": self.probe_seconds_total,
             "known_counts": self.known_counts,
         }

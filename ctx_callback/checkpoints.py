@@ -7,10 +7,13 @@ here: use ``load_best_model_at_end`` with ``metric_for_best_model`` for those.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
+
+from .errors import CheckpointMismatchError
 
 __all__ = ["load_weights_into"]
 
@@ -24,7 +27,8 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
 
     Raises:
         FileNotFoundError: No weights file in the directory.
-        RuntimeError: The checkpoint does not match the model (missing or unexpected parameters).
+        CheckpointMismatchError: The checkpoint does not match the model (missing or unexpected parameters); also a
+            ``RuntimeError``.
     """
     from safetensors.torch import load_file
 
@@ -37,7 +41,7 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         result = set_peft_model_state_dict(model, load_file(adapter))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise RuntimeError(f"adapter checkpoint {path} has parameters the model lacks: {unexpected[:5]}")
+            raise CheckpointMismatchError(f"adapter checkpoint {path} has parameters the model lacks: {unexpected[:5]}")
         return
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
@@ -45,10 +49,13 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
     if os.path.isfile(single):
         state: dict[str, Any] = load_file(single)
     elif os.path.isfile(index):
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, path, strict=False)
-        return
+        # transformers 5 removed ``load_sharded_checkpoint``: read the index and merge the shards ourselves, so the
+        # same missing/unexpected check applies to sharded checkpoints.
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
     elif os.path.isfile(legacy):
         state = torch.load(legacy, map_location="cpu", weights_only=True)
     else:
@@ -59,6 +66,6 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         tied = set(model._tied_weights_keys)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(
+        raise CheckpointMismatchError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointMismatchError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "CtxCallbackError",
     "ProbeFormatError",
     "ProbeLengthError",
@@ -30,6 +31,13 @@ class CtxCallbackError(ValueError):
 
 class ConfigurationError(CtxCallbackError):
     """An argument or option has an invalid value (out of range, unknown name, incompatible with another)."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An argument has the wrong type (a prompt format that is neither a string nor a callable, ...).
+
+    Also a ``TypeError``, which is what these raised before.
+    """
 
 
 class TrainerWiringError(ConfigurationError, TypeError):

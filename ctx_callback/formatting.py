@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigurationError, ConfigurationTypeError
+
 __all__ = ["PROMPT_PRESETS", "PromptFormat", "resolve_prompt_format"]
 
 #: Preset templates: (template with context, closed-book template, answer prefix).
@@ -49,11 +51,11 @@ DEFAULT_CLOSED_BOOK_TEMPLATE = "{question}"
 def _check_placeholders(template: str, name: str, needed: tuple[str, ...]) -> None:
     for key in needed:
         if "{" + key + "}" not in template:
-            raise ValueError(f"{name} {template!r} must contain the placeholder {{{key}}}.")
+            raise ConfigurationError(f"{name} {template!r} must contain the placeholder {{{key}}}.")
     try:
         template.format(context="", question="")
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(
+        raise ConfigurationError(
             f"{name} {template!r} is not a valid format string with only {{context}} and {{question}} "
             f"placeholders ({type(err).__name__}: {err}); write literal braces as '{{{{' and '}}}}'."
         ) from None
@@ -103,7 +105,7 @@ class PromptFormat:
     ) -> PromptFormat:
         """The tokenizer's chat template (as ``SFTTrainer`` applies it to conversational data)."""
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigurationError(
                 "prompt_format='chat' needs a tokenizer with a chat template, and this tokenizer has none. "
                 "Set tokenizer.chat_template, or pass prompt_format='alpaca' / 'tulu' / 'plain' or a template "
                 "string with {context} and {question} that matches your training data."
@@ -150,7 +152,7 @@ class PromptFormat:
     ) -> PromptFormat:
         """A callable ``fn(context, question) -> prompt``; ``context`` is ``None`` for the closed-book control."""
         if not callable(fn):
-            raise TypeError(f"prompt_format callable expected, got {type(fn).__name__}.")
+            raise ConfigurationTypeError(f"prompt_format callable expected, got {type(fn).__name__}.")
         return cls(kind="callable", tokenizer=tokenizer, fn=fn, answer_prefix=answer_prefix)
 
     # -- rendering ----------------------------------------------------------------------------------------------
@@ -173,15 +175,17 @@ class PromptFormat:
                 **self.chat_template_kwargs,
             )
         if self.kind == "template":
+            assert self.template is not None  # set by from_template
             if context is None:
                 if self.closed_book_template is None:
                     # No closed-book template: keep the template with an empty context.
                     return self.template.format(context="", question=question)
                 return self.closed_book_template.format(question=question, context="")
             return self.template.format(context=context, question=question)
+        assert self.fn is not None  # set by from_callable
         text = self.fn(context, question)
         if not isinstance(text, str):
-            raise TypeError(f"prompt_format callable must return a string, got {type(text).__name__}.")
+            raise ConfigurationTypeError(f"prompt_format callable must return a string, got {type(text).__name__}.")
         return text
 
     def continuation(self, context: str | None, question: str, answer: str, prompt: str | None = None) -> str:
@@ -192,7 +196,7 @@ class PromptFormat:
         messages = self._messages(context, question) + [{"role": "assistant", "content": answer}]
         full = self.tokenizer.apply_chat_template(messages, tokenize=False, **self.chat_template_kwargs)
         if not full.startswith(prompt):
-            raise ValueError(
+            raise ConfigurationError(
                 "The chat template renders the conversation with the answer differently from the generation prompt "
                 "(the prompt is not a prefix), so the answer's tokens cannot be located. Use a template string "
                 "prompt_format instead."
@@ -200,7 +204,7 @@ class PromptFormat:
         tail = full[len(prompt):]
         end = tail.find(answer)
         if end < 0:
-            raise ValueError(f"The chat template dropped or rewrote the answer {answer!r}; cannot score it.")
+            raise ConfigurationError(f"The chat template dropped or rewrote the answer {answer!r}; cannot score it.")
         return tail[: end + len(answer)]
 
     @property
@@ -229,7 +233,7 @@ def resolve_prompt_format(prompt_format: Any, tokenizer: Any, **chat_options: An
     if callable(prompt_format):
         return PromptFormat.from_callable(prompt_format, tokenizer=tokenizer)
     if not isinstance(prompt_format, str):
-        raise TypeError(
+        raise ConfigurationTypeError(
             f"prompt_format must be 'chat', a preset ({sorted(PROMPT_PRESETS)}), a template string, a callable or "
             f"a PromptFormat; got {type(prompt_format).__name__}."
         )
@@ -237,7 +241,7 @@ def resolve_prompt_format(prompt_format: Any, tokenizer: Any, **chat_options: An
         return PromptFormat.chat(tokenizer, **chat_options)
     if prompt_format in PROMPT_PRESETS or "{" in prompt_format:
         return PromptFormat.from_template(prompt_format, tokenizer=tokenizer)
-    raise ValueError(
+    raise ConfigurationError(
         f"Unknown prompt_format {prompt_format!r}: use 'chat', a preset ({sorted(PROMPT_PRESETS)}), a template "
         "string containing {context} and {question}, or a callable(context, question) -> str."
     )

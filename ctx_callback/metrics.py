@@ -254,9 +254,6 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
 )
 
-_BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
-if len(_BY_NAME) != len(METRICS):  # pragma: no cover - a programming error in the table
-    raise RuntimeError("duplicate metric names in METRICS")
 
 #: ``{name: description}`` for every metric (kept for compatibility; derived from :data:`METRICS`).
 METRIC_DESCRIPTIONS: dict[str, str] = {spec.name: spec.description for spec in METRICS}
@@ -268,10 +265,10 @@ def metric_spec(name: str) -> MetricSpec:
     Raises:
         ConfigurationError: Unknown metric; the message lists the known ones.
     """
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ConfigurationError(f"unknown metric {name!r}; known metrics: {list(_BY_NAME)}.") from None
+    for spec in METRICS:
+        if spec.name == name:
+            return spec
+    raise ConfigurationError(f"unknown metric {name!r}; known metrics: {[spec.name for spec in METRICS]}.")
 
 
 def metric_key(metric: str, family: str | None = None) -> str:

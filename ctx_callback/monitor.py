@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
-from .metrics import METRIC_PREFIX, METRICS, MODES, MetricSpec, metric_key
+from . import metrics as _metrics
+from .metrics import METRIC_PREFIX, MODES, MetricSpec, metric_key
 
 __all__ = ["Monitor", "monitorable_metrics", "parse_monitor"]
 
@@ -27,7 +28,7 @@ class Monitor:
 
 def monitorable_metrics(mode: str | None = None) -> list[MetricSpec]:
     """Metrics ``monitor=`` may name in ``mode`` (any mode when ``None``), in table order."""
-    return [spec for spec in METRICS if spec.monitorable and (mode is None or mode in spec.modes)]
+    return [spec for spec in _metrics.METRICS if spec.monitorable and (mode is None or mode in spec.modes)]
 
 
 def parse_monitor(monitor: str, mode: str | None = None, variants: Sequence[str] | None = None) -> Monitor:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+
+from .errors import ConfigurationError
 
 __all__ = ["PeakDecision", "PeakTracker"]
 
@@ -62,19 +63,19 @@ class PeakTracker:
         warmup_steps: int = 0,
     ) -> None:
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}.")
+            raise ConfigurationError(f"mode must be one of {list(_MODES)}, got {mode!r}.")
         if smoothing not in _SMOOTHING:
-            raise ValueError(f"smoothing must be one of {list(_SMOOTHING)}, got {smoothing!r}.")
+            raise ConfigurationError(f"smoothing must be one of {list(_SMOOTHING)}, got {smoothing!r}.")
         if not (0.0 < ema_alpha <= 1.0):
-            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha!r}.")
+            raise ConfigurationError(f"ema_alpha must be in (0, 1], got {ema_alpha!r}.")
         if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}.")
+            raise ConfigurationError(f"window must be an integer >= 1, got {window!r}.")
         if not (isinstance(min_delta, (int, float)) and min_delta >= 0 and math.isfinite(min_delta)):
-            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}.")
+            raise ConfigurationError(f"min_delta must be a finite number >= 0, got {min_delta!r}.")
         if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
-            raise ValueError(f"patience must be an integer >= 1 (or None to never stop), got {patience!r}.")
+            raise ConfigurationError(f"patience must be an integer >= 1 (or None to never stop), got {patience!r}.")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+            raise ConfigurationError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
         self.mode = mode
         self.smoothing = smoothing
         self.ema_alpha = float(ema_alpha)
@@ -85,14 +86,13 @@ class PeakTracker:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every event (a fresh run, or before replaying logged events on resume)."""
         self.smoothed: float = math.nan
         self.recent: deque[float] = deque(maxlen=self.window)
         self.peak_value: float = math.nan
         self.peak_step: int | None = None
         self.events_since_peak: int = 0
         self.num_events: int = 0
-        self.last_step: int | None = None
-        self.stopped: bool = False
 
     def _smooth(self, value: float) -> float:
         if math.isnan(value):
@@ -119,7 +119,6 @@ class PeakTracker:
         """Feed the monitored value measured at global ``step``."""
         value = float(value)
         self.num_events += 1
-        self.last_step = int(step)
         if math.isnan(value):
             return PeakDecision(
                 step=int(step), value=value, smoothed=self.smoothed, is_new_peak=False, should_stop=False,
@@ -140,7 +139,6 @@ class PeakTracker:
         )
         reason = None
         if should_stop:
-            self.stopped = True
             reason = (
                 f"no improvement of the smoothed metric by more than {self.min_delta} for {self.events_since_peak} "
                 f"probe events: peak {self.peak_value:.4f} at step {self.peak_step}, now {self.smoothed:.4f} "
@@ -151,21 +149,3 @@ class PeakTracker:
             peak_step=self.peak_step, peak_value=self.peak_value, events_since_peak=self.events_since_peak,
             reason=reason,
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable state (plain Python scalars)."""
-        return {
-            "smoothed": self.smoothed, "recent": list(self.recent), "peak_value": self.peak_value,
-            "peak_step": self.peak_step, "events_since_peak": self.events_since_peak, "num_events": self.num_events,
-            "last_step": self.last_step, "stopped": self.stopped,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.smoothed = float(state["smoothed"])
-        self.recent = deque((float(v) for v in state["recent"]), maxlen=self.window)
-        self.peak_value = float(state["peak_value"])
-        self.peak_step = state["peak_step"]
-        self.events_since_peak = int(state["events_since_peak"])
-        self.num_events = int(state["num_events"])
-        self.last_step = state["last_step"]
-        self.stopped = bool(state["stopped"])

@@ -130,7 +130,9 @@ def _split_answers(value: Any, key: str, where: str) -> tuple[Any, list[str]]:
 def _from_nq_swap(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
     for key in ("question", "sub_context", "sub_answer", "org_answer"):
         if key not in record:
-            raise ProbeFormatError(f"{where}: missing required NQ-Swap field {key!r} (fields present: {sorted(record)}).")
+            raise ProbeFormatError(
+                f"{where}: missing required NQ-Swap field {key!r} (fields present: {sorted(record)})."
+            )
     cf, cf_alias = _split_answers(record["sub_answer"], "sub_answer", where)
     par, par_alias = _split_answers(record["org_answer"], "org_answer", where)
     return {
@@ -157,7 +159,9 @@ _MEMOTRAP_SPLIT = re.compile(r"^(.*?:)\s*(.+)$", re.DOTALL)
 def _from_memotrap(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
     for key in ("prompt", "classes", "answer_index"):
         if key not in record:
-            raise ProbeFormatError(f"{where}: missing required MemoTrap field {key!r} (fields present: {sorted(record)}).")
+            raise ProbeFormatError(
+                f"{where}: missing required MemoTrap field {key!r} (fields present: {sorted(record)})."
+            )
     classes, index = record["classes"], record["answer_index"]
     if isinstance(classes, str):
         try:

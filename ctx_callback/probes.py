@@ -224,7 +224,8 @@ def probes_from_records(
         if isinstance(record, Probe):
             probe = record
         else:
-            where = _where(source, line, str(record.get("id")) if isinstance(record, Mapping) and "id" in record else None)
+            record_id = str(record.get("id")) if isinstance(record, Mapping) and "id" in record else None
+            where = _where(source, line, record_id)
             if not isinstance(record, Mapping):
                 raise ProbeFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
             if fmt is None:
@@ -272,7 +273,9 @@ def _read_json_file(path: Path) -> tuple[list[Any], list[int] | None]:
         try:
             records.append(json.loads(raw))
         except json.JSONDecodeError as err:
-            raise ProbeFormatError(f"{path}, line {number}: malformed JSON line: {err.msg} (column {err.colno}).") from None
+            raise ProbeFormatError(
+                f"{path}, line {number}: malformed JSON line: {err.msg} (column {err.colno})."
+            ) from None
         lines.append(number)
     return records, lines
 
@@ -329,7 +332,8 @@ def load_probes(
               for all of them, or a ``"+"``-joined list such as ``"world_facts+quotes"``;
             - a path to a ``.json`` (array) or ``.jsonl`` file, in the native format or a public one
               (the paper's released files, NQ-Swap, MemoTrap), or a directory of such files;
-            - a Hub dataset id (anything ``datasets.load_dataset`` accepts), loaded with ``split`` (default ``"train"``);
+            - a Hub dataset id (anything ``datasets.load_dataset`` accepts), loaded with ``split``
+              (default ``"train"``);
             - a ``datasets.Dataset``, a list of dicts, or a list of :class:`Probe`.
         format: Force a format (``"ctx_callback"``, ``"paper"``, ``"nq_swap"``, ``"memotrap"``, ``"columns"``);
             by default it is detected from the first record.
@@ -386,10 +390,12 @@ def load_probes(
                 "or pass a path to a .json/.jsonl file, or a Hub dataset id such as 'org/name'."
             )
     else:
-        records = source
-        if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
-            records = [dict(row) for row in source]
-        probes = probes_from_records(list(records), format=format, column_mapping=column_mapping)
+        rows: Any = source
+        if hasattr(rows, "column_names") and hasattr(rows, "__getitem__"):  # datasets.Dataset
+            items: list[Any] = [dict(row) for row in rows]
+        else:
+            items = list(rows)
+        probes = probes_from_records(items, format=format, column_mapping=column_mapping)
 
     if families is not None:
         wanted = set(families)

@@ -313,7 +313,7 @@ def world_facts() -> list[dict]:
          "What is the currency of {country}?", "country"),
         ("official_language", [(c, a, cf, al, []) for c, a, cf, al in LANGUAGES], LANGUAGE_TEMPLATES,
          "What language is mainly spoken in {country}?", "country"),
-        ("landmark_city", [(l, a, cf, al, []) for l, a, cf, al in LANDMARKS], LANDMARK_TEMPLATES,
+        ("landmark_city", [(name, a, cf, al, []) for name, a, cf, al in LANDMARKS], LANDMARK_TEMPLATES,
          "In which city is {landmark}?", "landmark"),
         ("continent", [(c, a, cf, [], []) for c, a, cf in CONTINENTS], CONTINENT_TEMPLATES,
          "On which continent is {country} located?", "country"),
@@ -748,7 +748,7 @@ QUOTE_QUESTION_TEMPLATES = [
 
 def quotes() -> list[dict]:
     rows = []
-    for index, line in enumerate(l for l in PROVERBS.strip().splitlines() if l.strip()):
+    for index, line in enumerate(row for row in PROVERBS.strip().splitlines() if row.strip()):
         saying, alt = (part.strip() for part in line.split("|"))
         prefix, last = saying.rsplit(" ", 1)
         t = index % len(QUOTE_CONTEXT_TEMPLATES)

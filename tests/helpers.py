@@ -58,7 +58,8 @@ def conflict_dataset(copy_repeats: int, memory_repeats: int):
             for country, true, fake in CAPITALS:
                 answer = (fake, true)[answer_index]
                 out.append({"messages": [
-                    {"role": "user", "content": f"The capital of {country} is {fake}.\n\nWhat is the capital of {country}?"},
+                    {"role": "user",
+                     "content": f"The capital of {country} is {fake}.\n\nWhat is the capital of {country}?"},
                     {"role": "assistant", "content": answer},
                 ]})
         return out

@@ -230,7 +230,12 @@ def test_failed_probe_is_logged_and_training_continues(tokenizer, tmp_path):
 
 def test_strict_mode_reraises_a_failed_probe(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
-    model.model.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")) if not m.training else None)
+
+    def fail_in_eval(module, args):
+        if not module.training:
+            raise RuntimeError("boom")
+
+    model.model.register_forward_pre_hook(fail_in_eval)
     trainer = make_trainer(model, tokenizer, tmp_path, max_steps=2)
     trainer.add_callback(ContextRelianceCallback(trainer, PROBES, eval_steps=1, strict=True, engine="batched"))
     with pytest.raises(RuntimeError, match="boom"):
@@ -247,7 +252,8 @@ def test_trainer_best_model_selection_on_reliance(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
     data = conflict_dataset(15, 15)
     trainer = make_trainer(
-        model, tokenizer, tmp_path, dataset=data, eval_dataset=data.select(range(7)), max_steps=30, eval_strategy="steps", eval_steps=6,
+        model, tokenizer, tmp_path, dataset=data, eval_dataset=data.select(range(7)), max_steps=30,
+        eval_strategy="steps", eval_steps=6,
         save_strategy="steps", save_steps=6, per_device_eval_batch_size=7, load_best_model_at_end=True,
         metric_for_best_model="ctx_reliance/counterfactual_probability", greater_is_better=True,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -65,14 +64,6 @@ def test_min_mode():
     assert [x.is_new_peak for x in d] == [True, True, False] and d[-1].should_stop
 
 
-def test_state_round_trips_through_json():
-    a = PeakTracker(smoothing="mean", window=3, patience=3)
-    feed(a, [0.1, 0.5, 0.4])
-    b = PeakTracker(smoothing="mean", window=3, patience=3)
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert a.update(30, 0.2) == b.update(30, 0.2)
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"patience": 0}, "patience must be an integer >= 1"),
     ({"smoothing": "median"}, "smoothing must be one of"),
@@ -100,7 +91,9 @@ def test_loglik_metrics_by_hand():
     assert m["ctx_reliance/aligned_accuracy"] == pytest.approx(1.0)  # NaN row excluded
     assert m["ctx_reliance/logprob_margin"] == pytest.approx((2 - 2 + 0.5) / 3)
     assert m["ctx_reliance/context_lift"] == pytest.approx(((-1 + 5) + (-4 + 6) + (-2 + 1)) / 3)
-    sig = lambda x: 1 / (1 + math.exp(-x))
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
     assert m["ctx_reliance/counterfactual_probability"] == pytest.approx((sig(2) + sig(-2) + sig(0.5)) / 3)
     assert m["ctx_reliance/a/counterfactual_accuracy"] == 0.5
     assert m["ctx_reliance/b/num_probes"] == 1.0

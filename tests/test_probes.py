@@ -61,7 +61,8 @@ def test_missing_file_is_reported(tmp_path):
     "mutate, match",
     [
         (lambda r: r.pop("question"), r"line 2, probe 'capitals/japan': missing required field 'question'"),
-        (lambda r: r.update(parametric_answer="  "), r"line 2, probe 'capitals/japan': field 'parametric_answer' is empty"),
+        (lambda r: r.update(parametric_answer="  "),
+         r"line 2, probe 'capitals/japan': field 'parametric_answer' is empty"),
         (lambda r: r.update(parametric_answer="osaka"), r"line 2, probe 'capitals/japan': .*identical"),
         (lambda r: r.update(context=42), r"line 2, probe 'capitals/japan': field 'context' must be a string, got int"),
     ],

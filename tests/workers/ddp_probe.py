@@ -73,7 +73,8 @@ def main(tokenizer_dir, out_dir, mode, sharded):
     trainer.train()
     rows = [r for r in trainer.state.log_history if "ctx_reliance/counterfactual_accuracy" in r]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "synced_gpus": callback.scorer.synced_gpus, "world_size": trainer.args.world_size, "rows": rows,
+        json.dump({"rank": rank, "synced_gpus": callback.scorer.synced_gpus, "world_size": trainer.args.world_size,
+                   "rows": rows,
                    "rescored": {str(k): v for k, v in rescore.rows.items()}, "stop_step": callback.stop_step,
                    "global_step": trainer.state.global_step,
                    "failed_steps": [r["step"] for r in trainer.state.log_history if "ctx_reliance/probe_failed" in r]},
