@@ -6,14 +6,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .metrics import METRIC_PREFIX
+from .metrics import METRIC_PREFIX, METRICS
 
 __all__ = ["plot_reliance"]
 
-_CURVES = (
-    ("counterfactual_accuracy", "counterfactual accuracy (follows context)"),
-    ("parametric_accuracy", "parametric accuracy (answers from memory)"),
-    ("closed_book_accuracy", "closed-book accuracy (knows the fact)"),
+#: ``(metric, legend label)`` of the curves drawn: every metric of :data:`METRICS` with a ``plot_label``, in order.
+_CURVES: tuple[tuple[str, str], ...] = tuple(
+    (spec.name, spec.plot_label) for spec in METRICS if spec.plot_label is not None
 )
 
 
@@ -29,9 +28,21 @@ def plot_reliance(
 ) -> str:
     """Draw the reliance curves from ``trainer_state.json``'s ``log_history`` into a PNG.
 
-    Plots counterfactual, parametric and closed-book accuracy against the global step, marks the peak of
-    ``monitor_key`` (from the logged ``ctx_reliance/peak_step``) and the stop step, and the training loss on a
-    second axis. Returns the path written.
+    Plots every metric of :data:`~ctx_callback.metrics.METRICS` that has a ``plot_label`` (counterfactual,
+    parametric and closed-book accuracy) against the global step, marks the peak of ``monitor_key`` (from the logged
+    ``ctx_reliance/peak_step``) and the stop step, and the training loss on a second axis.
+
+    Args:
+        log_history: ``trainer_state.json``'s ``log_history`` (or rows in its shape, e.g. from scan results).
+        path: The PNG to write.
+        monitor_key: The monitored metric's key; labels the smoothed curve.
+        stop_step: Step at which training was stopped early, marked when given.
+        title: The figure's title.
+        size: Figure width and height in inches.
+        dpi: Dots per inch (PNG pixels = inches x dpi).
+
+    Returns:
+        The path written.
     """
     import matplotlib
 

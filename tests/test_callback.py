@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -145,14 +146,17 @@ def rise_and_fall_run(tokenizer, output_dir, *, extra_callbacks=(), max_steps=30
     return model, trainer, callback
 
 
-def test_rise_then_fall_stops_after_patience_and_restores_the_peak_weights(tokenizer, tmp_path):
+def test_rise_then_fall_stops_after_patience_and_restores_the_peak_weights(tokenizer, tmp_path, capsys):
     weights = WeightsAtEachStep()
     model, trainer, callback = rise_and_fall_run(tokenizer, tmp_path, extra_callbacks=[weights])
     trainer.train()
+    printed = capsys.readouterr().out  # verbose=True (the default) prints the stop line and the summary
+    assert f"ctx_callback: stopping training at step {callback.stop_step}" in printed
+    assert "ctx_callback summary (ctx_reliance/counterfactual_probability):" in printed
 
     rows = probe_rows(trainer, CF_PROB)
     by_step = {row["step"]: row for row in rows}
-    peak_step, stop_step = callback.tracker.peak_step, callback.stop_step
+    peak_step, stop_step = callback.peak_tracker.peak_step, callback.stop_step
     # The reliance curve rose (copy phase), then fell (memory phase), and training stopped early.
     assert stop_step is not None and stop_step < 30
     assert by_step[peak_step][CF_PROB] > by_step[0][CF_PROB] + 0.1
@@ -202,8 +206,8 @@ def test_resumed_run_takes_the_same_decisions(tokenizer, tmp_path):
     second.train(resume_from_checkpoint=str(tmp_path / "resumed" / f"checkpoint-{interrupt_at}"))
 
     assert second_cb.stop_step == full_cb.stop_step
-    assert second_cb.tracker.peak_step == full_cb.tracker.peak_step
-    assert second_cb.tracker.peak_value == pytest.approx(full_cb.tracker.peak_value, abs=1e-6)
+    assert second_cb.peak_tracker.peak_step == full_cb.peak_tracker.peak_step
+    assert second_cb.peak_tracker.peak_value == pytest.approx(full_cb.peak_tracker.peak_value, abs=1e-6)
     full_curve = {r["step"]: r[CF_PROB] for r in probe_rows(full, CF_PROB)}
     resumed_curve = {r["step"]: r[CF_PROB] for r in probe_rows(second, CF_PROB)}
     assert full_curve.keys() == resumed_curve.keys()
@@ -283,7 +287,7 @@ def test_peft_lora_adapter_peak_is_restored(tokenizer, tmp_path):
     trainer.add_callback(callback)
     trainer.add_callback(weights)
     trainer.train()
-    peak = callback.tracker.peak_step
+    peak = callback.peak_tracker.peak_step
     final = trainer.state.global_step
     assert peak not in (None, 0) and peak != final, "the LoRA run must rise and fall for this test to mean anything"
     peak_dir = tmp_path / f"checkpoint-{peak}"
@@ -347,6 +351,18 @@ def test_bf16_autocast_and_gradient_checkpointing(tokenizer, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Bad configuration: errors before training, with what to do
+def test_verbose_false_prints_nothing_and_logs_everything(tokenizer, tmp_path, capsys, caplog):
+    _, trainer, callback = rise_and_fall_run(tokenizer, tmp_path, verbose=False, restore_peak_at_end=False,
+                                             save_peak_checkpoint=False)
+    with caplog.at_level(logging.INFO, logger="ctx_callback.callback"):
+        trainer.train()
+    assert callback.stop_step is not None
+    assert "ctx_callback" not in capsys.readouterr().out
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "ctx_callback.callback")
+    assert f"stopping training at step {callback.stop_step}" in logged
+    assert "ctx_callback summary" in logged
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -363,6 +379,7 @@ def test_bf16_autocast_and_gradient_checkpointing(tokenizer, tmp_path):
         (dict(restore_peak_at_end=True), "save_peak_checkpoint"),
         (dict(known_only=True, variants=("context",)), "closed_book"),
         (dict(smoothing="median"), "smoothing"),
+        (dict(verbose="yes"), "verbose must be True or False"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):

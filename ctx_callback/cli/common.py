@@ -1,0 +1,430 @@
+"""Pieces the ``ctx-callback`` commands share: output, option types, probe options, probe/tokenizer/model loading.
+
+Everything here is a thin command-line layer over the core: monitor names are parsed by
+:func:`ctx_callback.monitor.parse_monitor`, probe variants come from :data:`ctx_callback.encoding.ALL_VARIANTS`,
+metric labels and directions from :data:`ctx_callback.metrics.METRICS`, a model's length limit from
+:func:`ctx_callback.models.max_positions`. Bad input is raised as :class:`~ctx_callback.errors.UsageError` (or any
+other :class:`~ctx_callback.errors.CtxCallbackError`), which :func:`ctx_callback.cli.main` turns into exit code 2.
+
+Module-level imports stay free of torch and transformers (``--help`` must be fast): those are imported inside the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..encoding import ALL_VARIANTS
+from ..errors import ConfigurationError, CtxCallbackError, UsageError
+from ..metrics import METRIC_PREFIX as PREFIX
+from ..monitor import Monitor, parse_monitor
+
+__all__ = [
+    "EPILOG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PREFIX",
+    "SCAN_CSV",
+    "SCAN_FORMAT",
+    "SCAN_JSON",
+    "add_debug_option",
+    "add_probe_options",
+    "find_checkpoints",
+    "parse_monitor_option",
+]
+
+#: Exit codes (stable, for scripts); re-exported by :mod:`ctx_callback.cli`.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+#: Files ``scan`` writes (and ``plot`` reads) and the format tag of the JSON.
+SCAN_JSON = "ctx_reliance_scan.json"
+SCAN_CSV = "ctx_reliance_scan.csv"
+SCAN_FORMAT = "ctx_callback.scan/1"
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_DTYPES = ("float32", "bfloat16", "float16")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+EPILOG = """exit codes:
+  0  success
+  1  unexpected failure (bug, out of memory, missing optional dependency, every checkpoint failed)
+  2  usage error or bad input (missing directory, no checkpoints, unknown probe suite, bad probe file, ...)
+errors go to stderr as one line; --debug shows the traceback."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and shows real defaults (not None/False, not when the help already says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _eprint(*parts: Any) -> None:
+    """Print to stderr (progress lines, warnings, errors), flushed at once."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    """Print ``ctx-callback: warning: MESSAGE`` to stderr."""
+    _eprint(f"ctx-callback: warning: {message}")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line, at most 600 characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    """``--variants``: a comma list of :data:`~ctx_callback.encoding.ALL_VARIANTS`, returned in their order."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in ALL_VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {unknown or [text]}; choose from {','.join(ALL_VARIANTS)}")
+    if "context" not in names:
+        raise argparse.ArgumentTypeError("the 'context' variant is required (it holds the knowledge conflict)")
+    return tuple(v for v in ALL_VARIANTS if v in names)
+
+
+def add_subparser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """Register one command's subparser with the shared formatter and exit-code epilog.
+
+    Args:
+        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
+        name: The command's name (its module's ``NAME``).
+        help: One line for the top-level ``--help``.
+        description: The paragraph at the top of ``ctx-callback NAME --help``.
+
+    Returns:
+        The new subparser, to add the command's own options to.
+    """
+    return subparsers.add_parser(name, formatter_class=_Formatter, epilog=EPILOG, help=help,
+                                 description=description)
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--debug`` (print tracebacks), which every command has."""
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def add_probe_options(parser: argparse.ArgumentParser) -> None:
+    """Add the probe and model options ``scan`` and ``probe`` share (as in ``ContextRelianceCallback``).
+
+    Args:
+        parser: A command's subparser; two argument groups are added to it.
+    """
+    g = parser.add_argument_group("probe options (as in ContextRelianceCallback)")
+    g.add_argument("--probes", default="all", metavar="SUITE|PATH",
+                   help="built-in suite (world_facts, biographies, quotes, all, or a '+'-joined list such as "
+                        "world_facts+quotes), a .json/.jsonl probe file or directory, or a Hub dataset id")
+    g.add_argument("--limit-per-family", type=_positive_int, default=None, metavar="N",
+                   help="use at most N probes per family (spread evenly); default: all")
+    g.add_argument("--prompt-format", default="chat", metavar="FORMAT",
+                   help="'chat' (the tokenizer's chat template), 'alpaca', 'tulu', 'plain', or a template string "
+                        "with {context} and {question}")
+    g.add_argument("--system-prompt", default=None, help="chat format: system message (use your training one)")
+    g.add_argument("--mode", choices=("loglik", "generate"), default="loglik",
+                   help="log-likelihood comparison of the two answers, or greedy generation + answer matching")
+    g.add_argument("--variants", type=_variants, default=",".join(ALL_VARIANTS), metavar="LIST",
+                   help="comma list of probe rows to score, from " + ",".join(ALL_VARIANTS))
+    g.add_argument("--monitor", default="counterfactual_accuracy", metavar="METRIC",
+                   help="metric that defines the peak, e.g. counterfactual_accuracy or "
+                        "world_facts/counterfactual_accuracy (parametric_accuracy: lower is better)")
+    g = parser.add_argument_group("model options")
+    g.add_argument("--tokenizer", default=None, metavar="PATH|ID",
+                   help="tokenizer to render probes with; default: the model's own tokenizer files, else the base "
+                        "model named in a PEFT adapter_config.json")
+    g.add_argument("--base-model", default=None, metavar="PATH|ID",
+                   help="PEFT adapters: base model to apply them to; default: base_model_name_or_path from "
+                        "adapter_config.json")
+    g.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype for scoring")
+    g.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
+    g.add_argument("--batch-tokens", type=_positive_int, default=8192, metavar="N",
+                   help="padded tokens per forward pass (lower it on out-of-memory errors)")
+
+
+def parse_monitor_option(monitor: str, mode: str | None, variants: Sequence[str] | None) -> Monitor:
+    """``--monitor`` parsed by the core's :func:`~ctx_callback.monitor.parse_monitor`.
+
+    Args:
+        monitor: The option's value (``counterfactual_accuracy``, ``world_facts/parametric_accuracy``, a full key).
+        mode: The scoring mode, or ``None`` to accept a metric of either mode (``plot``).
+        variants: The scored variants, or ``None`` to skip the variant check (``plot``).
+
+    Returns:
+        The parsed :class:`~ctx_callback.monitor.Monitor` (key, metric, family, direction).
+
+    Raises:
+        UsageError: The core's message, prefixed with ``--monitor: ``.
+    """
+    try:
+        return parse_monitor(monitor, mode, variants)
+    except ConfigurationError as err:
+        raise UsageError(f"--monitor: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probes, tokenizers, models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _load_probes(args: argparse.Namespace) -> list[Any]:
+    """The probes ``--probes`` / ``--limit-per-family`` name (core errors pass through to exit code 2)."""
+    from ..probes import load_probes
+
+    try:
+        return load_probes(args.probes, limit_per_family=args.limit_per_family)
+    except CtxCallbackError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(_one_line(err)) from None
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError) as err:
+            raise UsageError(f"invalid --device {device!r}: {_one_line(err)}") from None
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _resolve_name(name_or_path: str) -> str:
+    from ..models import resolve_model_path
+
+    return resolve_model_path(name_or_path)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _adapter_base(path: Path, override: str | None) -> str | None:
+    """Base model of a PEFT adapter directory (``--base-model`` wins), or None when ``path`` is no adapter.
+
+    Raises:
+        UsageError: The adapter config is unreadable or names no base model (and ``--base-model`` is not given).
+    """
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    if override:
+        return override
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"unreadable {config_file}: {_one_line(err)}") from None
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{config_file} names no base_model_name_or_path; pass --base-model")
+    return str(base)
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_resolve_name(source))
+    except Exception as err:  # noqa: BLE001 - reported as bad input
+        raise UsageError(f"could not load a tokenizer from {source!r} ({type(err).__name__}: {_one_line(err)}); "
+                         "pass --tokenizer") from None
+
+
+def _max_positions(source: str | None) -> int | None:
+    """The model's maximum length (what the callback passes to the scorer), or None when unknown."""
+    if source is None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(_resolve_name(source))
+    except Exception:  # noqa: BLE001 - only a length check: skip it
+        return None
+    from ..models import max_positions
+
+    return max_positions(config)
+
+
+def _build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, max_length: int | None) -> Any:
+    from ..scoring import ProbeScorer
+
+    try:
+        return ProbeScorer(
+            probes, tokenizer, args.prompt_format, mode=args.mode, variants=args.variants,
+            system_prompt=args.system_prompt, max_batch_tokens=args.batch_tokens, max_length=max_length,
+        )
+    except CtxCallbackError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise UsageError(_one_line(err)) from None
+
+
+class _ModelLoader:
+    """Loads full checkpoints and PEFT adapters; keeps one base model around to swap adapters on it."""
+
+    def __init__(self, dtype: Any, device: str, base_override: str | None = None) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.base_override = base_override
+        self._base_name: str | None = None
+        self._base: Any = None
+
+    def _from_pretrained(self, name: str) -> Any:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress line per checkpoint is enough
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter between library versions
+            model: Any = AutoModelForCausalLM.from_pretrained(_resolve_name(name), dtype=self.dtype)
+        return model.to(self.device).eval()
+
+    def load(self, path: str) -> tuple[Any, str]:
+        """``(model, kind)`` where kind is ``"full"`` or ``"peft"``. Call :meth:`release` after scoring."""
+        local = Path(path)
+        base = _adapter_base(local, self.base_override) if local.is_dir() else None
+        if base is None:
+            return self._from_pretrained(path), "full"
+        from peft import PeftModel
+
+        if self._base is None or self._base_name != base:
+            self._base = None
+            self._base = self._from_pretrained(base)
+            self._base_name = base
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(self._base, path, is_trainable=False)
+        except Exception:
+            self._base = None  # the base may hold half-injected adapter layers: reload it next time
+            raise
+        return model.to(self.device).eval(), "peft"
+
+    def release(self, model: Any, kind: str) -> None:
+        """Undo an adapter so the cached base model is clean for the next one (reload it if that fails)."""
+        if kind != "peft":
+            return
+        try:
+            self._base = model.unload()
+        except Exception:  # noqa: BLE001 - correctness first: reload the base next time
+            self._base = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results: values, families, peaks, files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _format_value(value: Any, width: int = 6) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-".rjust(width)
+    return f"{value:.3f}".rjust(width)
+
+
+def _families(metrics: dict[str, float]) -> list[str]:
+    """Probe families that have per-family keys (``ctx_reliance/<family>/<metric>``) in ``metrics``, sorted."""
+    found = set()
+    for key in metrics:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == PREFIX:
+            found.add(parts[1])
+    return sorted(found)
+
+
+def _find_peak(rows: list[dict[str, Any]], monitor_key: str, greater_is_better: bool) -> dict[str, Any] | None:
+    """The scan row where ``monitor_key`` is best (the first one on ties), as the scan JSON's ``peak`` entry."""
+    best = None
+    for row in rows:
+        value = row["metrics"].get(monitor_key)
+        if value is None or not math.isfinite(value):
+            continue
+        if best is None or (value > best[1] if greater_is_better else value < best[1]):
+            best = (row, value)
+    if best is None:
+        return None
+    return {"checkpoint": best[0]["checkpoint"], "step": best[0]["step"], "value": best[1],
+            "path": best[0]["path"]}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {path} as JSON: {_one_line(err)}") from None
+
+
+@dataclass
+class _Checkpoint:
+    name: str
+    step: int
+    path: Path
+    signature: list[list[Any]] = field(default_factory=list)
+
+
+def find_checkpoints(output_dir: Path) -> list[_Checkpoint]:
+    """The ``checkpoint-<step>`` directories of a training output directory.
+
+    Args:
+        output_dir: A Trainer ``output_dir``.
+
+    Returns:
+        One entry (name, step, path) per ``checkpoint-<step>`` directory, sorted by step.
+    """
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_dir():
+            found.append(_Checkpoint(entry.name, int(match.group(1)), entry))
+    return sorted(found, key=lambda c: c.step)

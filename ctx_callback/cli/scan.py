@@ -1,0 +1,365 @@
+"""``ctx-callback scan OUTPUT_DIR``: score every ``checkpoint-*`` of a training run, name the peak, write CSV + JSON.
+
+Uses the same probes, prompt formats and scoring engine as :class:`~ctx_callback.ContextRelianceCallback`. It is
+resumable: results are kept in ``ctx_reliance_scan.json`` keyed by checkpoint name and a fingerprint of the probe
+settings (the tokenized probes, the mode and the dtype), so a re-run scores only new (or re-saved) checkpoints. A
+checkpoint that fails to load or score is skipped with a warning and is not recorded, so the next run retries it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..metrics import METRICS, metric_spec
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    PREFIX,
+    SCAN_CSV,
+    SCAN_FORMAT,
+    SCAN_JSON,
+    _adapter_base,
+    _build_scorer,
+    _Checkpoint,
+    _eprint,
+    _families,
+    _find_peak,
+    _format_value,
+    _has_tokenizer,
+    _load_probes,
+    _load_tokenizer,
+    _max_positions,
+    _ModelLoader,
+    _one_line,
+    _resolve_device,
+    _torch_dtype,
+    _warn,
+    add_debug_option,
+    add_probe_options,
+    add_subparser,
+    find_checkpoints,
+    parse_monitor_option,
+)
+
+__all__ = ["NAME", "add_parser", "run"]
+
+NAME = "scan"
+
+_WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin|"
+                           r"adapter_model\.(safetensors|bin))$")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``scan`` and its options.
+
+    Args:
+        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``scan`` subparser.
+    """
+    parser = add_subparser(
+        subparsers, NAME,
+        help="score every checkpoint-* of a training output directory",
+        description="Score every checkpoint-* in OUTPUT_DIR (full models and PEFT adapter checkpoints) with the "
+                    "callback's probes and engine, print a table, name the checkpoint at peak reliance and write "
+                    f"{SCAN_CSV} and {SCAN_JSON}. Resumable: checkpoints already scored with the same probe "
+                    "settings are read from the JSON, not scored again; broken checkpoints are skipped with a "
+                    "warning and retried on the next run.",
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="training output directory holding checkpoint-*")
+    parser.add_argument("--output-dir", dest="results_dir", default=None, metavar="DIR",
+                        help=f"where to write {SCAN_CSV} and {SCAN_JSON}; default: OUTPUT_DIR")
+    parser.add_argument("--rescore", action="store_true", help="ignore cached results and score every checkpoint")
+    add_probe_options(parser)
+    add_debug_option(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache: weight signatures, settings fingerprint, the results file
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _weights_signature(path: Path) -> list[list[Any]]:
+    """Name, size and mtime of the weight files: a re-saved checkpoint (new training run) is scored again."""
+    out = []
+    for entry in sorted(path.iterdir(), key=lambda e: e.name):
+        if _WEIGHT_FILES.match(entry.name) and entry.is_file():
+            stat = entry.stat()
+            out.append([entry.name, stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def _fingerprint(scorer: Any, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """A hash of everything that determines the scores: the tokenized probes, mode, dtype (and generation length)."""
+    encoded = scorer.encoded
+    digest = hashlib.sha256()
+    settings = {
+        "probes": args.probes, "limit_per_family": args.limit_per_family, "prompt_format": args.prompt_format,
+        "system_prompt": args.system_prompt, "mode": args.mode, "variants": list(encoded.variants),
+        "dtype": args.dtype, "num_probes": len(encoded.probes),
+    }
+    exact = {"mode": args.mode, "dtype": args.dtype, "variants": list(encoded.variants),
+             "max_new_tokens": scorer.max_new_tokens if args.mode == "generate" else None}
+    digest.update(json.dumps(exact, sort_keys=True).encode())
+    for probe in encoded.probes:
+        digest.update(json.dumps([probe.id, probe.family, probe.counterfactual_answer, probe.parametric_answer,
+                                  list(probe.counterfactual_aliases), list(probe.parametric_aliases)]).encode())
+    for item in encoded.items:
+        digest.update(json.dumps([item.probe_index, item.variant, item.prompt_ids, item.counterfactual_ids,
+                                  item.parametric_ids]).encode())
+    return digest.hexdigest()[:16], settings
+
+
+def _read_scan_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        _warn(f"ignoring unreadable {path} ({_one_line(err)}); all checkpoints will be scored")
+        return {}
+    if not isinstance(data, dict) or data.get("format") != SCAN_FORMAT:
+        _warn(f"ignoring {path}: not a ctx-callback scan file")
+        return {}
+    return data
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    keys = {k for row in rows for k in row["metrics"]}
+    overall = sorted(k for k in keys if k.count("/") == 1)
+    return overall + sorted(k for k in keys if k.count("/") == 2)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], peak: dict[str, Any] | None) -> None:
+    columns = _metric_columns(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "step", "kind", "is_peak", "seconds", *columns])
+        for row in rows:
+            is_peak = int(peak is not None and peak["checkpoint"] == row["checkpoint"])
+            writer.writerow([row["checkpoint"], row["step"], row["kind"], is_peak, repr(float(row["seconds"])),
+                             *[repr(float(row["metrics"].get(c, math.nan))) for c in columns]])
+    os.replace(tmp, path)
+
+
+def _write_results(json_path: Path, csv_path: Path, data: dict[str, Any], scans: dict[str, Any], fingerprint: str,
+                   checkpoints: list[_Checkpoint], monitor_key: str, greater_is_better: bool,
+                   output_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    cache = scans[fingerprint]["results"]
+    rows = []
+    for ckpt in checkpoints:
+        if ckpt.name in cache:
+            rows.append({**cache[ckpt.name], "path": str(ckpt.path)})
+    peak = _find_peak(rows, monitor_key, greater_is_better)
+    payload = {
+        "format": SCAN_FORMAT,
+        "output_dir": str(output_dir.resolve()),
+        "fingerprint": fingerprint,
+        "settings": scans[fingerprint]["settings"],
+        "monitor": monitor_key,
+        "greater_is_better": greater_is_better,
+        "peak": peak,
+        "rows": [{k: v for k, v in row.items() if k != "weights"} for row in rows],
+        "scans": scans,
+    }
+    _atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    _write_csv(csv_path, rows, peak)
+    data.clear()
+    data.update(payload)
+    return rows, peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _table_metrics(metrics_rows: Iterable[dict[str, float]], monitor_key: str) -> list[str]:
+    """Metric names to show: the summary metrics of :data:`METRICS` present in the rows, plus the monitored one."""
+    present: set[str] = set()
+    for metrics in metrics_rows:
+        present.update(k.split("/")[-1] for k in metrics)
+    shown = [spec.name for spec in METRICS if spec.in_summary_table and spec.name in present]
+    monitored = monitor_key.split("/")[-1]
+    if monitored not in shown and monitored in present:
+        shown.append(monitored)
+    return shown
+
+
+def _print_scan_table(rows: list[dict[str, Any]], monitor_key: str, peak: dict[str, Any] | None) -> None:
+    metrics = _table_metrics((r["metrics"] for r in rows), monitor_key)
+    short = {name: metric_spec(name).short for name in metrics}
+    families = _families(rows[0]["metrics"]) if rows else []
+    groups = ([None] if len(families) != 1 else []) + families
+    name_width = max(len("checkpoint"), *(len(r["checkpoint"]) for r in rows))
+    group_width = 7 * len(metrics) - 1
+    head1 = f"{'':>6}  {'':<{name_width}}"
+    head2 = f"{'step':>6}  {'checkpoint':<{name_width}}"
+    for group in groups:
+        label = "all" if group is None else group
+        head1 += " | " + (label if len(label) <= group_width else label[: group_width - 1] + "~").center(group_width)
+        head2 += " | " + " ".join(short[m].rjust(6) for m in metrics)
+    print(head1)
+    print(head2)
+    print("-" * len(head2))
+    for row in rows:
+        mark = "*" if peak is not None and row["checkpoint"] == peak["checkpoint"] else " "
+        line = f"{row['step']:>6}{mark} {row['checkpoint']:<{name_width}}"
+        for group in groups:
+            values = [row["metrics"].get(f"{PREFIX}/{m}" if group is None else f"{PREFIX}/{group}/{m}")
+                      for m in metrics]
+            line += " | " + " ".join(_format_value(v) for v in values)
+        print(line)
+    legend = ", ".join(f"{short[m]} = {m}" for m in metrics)
+    print(f"({legend}; * = peak of {monitor_key})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ctx-callback scan``.
+
+    Args:
+        args: The parsed command line.
+
+    Returns:
+        ``EXIT_OK`` when at least one checkpoint is scored (or cached), ``EXIT_FAILURE`` when none could be.
+
+    Raises:
+        CtxCallbackError: Bad input (missing directory, no checkpoints, bad ``--monitor``, bad probes, ...).
+    """
+    output_dir = Path(args.output_dir).expanduser()
+    if not output_dir.exists():
+        raise UsageError(f"no such directory: {output_dir}")
+    if not output_dir.is_dir():
+        raise UsageError(f"not a directory: {output_dir}")
+    checkpoints = find_checkpoints(output_dir)
+    if not checkpoints:
+        raise UsageError(f"no checkpoint-* directories in {output_dir} (train with save_strategy='steps')")
+    results_dir = Path(args.results_dir).expanduser() if args.results_dir else output_dir
+    monitor = parse_monitor_option(args.monitor, args.mode, args.variants)
+    monitor_key, greater_is_better = monitor.key, monitor.greater_is_better
+    probes = _load_probes(args)
+    families = sorted({p.family for p in probes})
+    if monitor.family is not None and monitor.family not in families:
+        raise UsageError(f"--monitor {args.monitor!r} names a family the probes lack; families: {families}")
+    device = _resolve_device(args.device)
+
+    # One tokenizer (and one scorer: tokenization is cached) for the whole run.
+    tokenizer_source = args.tokenizer
+    model_source = None  # for the maximum length
+    for ckpt in checkpoints:
+        try:
+            base = _adapter_base(ckpt.path, args.base_model)
+        except UsageError:  # a broken adapter config: that checkpoint is skipped (with a warning) when scored
+            continue
+        model_source = model_source or base or str(ckpt.path)
+        if tokenizer_source is None and _has_tokenizer(ckpt.path):
+            tokenizer_source = str(ckpt.path)
+        if tokenizer_source is None and base is not None:
+            tokenizer_source = base
+        if tokenizer_source is not None:
+            break
+    if tokenizer_source is None:
+        raise UsageError(f"no tokenizer files in the checkpoints of {output_dir} and no PEFT base model to take "
+                         "them from; pass --tokenizer PATH_OR_ID")
+    tokenizer = _load_tokenizer(tokenizer_source)
+    scorer = _build_scorer(args, probes, tokenizer, _max_positions(model_source))
+    fingerprint, settings = _fingerprint(scorer, args)
+    settings["tokenizer"] = tokenizer_source
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = results_dir / SCAN_JSON, results_dir / SCAN_CSV
+    data = _read_scan_file(json_path)
+    scans = data.get("scans", {}) if isinstance(data.get("scans"), dict) else {}
+    entry = scans.setdefault(fingerprint, {"settings": settings, "results": {}})
+    entry["settings"] = settings
+    cache: dict[str, Any] = entry.setdefault("results", {})
+
+    loader = _ModelLoader(_torch_dtype(args.dtype), device, args.base_model)
+    total, scored, failed, cached = len(checkpoints), 0, [], 0
+
+    def save() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        return _write_results(json_path, csv_path, data, scans, fingerprint, checkpoints, monitor_key,
+                              greater_is_better, output_dir)
+
+    for index, ckpt in enumerate(checkpoints, start=1):
+        prefix = f"[{index}/{total}] {ckpt.name}"
+        signature = _weights_signature(ckpt.path)
+        previous = cache.get(ckpt.name)
+        if previous is not None and not args.rescore and previous.get("weights") == signature:
+            cached += 1
+            _eprint(f"{prefix} ... cached")
+            continue
+        start = time.perf_counter()
+        model, kind = None, "full"
+        try:
+            if not signature:
+                raise FileNotFoundError("no model or adapter weights in it")
+            model, kind = loader.load(str(ckpt.path))
+            report = scorer.score(model)
+        except Exception as err:  # noqa: BLE001 - a broken checkpoint must not end the scan
+            if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+                raise
+            _eprint(f"{prefix} ... failed")
+            cache.pop(ckpt.name, None)  # never show a stale result for a checkpoint that changed and broke
+            _warn(f"skipping {ckpt.name}: {type(err).__name__}: {_one_line(err)}")
+            failed.append(ckpt.name)
+            if args.debug:
+                import traceback
+
+                traceback.print_exc()
+            continue
+        finally:
+            if model is not None:
+                loader.release(model, kind)
+                del model
+        seconds = time.perf_counter() - start
+        cache[ckpt.name] = {
+            "checkpoint": ckpt.name, "step": ckpt.step, "kind": kind, "weights": signature,
+            "seconds": round(seconds, 3), "metrics": report.metrics,
+        }
+        scored += 1
+        _eprint(f"{prefix} ... {seconds:.1f}s")
+        save()  # after every checkpoint: an interrupted scan keeps what it did
+
+    rows, peak = save()
+    if rows:
+        _print_scan_table(rows, monitor_key, peak)
+    summary = f"scored {scored}, cached {cached}, failed {len(failed)} of {total} checkpoints"
+    if failed:
+        summary += f" (failed: {', '.join(failed)}; re-run to retry them)"
+    _eprint(summary)
+    if peak is not None:
+        print(f"peak {monitor_key} = {peak['value']:.4f} at {peak['checkpoint']} (step {peak['step']}): "
+              f"{peak['path']}")
+    else:
+        print(f"no peak: {monitor_key} is missing or NaN for every checkpoint")
+    print(f"results: {csv_path} {json_path}")
+    if not rows:
+        _eprint("ctx-callback: error: no checkpoint could be scored")
+        return EXIT_FAILURE
+    return EXIT_OK
