@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigurationError, ProbeFormatError, ProbeLengthError
 from .formatting import PromptFormat
-from .probes import Probe, ProbeFormatError
+from .probes import Probe
 
 __all__ = ["ALL_VARIANTS", "EncodedItem", "EncodedProbes", "encode_probes"]
 
@@ -45,7 +46,8 @@ class EncodedItem:
     parametric_ids: tuple[int, ...]
 
     @property
-    def max_length(self) -> int:
+    def total_length(self) -> int:
+        """Prompt plus the longer answer, in tokens (what must fit the model's maximum length)."""
         return len(self.prompt_ids) + max(len(self.counterfactual_ids), len(self.parametric_ids))
 
 
@@ -58,12 +60,6 @@ class EncodedProbes:
     items: list[EncodedItem]
     pad_token_id: int
     shared_prefix: tuple[int, ...]
-    tokenizer_name: str = ""
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of all (prompt, answer) pairs, prompts counted once per answer (what a naive loop processes)."""
-        return sum(2 * len(i.prompt_ids) + len(i.counterfactual_ids) + len(i.parametric_ids) for i in self.items)
 
     def items_for(self, probe_indices: Sequence[int] | None) -> list[EncodedItem]:
         if probe_indices is None:
@@ -114,12 +110,13 @@ def encode_probes(
         max_length: Longest allowed prompt + answer in tokens (usually the model's maximum position).
 
     Raises:
-        ProbeFormatError: A probe does not fit ``max_length`` or its answer tokenizes to nothing.
-        ValueError: Unknown variant name.
+        ProbeLengthError: Probes do not fit ``max_length`` (the message names up to five).
+        ProbeFormatError: An answer tokenizes to nothing.
+        ConfigurationError: Unknown variant name.
     """
     unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
-        raise ValueError(f"Unknown probe variants {sorted(unknown)}; choose from {list(ALL_VARIANTS)}.")
+        raise ConfigurationError(f"Unknown probe variants {sorted(unknown)}; choose from {list(ALL_VARIANTS)}.")
     variants = tuple(v for v in ALL_VARIANTS if v in set(variants) | {"context"})
     add_special = prompt_format.adds_special_tokens
     items: list[EncodedItem] = []
@@ -140,11 +137,11 @@ def encode_probes(
                     raise ProbeFormatError(f"probe {probe.id!r}: answer {answer!r} tokenizes to no tokens.")
                 answers.append(tuple(ids))
             item = EncodedItem(index, variant, prompt, tuple(prompt_ids), answers[0], answers[1])
-            if max_length is not None and item.max_length > max_length:
-                too_long.append(f"{probe.id!r} ({variant}: {item.max_length} tokens)")
+            if max_length is not None and item.total_length > max_length:
+                too_long.append(f"{probe.id!r} ({variant}: {item.total_length} tokens)")
             items.append(item)
     if too_long:
-        raise ProbeFormatError(
+        raise ProbeLengthError(
             f"{len(too_long)} probe prompt(s) do not fit the model's maximum length of {max_length} tokens: "
             f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}. Probes are never truncated (a cut "
             "context may lose the counterfactual statement): shorten or drop these probes."
@@ -158,5 +155,4 @@ def encode_probes(
         items=items,
         pad_token_id=int(pad),
         shared_prefix=_common_prefix([item.prompt_ids for item in items]),
-        tokenizer_name=getattr(tokenizer, "name_or_path", ""),
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigurationError
 from . import metrics as _metrics
+from .errors import ConfigurationError
 from .metrics import METRIC_PREFIX, MODES, MetricSpec, metric_key
 
 __all__ = ["Monitor", "monitorable_metrics", "parse_monitor"]

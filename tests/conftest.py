@@ -5,12 +5,14 @@ Helpers that tests import live in :mod:`tests.helpers`; this file only holds fix
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import capital_records, make_tiny_llama
+from tests.helpers import PROBES, capital_records, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,3 +47,11 @@ def capital_probes():
     from ctx_callback import probes_from_records
 
     return probes_from_records(capital_records())
+
+
+@pytest.fixture(scope="module")
+def probes_file(tmp_path_factory) -> Path:
+    """The capital-city probes (``tests.helpers.PROBES``) as a JSONL file, as the command line reads them."""
+    path = tmp_path_factory.mktemp("probes") / "capitals.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in PROBES))
+    return path

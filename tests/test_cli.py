@@ -61,13 +61,6 @@ def assert_close(a: dict, b: dict, keys=None, tol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def probes_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("probes") / "capitals.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in PROBES))
-    return path
-
-
-@pytest.fixture(scope="module")
 def full_run(tokenizer, tmp_path_factory) -> Path:
     """6 SFT steps of a tiny Llama with the callback probing every 2 steps; checkpoints at steps 2, 4, 6."""
     from ctx_callback import ContextRelianceCallback

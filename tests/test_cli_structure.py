@@ -21,7 +21,7 @@ from ctx_callback.cli.common import SCAN_FORMAT, _max_positions
 from ctx_callback.encoding import ALL_VARIANTS
 from ctx_callback.metrics import METRICS, MetricSpec, metric_key
 from ctx_callback.monitor import parse_monitor
-from tests.helpers import PROBES, make_tiny_llama
+from tests.helpers import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 CF, PAR = metric_key("counterfactual_accuracy"), metric_key("parametric_accuracy")
@@ -33,13 +33,6 @@ def error_line(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("ctx-callback: error: ") and "Traceback" not in stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def probes_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("probes") / "capitals.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in PROBES))
-    return path
 
 
 @pytest.fixture(scope="module")

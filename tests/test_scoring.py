@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctx_callback import ProbeFormatError, ProbeScorer, PromptFormat, probes_from_records
+from ctx_callback import ProbeLengthError, ProbeScorer, PromptFormat, probes_from_records
 from ctx_callback.scoring import normalize_answer
 from tests.helpers import capital_records, make_tiny_llama
 
@@ -74,7 +74,7 @@ def test_variants_and_shared_prefix(tokenizer, capital_probes):
 
 
 def test_probes_that_do_not_fit_fail_before_training(tokenizer, capital_probes):
-    with pytest.raises(ProbeFormatError, match=r"maximum length of 20 tokens: 'capitals/france'"):
+    with pytest.raises(ProbeLengthError, match=r"maximum length of 20 tokens: 'capitals/france'"):
         ProbeScorer(capital_probes, tokenizer, max_length=20)
 
 

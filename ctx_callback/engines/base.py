@@ -1,0 +1,85 @@
+"""The log-likelihood engine interface and the torch helpers the engines share."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from ..encoding import EncodedItem, EncodedProbes
+from .batching import Batcher
+
+__all__ = ["LoglikEngine"]
+
+
+class LoglikEngine(ABC):
+    """Scores both candidate answers of encoded items by their summed log-probability.
+
+    An engine is built once per :class:`~ctx_callback.scoring.ProbeScorer` and reused for every probe round; it
+    does no tokenizer work. :meth:`score` is called inside :func:`~ctx_callback.scoring.probe_mode` (eval mode,
+    ``no_grad``), so an engine only runs forward passes.
+
+    Args:
+        encoded: The encoded probe set (for ``pad_token_id`` and ``shared_prefix``).
+        batcher: The token and row budgets; engines cut their forward passes with it.
+    """
+
+    #: The registry name (set by each engine; ``LOGLIK_ENGINES`` maps it to the class).
+    name: ClassVar[str] = ""
+
+    def __init__(self, encoded: EncodedProbes, batcher: Batcher) -> None:
+        self.encoded = encoded
+        self.batcher = batcher
+
+    def applicable(self, items: list[EncodedItem]) -> bool:
+        """Whether this engine can score ``items`` (otherwise the scorer uses the batched engine for the call)."""
+        return True
+
+    @abstractmethod
+    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
+        """Per item, ``(log p(counterfactual answer | prompt), log p(parametric answer | prompt))``, summed over
+        the answer's tokens, in the order of ``items``."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared torch helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device inputs go to: ``model.device`` where it is a device, else the first parameter's."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated)."""
+    base = model
+    for attr in ("get_base_model",):
+        if hasattr(base, attr):
+            base = getattr(base, attr)()
+    try:
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache of a model output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _answer_logprob_sums(logits: torch.Tensor, targets: list[int], lengths: list[int]) -> list[float]:
+    """Sum of log p(target) over each answer's consecutive rows of ``logits`` ([sum(lengths), vocab])."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = torch.tensor(targets, device=logp.device)
+    per_token = logp.gather(1, tok[:, None])[:, 0].double().cpu()
+    return [float(chunk.sum()) for chunk in torch.split(per_token, lengths)]
