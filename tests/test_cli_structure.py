@@ -17,7 +17,7 @@ import pytest
 
 from ctx_callback import errors
 from ctx_callback.cli import COMMANDS, EXIT_USAGE, SCAN_JSON, CliError, build_parser, main, scan_to_log_history
-from ctx_callback.cli.common import SCAN_FORMAT, _max_positions
+from ctx_callback.cli.common import SCAN_FORMAT, max_positions_of
 from ctx_callback.encoding import ALL_VARIANTS
 from ctx_callback.metrics import METRICS, MetricSpec, metric_key
 from ctx_callback.monitor import parse_monitor
@@ -191,8 +191,8 @@ def test_model_length_limit_comes_from_max_positions(tokenizer, tmp_path, probes
     make_tiny_llama(tokenizer, max_position_embeddings=8).save_pretrained(short)
     tokenizer.save_pretrained(short)
     capsys.readouterr()  # saving prints progress bars
-    assert _max_positions(str(short)) == 8
-    assert _max_positions(None) is None
+    assert max_positions_of(str(short)) == 8
+    assert max_positions_of(None) is None
     assert main(["probe", str(short), "--probes", str(probes_file), "--device", "cpu"]) == EXIT_USAGE
     assert "maximum length of 8 tokens" in error_line(capsys.readouterr().err)
 

@@ -42,10 +42,10 @@ from .common import (
     EXIT_USAGE,
     SCAN_CSV,
     SCAN_JSON,
-    _eprint,
-    _Formatter,
-    _one_line,
+    HelpFormatter,
+    eprint,
     find_checkpoints,
+    one_line,
 )
 from .plot import scan_to_log_history
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         The top-level parser; ``args.command`` holds the chosen command's ``NAME``.
     """
     parser = argparse.ArgumentParser(
-        prog="ctx-callback", formatter_class=_Formatter, epilog=EPILOG,
+        prog="ctx-callback", formatter_class=HelpFormatter, epilog=EPILOG,
         description="Measure context reliance (counterfactual probes) of saved checkpoints and plot it.",
     )
     parser.add_argument("--version", action="version", version="%(prog)s " + _version())
@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command].run(args)
     except CtxCallbackError as err:
         # One line; the CLI's own usage messages are never shortened (their advice comes last).
-        message = " ".join(str(err).split()) if isinstance(err, UsageError) else _one_line(err)
-        _eprint(f"ctx-callback: error: {message}")
+        message = " ".join(str(err).split()) if isinstance(err, UsageError) else one_line(err)
+        eprint(f"ctx-callback: error: {message}")
         _print_traceback(args)
         return EXIT_USAGE
     except BrokenPipeError:  # stdout closed early (`ctx-callback ... | head`): stop quietly
@@ -132,10 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        _eprint("ctx-callback: interrupted")
+        eprint("ctx-callback: interrupted")
         return 130
     except Exception as err:  # noqa: BLE001 - one line for users, traceback with --debug
-        _eprint(f"ctx-callback: error: unexpected {type(err).__name__}: {_one_line(err)}"
+        eprint(f"ctx-callback: error: unexpected {type(err).__name__}: {one_line(err)}"
                 + ("" if getattr(args, "debug", False) else " (re-run with --debug for the traceback)"))
         _print_traceback(args)
         return EXIT_FAILURE

@@ -29,18 +29,39 @@ from ..metrics import METRIC_PREFIX as PREFIX
 from ..monitor import Monitor, parse_monitor
 
 __all__ = [
+    "Checkpoint",
     "EPILOG",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
-    "PREFIX",
+    "HelpFormatter",
+    "ModelLoader",
     "SCAN_CSV",
     "SCAN_FORMAT",
     "SCAN_JSON",
+    "adapter_base",
     "add_debug_option",
     "add_probe_options",
+    "add_subparser",
+    "build_scorer",
+    "eprint",
+    "families_in",
     "find_checkpoints",
+    "find_peak",
+    "format_value",
+    "has_tokenizer",
+    "load_probes_from_args",
+    "load_tokenizer",
+    "max_positions_of",
+    "one_line",
     "parse_monitor_option",
+    "positive_float",
+    "positive_int",
+    "read_json",
+    "resolve_device",
+    "resolve_name",
+    "torch_dtype",
+    "warn",
 ]
 
 #: Exit codes (stable, for scripts); re-exported by :mod:`ctx_callback.cli`.
@@ -64,7 +85,7 @@ EPILOG = """exit codes:
 errors go to stderr as one line; --debug shows the traceback."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the epilog's layout and shows real defaults (not None/False, not when the help already says)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -75,17 +96,17 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _eprint(*parts: Any) -> None:
+def eprint(*parts: Any) -> None:
     """Print to stderr (progress lines, warnings, errors), flushed at once."""
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     """Print ``ctx-callback: warning: MESSAGE`` to stderr."""
-    _eprint(f"ctx-callback: warning: {message}")
+    eprint(f"ctx-callback: warning: {message}")
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """An exception's message on one line, at most 600 characters."""
     text = " ".join(str(err).split())
     return text if len(text) <= 600 else text[:597] + "..."
@@ -96,7 +117,7 @@ def _one_line(err: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -106,7 +127,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -140,7 +161,7 @@ def add_subparser(subparsers: Any, name: str, *, help: str, description: str) ->
     Returns:
         The new subparser, to add the command's own options to.
     """
-    return subparsers.add_parser(name, formatter_class=_Formatter, epilog=EPILOG, help=help,
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, epilog=EPILOG, help=help,
                                  description=description)
 
 
@@ -159,7 +180,7 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--probes", default="all", metavar="SUITE|PATH",
                    help="built-in suite (world_facts, biographies, quotes, all, or a '+'-joined list such as "
                         "world_facts+quotes), a .json/.jsonl probe file or directory, or a Hub dataset id")
-    g.add_argument("--limit-per-family", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--limit-per-family", type=positive_int, default=None, metavar="N",
                    help="use at most N probes per family (spread evenly); default: all")
     g.add_argument("--prompt-format", default="chat", metavar="FORMAT",
                    help="'chat' (the tokenizer's chat template), 'alpaca', 'tulu', 'plain', or a template string "
@@ -181,7 +202,7 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
                         "adapter_config.json")
     g.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype for scoring")
     g.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
-    g.add_argument("--batch-tokens", type=_positive_int, default=8192, metavar="N",
+    g.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N",
                    help="padded tokens per forward pass (lower it on out-of-memory errors)")
 
 
@@ -210,7 +231,7 @@ def parse_monitor_option(monitor: str, mode: str | None, variants: Sequence[str]
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _load_probes(args: argparse.Namespace) -> list[Any]:
+def load_probes_from_args(args: argparse.Namespace) -> list[Any]:
     """The probes ``--probes`` / ``--limit-per-family`` name (core errors pass through to exit code 2)."""
     from ..probes import load_probes
 
@@ -219,38 +240,38 @@ def _load_probes(args: argparse.Namespace) -> list[Any]:
     except CtxCallbackError:
         raise
     except (ValueError, FileNotFoundError) as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
     import torch
 
     if device:
         try:
             torch.device(device)
         except (RuntimeError, ValueError) as err:
-            raise UsageError(f"invalid --device {device!r}: {_one_line(err)}") from None
+            raise UsageError(f"invalid --device {device!r}: {one_line(err)}") from None
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _resolve_name(name_or_path: str) -> str:
+def resolve_name(name_or_path: str) -> str:
     from ..models import resolve_model_path
 
     return resolve_model_path(name_or_path)
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _adapter_base(path: Path, override: str | None) -> str | None:
+def adapter_base(path: Path, override: str | None) -> str | None:
     """Base model of a PEFT adapter directory (``--base-model`` wins), or None when ``path`` is no adapter.
 
     Raises:
@@ -264,31 +285,31 @@ def _adapter_base(path: Path, override: str | None) -> str | None:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"unreadable {config_file}: {_one_line(err)}") from None
+        raise UsageError(f"unreadable {config_file}: {one_line(err)}") from None
     base = config.get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{config_file} names no base_model_name_or_path; pass --base-model")
     return str(base)
 
 
-def _load_tokenizer(source: str) -> Any:
+def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(_resolve_name(source))
+        return AutoTokenizer.from_pretrained(resolve_name(source))
     except Exception as err:  # noqa: BLE001 - reported as bad input
-        raise UsageError(f"could not load a tokenizer from {source!r} ({type(err).__name__}: {_one_line(err)}); "
+        raise UsageError(f"could not load a tokenizer from {source!r} ({type(err).__name__}: {one_line(err)}); "
                          "pass --tokenizer") from None
 
 
-def _max_positions(source: str | None) -> int | None:
+def max_positions_of(source: str | None) -> int | None:
     """The model's maximum length (what the callback passes to the scorer), or None when unknown."""
     if source is None:
         return None
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(_resolve_name(source))
+        config = AutoConfig.from_pretrained(resolve_name(source))
     except Exception:  # noqa: BLE001 - only a length check: skip it
         return None
     from ..models import max_positions
@@ -296,7 +317,7 @@ def _max_positions(source: str | None) -> int | None:
     return max_positions(config)
 
 
-def _build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, max_length: int | None) -> Any:
+def build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, max_length: int | None) -> Any:
     from ..scoring import ProbeScorer
 
     try:
@@ -307,10 +328,10 @@ def _build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, m
     except CtxCallbackError:
         raise
     except (ValueError, TypeError) as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(one_line(err)) from None
 
 
-class _ModelLoader:
+class ModelLoader:
     """Loads full checkpoints and PEFT adapters; keeps one base model around to swap adapters on it."""
 
     def __init__(self, dtype: Any, device: str, base_override: str | None = None) -> None:
@@ -328,13 +349,13 @@ class _ModelLoader:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter between library versions
-            model: Any = AutoModelForCausalLM.from_pretrained(_resolve_name(name), dtype=self.dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(resolve_name(name), dtype=self.dtype)
         return model.to(self.device).eval()
 
     def load(self, path: str) -> tuple[Any, str]:
         """``(model, kind)`` where kind is ``"full"`` or ``"peft"``. Call :meth:`release` after scoring."""
         local = Path(path)
-        base = _adapter_base(local, self.base_override) if local.is_dir() else None
+        base = adapter_base(local, self.base_override) if local.is_dir() else None
         if base is None:
             return self._from_pretrained(path), "full"
         from peft import PeftModel
@@ -367,13 +388,13 @@ class _ModelLoader:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _format_value(value: Any, width: int = 6) -> str:
+def format_value(value: Any, width: int = 6) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-".rjust(width)
     return f"{value:.3f}".rjust(width)
 
 
-def _families(metrics: dict[str, float]) -> list[str]:
+def families_in(metrics: dict[str, float]) -> list[str]:
     """Probe families that have per-family keys (``ctx_reliance/<family>/<metric>``) in ``metrics``, sorted."""
     found = set()
     for key in metrics:
@@ -383,7 +404,7 @@ def _families(metrics: dict[str, float]) -> list[str]:
     return sorted(found)
 
 
-def _find_peak(rows: list[dict[str, Any]], monitor_key: str, greater_is_better: bool) -> dict[str, Any] | None:
+def find_peak(rows: list[dict[str, Any]], monitor_key: str, greater_is_better: bool) -> dict[str, Any] | None:
     """The scan row where ``monitor_key`` is best (the first one on ties), as the scan JSON's ``peak`` entry."""
     best = None
     for row in rows:
@@ -398,22 +419,22 @@ def _find_peak(rows: list[dict[str, Any]], monitor_key: str, greater_is_better: 
             "path": best[0]["path"]}
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read {path} as JSON: {_one_line(err)}") from None
+        raise UsageError(f"cannot read {path} as JSON: {one_line(err)}") from None
 
 
 @dataclass
-class _Checkpoint:
+class Checkpoint:
     name: str
     step: int
     path: Path
     signature: list[list[Any]] = field(default_factory=list)
 
 
-def find_checkpoints(output_dir: Path) -> list[_Checkpoint]:
+def find_checkpoints(output_dir: Path) -> list[Checkpoint]:
     """The ``checkpoint-<step>`` directories of a training output directory.
 
     Args:
@@ -426,5 +447,5 @@ def find_checkpoints(output_dir: Path) -> list[_Checkpoint]:
     for entry in output_dir.iterdir():
         match = _CHECKPOINT_RE.match(entry.name)
         if match and entry.is_dir():
-            found.append(_Checkpoint(entry.name, int(match.group(1)), entry))
+            found.append(Checkpoint(entry.name, int(match.group(1)), entry))
     return sorted(found, key=lambda c: c.step)

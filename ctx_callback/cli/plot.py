@@ -20,16 +20,16 @@ from .common import (
     PREFIX,
     SCAN_FORMAT,
     SCAN_JSON,
-    _eprint,
-    _find_peak,
-    _one_line,
-    _positive_float,
-    _positive_int,
-    _read_json,
     add_debug_option,
     add_subparser,
+    eprint,
     find_checkpoints,
+    find_peak,
+    one_line,
     parse_monitor_option,
+    positive_float,
+    positive_int,
+    read_json,
 )
 
 __all__ = ["NAME", "PLOT_FILE", "add_parser", "run", "scan_to_log_history"]
@@ -63,9 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--monitor", default="counterfactual_accuracy", metavar="METRIC",
                         help="monitored metric (labels the smoothed curve; picks the peak of scan results)")
     parser.add_argument("--title", default="Context reliance during training", help="plot title")
-    parser.add_argument("--width", type=_positive_float, default=8.0, help="figure width in inches")
-    parser.add_argument("--height", type=_positive_float, default=4.5, help="figure height in inches")
-    parser.add_argument("--dpi", type=_positive_int, default=100, help="dots per inch (PNG pixels = inches x dpi)")
+    parser.add_argument("--width", type=positive_float, default=8.0, help="figure width in inches")
+    parser.add_argument("--height", type=positive_float, default=4.5, help="figure height in inches")
+    parser.add_argument("--dpi", type=positive_int, default=100, help="dots per inch (PNG pixels = inches x dpi)")
     add_debug_option(parser)
     return parser
 
@@ -118,7 +118,7 @@ def scan_to_log_history(scan: dict[str, Any], monitor_key: str | None = None) ->
     peak = scan.get("peak")
     if monitor_key is not None and monitor_key != scan.get("monitor"):
         monitor = parse_monitor_option(monitor_key, None, None)
-        peak = _find_peak(rows, monitor.key, monitor.greater_is_better)
+        peak = find_peak(rows, monitor.key, monitor.greater_is_better)
     history: list[dict[str, Any]] = []
     for row in rows:
         entry = {"step": row["step"], **row["metrics"]}
@@ -150,7 +150,7 @@ def _plot_source(path: Path, monitor_key: str) -> tuple[list[dict[str, Any]], in
         raise UsageError(f"nothing to plot in {path}: no ctx_reliance metrics in trainer_state.json or "
                          f"checkpoint-*/trainer_state.json, and no {SCAN_JSON} (run `ctx-callback scan {path}` "
                          "first)")
-    data = _read_json(path)
+    data = read_json(path)
     if isinstance(data, dict) and data.get("format") == SCAN_FORMAT:
         history = scan_to_log_history(data, monitor_key)
         if not any(f"{PREFIX}/counterfactual_accuracy" in r for r in history):
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
         from ..plotting import plot_reliance
     except ImportError as err:
-        _eprint(f"ctx-callback: error: plot needs matplotlib (pip install 'ctx_callback[plot]'): {_one_line(err)}")
+        eprint(f"ctx-callback: error: plot needs matplotlib (pip install 'ctx_callback[plot]'): {one_line(err)}")
         return EXIT_FAILURE
     plot_reliance(history, output, monitor_key=monitor_key, stop_step=stop_step, title=args.title,
                   size=(args.width, args.height), dpi=args.dpi)

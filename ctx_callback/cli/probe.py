@@ -17,23 +17,23 @@ from ..errors import UsageError
 from ..metrics import METRICS, MetricSpec, metric_key
 from .common import (
     EXIT_OK,
-    _adapter_base,
-    _build_scorer,
-    _eprint,
-    _families,
-    _format_value,
-    _has_tokenizer,
-    _load_probes,
-    _load_tokenizer,
-    _max_positions,
-    _ModelLoader,
-    _one_line,
-    _resolve_device,
-    _torch_dtype,
+    ModelLoader,
+    adapter_base,
     add_debug_option,
     add_probe_options,
     add_subparser,
+    build_scorer,
+    eprint,
+    families_in,
+    format_value,
+    has_tokenizer,
+    load_probes_from_args,
+    load_tokenizer,
+    max_positions_of,
+    one_line,
     parse_monitor_option,
+    resolve_device,
+    torch_dtype,
 )
 
 __all__ = ["NAME", "add_parser", "run", "table_metrics"]
@@ -83,7 +83,7 @@ def table_metrics(metrics: dict[str, float]) -> list[MetricSpec]:
 
 def _print_table(metrics: dict[str, float]) -> None:
     specs = table_metrics(metrics)
-    families = _families(metrics)
+    families = families_in(metrics)
     family_width = max(len("family"), len("all"), *(len(f) for f in families))
     header = f"{'family':<{family_width}} {'probes':>6} " + " ".join(spec.short.rjust(7) for spec in specs)
     print(header)
@@ -91,7 +91,7 @@ def _print_table(metrics: dict[str, float]) -> None:
     for family in [None, *families]:
         count = metrics.get(metric_key(_COUNT_METRIC, family))
         line = f"{'all' if family is None else family:<{family_width}} {int(count) if count else 0:>6} "
-        line += " ".join(_format_value(metrics.get(metric_key(spec.name, family)), 7) for spec in specs)
+        line += " ".join(format_value(metrics.get(metric_key(spec.name, family)), 7) for spec in specs)
         print(line)
     print("(" + ", ".join(f"{spec.short} = {spec.name}" for spec in specs) + ")")
 
@@ -109,26 +109,26 @@ def run(args: argparse.Namespace) -> int:
         CtxCallbackError: Bad input (missing model directory, bad ``--monitor``, bad probes, unloadable model, ...).
     """
     monitor_key = parse_monitor_option(args.monitor, args.mode, args.variants).key
-    probes = _load_probes(args)
-    device = _resolve_device(args.device)
+    probes = load_probes_from_args(args)
+    device = resolve_device(args.device)
     local = Path(args.model).expanduser()
     is_local = local.exists()
     if not is_local and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
         raise UsageError(f"no such model directory: {args.model}")
     model_name = str(local) if is_local else args.model
-    base = _adapter_base(local, args.base_model) if local.is_dir() else None
+    base = adapter_base(local, args.base_model) if local.is_dir() else None
     tokenizer_source = args.tokenizer
     if tokenizer_source is None:
-        tokenizer_source = model_name if (not is_local or _has_tokenizer(local) or base is None) else base
-    tokenizer = _load_tokenizer(tokenizer_source)
-    scorer = _build_scorer(args, probes, tokenizer, _max_positions(base or model_name))
-    loader = _ModelLoader(_torch_dtype(args.dtype), device, args.base_model)
+        tokenizer_source = model_name if (not is_local or has_tokenizer(local) or base is None) else base
+    tokenizer = load_tokenizer(tokenizer_source)
+    scorer = build_scorer(args, probes, tokenizer, max_positions_of(base or model_name))
+    loader = ModelLoader(torch_dtype(args.dtype), device, args.base_model)
     start = time.perf_counter()
     try:
         model, kind = loader.load(model_name)
     except OSError as err:  # not a model directory / unknown Hub id
-        raise UsageError(f"could not load model {args.model!r}: {_one_line(err)}") from None
-    _eprint(f"loaded {kind} model {model_name} in {time.perf_counter() - start:.1f}s; scoring {len(probes)} probes")
+        raise UsageError(f"could not load model {args.model!r}: {one_line(err)}") from None
+    eprint(f"loaded {kind} model {model_name} in {time.perf_counter() - start:.1f}s; scoring {len(probes)} probes")
     report = scorer.score(model)
     metrics = report.metrics
     if args.json:
@@ -136,6 +136,6 @@ def run(args: argparse.Namespace) -> int:
                           "seconds": report.result.seconds, "metrics": metrics}, indent=2))
         return EXIT_OK
     _print_table(metrics)
-    print(f"{monitor_key} = {_format_value(metrics.get(monitor_key), 0).strip()} "
+    print(f"{monitor_key} = {format_value(metrics.get(monitor_key), 0).strip()} "
           f"({report.result.seconds:.1f}s)")
     return EXIT_OK

@@ -29,27 +29,27 @@ from .common import (
     SCAN_CSV,
     SCAN_FORMAT,
     SCAN_JSON,
-    _adapter_base,
-    _build_scorer,
-    _Checkpoint,
-    _eprint,
-    _families,
-    _find_peak,
-    _format_value,
-    _has_tokenizer,
-    _load_probes,
-    _load_tokenizer,
-    _max_positions,
-    _ModelLoader,
-    _one_line,
-    _resolve_device,
-    _torch_dtype,
-    _warn,
+    Checkpoint,
+    ModelLoader,
+    adapter_base,
     add_debug_option,
     add_probe_options,
     add_subparser,
+    build_scorer,
+    eprint,
+    families_in,
     find_checkpoints,
+    find_peak,
+    format_value,
+    has_tokenizer,
+    load_probes_from_args,
+    load_tokenizer,
+    max_positions_of,
+    one_line,
     parse_monitor_option,
+    resolve_device,
+    torch_dtype,
+    warn,
 )
 
 __all__ = ["NAME", "add_parser", "run"]
@@ -129,10 +129,10 @@ def _read_scan_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        _warn(f"ignoring unreadable {path} ({_one_line(err)}); all checkpoints will be scored")
+        warn(f"ignoring unreadable {path} ({one_line(err)}); all checkpoints will be scored")
         return {}
     if not isinstance(data, dict) or data.get("format") != SCAN_FORMAT:
-        _warn(f"ignoring {path}: not a ctx-callback scan file")
+        warn(f"ignoring {path}: not a ctx-callback scan file")
         return {}
     return data
 
@@ -163,14 +163,14 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], peak: dict[str, Any] | No
 
 
 def _write_results(json_path: Path, csv_path: Path, data: dict[str, Any], scans: dict[str, Any], fingerprint: str,
-                   checkpoints: list[_Checkpoint], monitor_key: str, greater_is_better: bool,
+                   checkpoints: list[Checkpoint], monitor_key: str, greater_is_better: bool,
                    output_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     cache = scans[fingerprint]["results"]
     rows = []
     for ckpt in checkpoints:
         if ckpt.name in cache:
             rows.append({**cache[ckpt.name], "path": str(ckpt.path)})
-    peak = _find_peak(rows, monitor_key, greater_is_better)
+    peak = find_peak(rows, monitor_key, greater_is_better)
     payload = {
         "format": SCAN_FORMAT,
         "output_dir": str(output_dir.resolve()),
@@ -209,7 +209,7 @@ def _table_metrics(metrics_rows: Iterable[dict[str, float]], monitor_key: str) -
 def _print_scan_table(rows: list[dict[str, Any]], monitor_key: str, peak: dict[str, Any] | None) -> None:
     metrics = _table_metrics((r["metrics"] for r in rows), monitor_key)
     short = {name: metric_spec(name).short for name in metrics}
-    families = _families(rows[0]["metrics"]) if rows else []
+    families = families_in(rows[0]["metrics"]) if rows else []
     groups = ([None] if len(families) != 1 else []) + families
     name_width = max(len("checkpoint"), *(len(r["checkpoint"]) for r in rows))
     group_width = 7 * len(metrics) - 1
@@ -228,7 +228,7 @@ def _print_scan_table(rows: list[dict[str, Any]], monitor_key: str, peak: dict[s
         for group in groups:
             values = [row["metrics"].get(f"{PREFIX}/{m}" if group is None else f"{PREFIX}/{group}/{m}")
                       for m in metrics]
-            line += " | " + " ".join(_format_value(v) for v in values)
+            line += " | " + " ".join(format_value(v) for v in values)
         print(line)
     legend = ", ".join(f"{short[m]} = {m}" for m in metrics)
     print(f"({legend}; * = peak of {monitor_key})")
@@ -262,22 +262,22 @@ def run(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir).expanduser() if args.results_dir else output_dir
     monitor = parse_monitor_option(args.monitor, args.mode, args.variants)
     monitor_key, greater_is_better = monitor.key, monitor.greater_is_better
-    probes = _load_probes(args)
+    probes = load_probes_from_args(args)
     families = sorted({p.family for p in probes})
     if monitor.family is not None and monitor.family not in families:
         raise UsageError(f"--monitor {args.monitor!r} names a family the probes lack; families: {families}")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
 
     # One tokenizer (and one scorer: tokenization is cached) for the whole run.
     tokenizer_source = args.tokenizer
     model_source = None  # for the maximum length
     for ckpt in checkpoints:
         try:
-            base = _adapter_base(ckpt.path, args.base_model)
+            base = adapter_base(ckpt.path, args.base_model)
         except UsageError:  # a broken adapter config: that checkpoint is skipped (with a warning) when scored
             continue
         model_source = model_source or base or str(ckpt.path)
-        if tokenizer_source is None and _has_tokenizer(ckpt.path):
+        if tokenizer_source is None and has_tokenizer(ckpt.path):
             tokenizer_source = str(ckpt.path)
         if tokenizer_source is None and base is not None:
             tokenizer_source = base
@@ -286,8 +286,8 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer_source is None:
         raise UsageError(f"no tokenizer files in the checkpoints of {output_dir} and no PEFT base model to take "
                          "them from; pass --tokenizer PATH_OR_ID")
-    tokenizer = _load_tokenizer(tokenizer_source)
-    scorer = _build_scorer(args, probes, tokenizer, _max_positions(model_source))
+    tokenizer = load_tokenizer(tokenizer_source)
+    scorer = build_scorer(args, probes, tokenizer, max_positions_of(model_source))
     fingerprint, settings = _fingerprint(scorer, args)
     settings["tokenizer"] = tokenizer_source
 
@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     entry["settings"] = settings
     cache: dict[str, Any] = entry.setdefault("results", {})
 
-    loader = _ModelLoader(_torch_dtype(args.dtype), device, args.base_model)
+    loader = ModelLoader(torch_dtype(args.dtype), device, args.base_model)
     total, scored, failed, cached = len(checkpoints), 0, [], 0
 
     def save() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         previous = cache.get(ckpt.name)
         if previous is not None and not args.rescore and previous.get("weights") == signature:
             cached += 1
-            _eprint(f"{prefix} ... cached")
+            eprint(f"{prefix} ... cached")
             continue
         start = time.perf_counter()
         model, kind = None, "full"
@@ -324,9 +324,9 @@ def run(args: argparse.Namespace) -> int:
         except Exception as err:  # noqa: BLE001 - a broken checkpoint must not end the scan
             if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
                 raise
-            _eprint(f"{prefix} ... failed")
+            eprint(f"{prefix} ... failed")
             cache.pop(ckpt.name, None)  # never show a stale result for a checkpoint that changed and broke
-            _warn(f"skipping {ckpt.name}: {type(err).__name__}: {_one_line(err)}")
+            warn(f"skipping {ckpt.name}: {type(err).__name__}: {one_line(err)}")
             failed.append(ckpt.name)
             if args.debug:
                 import traceback
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 3), "metrics": report.metrics,
         }
         scored += 1
-        _eprint(f"{prefix} ... {seconds:.1f}s")
+        eprint(f"{prefix} ... {seconds:.1f}s")
         save()  # after every checkpoint: an interrupted scan keeps what it did
 
     rows, peak = save()
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     summary = f"scored {scored}, cached {cached}, failed {len(failed)} of {total} checkpoints"
     if failed:
         summary += f" (failed: {', '.join(failed)}; re-run to retry them)"
-    _eprint(summary)
+    eprint(summary)
     if peak is not None:
         print(f"peak {monitor_key} = {peak['value']:.4f} at {peak['checkpoint']} (step {peak['step']}): "
               f"{peak['path']}")
@@ -360,6 +360,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"no peak: {monitor_key} is missing or NaN for every checkpoint")
     print(f"results: {csv_path} {json_path}")
     if not rows:
-        _eprint("ctx-callback: error: no checkpoint could be scored")
+        eprint("ctx-callback: error: no checkpoint could be scored")
         return EXIT_FAILURE
     return EXIT_OK
