@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .distributed import broadcast_from_main, plan_probes, run_round
+from .distributed import broadcast_from_main, gather_outcomes, params_are_sharded, plan_probes, run_round
 from .encoding import ALL_VARIANTS
 from .errors import ConfigurationError, TrainerWiringError
 from .metrics import METRIC_PREFIX
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 _PROBE_ON = ("steps", "evaluate")
 SUMMARY_FILE = "ctx_reliance_summary.json"
+#: ``restored_from`` in the summary when the peak was the baseline (step 0), restored from its in-memory copy.
+RESTORED_FROM_BASELINE = "baseline (in memory)"
 
 #: Extra keys the callback logs next to the metrics.
 KEY_SMOOTHED = f"{METRIC_PREFIX}/monitor_smoothed"
@@ -100,11 +103,20 @@ class ContextRelianceCallback(TrainerCallback):
         patience: Probe events without improvement before training stops; ``None`` (default) never stops.
         warmup_steps: Never stop before this global step.
         save_peak_checkpoint: Have the Trainer save a checkpoint at each new peak, and protect the peak checkpoint
-            from ``save_total_limit`` rotation.
-        restore_peak_at_end: Load the peak checkpoint's weights into the model at train end (full models and PEFT
-            adapters). Requires ``save_peak_checkpoint``.
+            from ``save_total_limit`` rotation. ``output_dir`` must then be writable: this is checked at train begin
+            (a :class:`~ctx_callback.errors.ConfigurationError` before the first step, not a crash at the first save).
+        restore_peak_at_end: Load the peak's weights back into the model at train end (full models and PEFT
+            adapters). Requires ``save_peak_checkpoint``. A peak after step 0 is loaded from its checkpoint. The
+            baseline (step 0) is never saved as a checkpoint, so when the baseline is the peak its weights come from
+            an in-memory copy taken at train begin: memory cost, one CPU copy of the parameters that require grad
+            (everything the optimizer can change: the whole model's size for full fine-tuning, only the adapter
+            weights for PEFT/LoRA; buffers are not copied), held until a later peak is saved as a checkpoint, then
+            freed. Not taken under FSDP / DeepSpeed ZeRO-3 (sharded parameters), where a baseline peak cannot be
+            restored (a warning says so).
         strict: Re-raise a failed probe round instead of logging it and continuing.
         plot: Write ``ctx_reliance.png`` (the reliance curve) into ``output_dir`` at train end (needs matplotlib).
+            The summary (``ctx_reliance_summary.json``) and the plot never fail a finished run: if ``output_dir``
+            cannot be written, a warning names the file and the error and ``train()`` returns normally.
         max_batch_tokens: Padded tokens per probe forward pass.
         max_batch_size: Rows per probe forward pass.
         max_new_tokens: Generation mode: tokens per answer.
@@ -112,9 +124,20 @@ class ContextRelianceCallback(TrainerCallback):
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
 
+    Each ``trainer.train()`` that starts at step 0 is a fresh run: the baseline is probed again and the peak,
+    patience, history, stop information and (with ``known_only``) the probe selection start over. A run resumed from
+    a checkpoint instead rebuilds them from ``state.log_history``.
+
+    The summary (:meth:`summary`) reports ``trained_steps``, the optimizer steps this ``train()`` call ran; ``final``
+    is the last probe event. When no step ran, ``final_step`` equals the baseline step and :meth:`summary_text` says
+    that nothing was measured after training instead of presenting the baseline as a final value. The last step is
+    always probed with ``probe_at_end`` (also when transformers runs a step for ``max_steps=0``).
+
     Raises:
         ConfigurationError: On any invalid argument, at construction (a ``ValueError``; probe files are loaded and
-            validated here, raising ``ProbeSourceError``/``ProbeFormatError``).
+            validated here, raising ``ProbeSourceError``/``ProbeFormatError``; a chat template that refuses the
+            probe conversation, e.g. one without a system role given ``system_prompt``, is one too). At train
+            begin, when ``save_peak_checkpoint=True`` and ``output_dir`` is not writable.
         TrainerWiringError: ``trainer`` is not a ``transformers.Trainer``.
     """
 
@@ -222,6 +245,12 @@ class ContextRelianceCallback(TrainerCallback):
         self.probe_seconds_total = 0.0
         #: Whether the peak weights were loaded back into the model at train end.
         self.last_restored = False
+        #: Where they came from: the peak checkpoint's path, or :data:`RESTORED_FROM_BASELINE`.
+        self.restored_from: str | None = None
+        #: Global step at which the current (or last) ``train()`` call began.
+        self.train_start_step: int | None = None
+        # CPU copy of the baseline's trainable parameters (restore_peak_at_end while the baseline is the peak).
+        self._baseline_weights: dict[str, torch.Tensor] | None = None
         tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
         if tokenizer is not None:
             self._build_scorer(tokenizer, getattr(trainer, "model", None))
@@ -260,6 +289,7 @@ class ContextRelianceCallback(TrainerCallback):
         """Rebuild the peak/patience state from this callback's own rows (resume)."""
         self.peak_tracker.reset()
         self.history = []
+        self.peak_checkpoint = None
         for row in state.log_history:
             if self.monitor_key in row and "step" in row and row["step"] <= state.global_step:
                 self.peak_tracker.update(int(row["step"]), float(row[self.monitor_key]))
@@ -272,6 +302,42 @@ class ContextRelianceCallback(TrainerCallback):
             tracker = self.peak_tracker
             logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
                         tracker.peak_value, tracker.peak_step)
+
+    def _start_fresh(self) -> None:
+        """Forget everything a previous ``train()`` call left: this call starts at step 0 with a new baseline."""
+        self.peak_tracker.reset()
+        self.history = []
+        self.latest_metrics = {}
+        self.last_probe_step = None
+        self.stop_reason = None
+        self.stop_step = None
+        self.peak_checkpoint = None
+        self.probe_seconds_total = 0.0
+        self.last_restored = False
+        self.restored_from = None
+        self._baseline_weights = None
+        self.active_indices = None  # known_only: re-selected on the model as it is now
+        self.known_counts = None
+
+    def _check_output_dir_writable(self, args: TrainingArguments) -> None:
+        """Raise before the first step if the peak checkpoints could not be written (every rank raises alike)."""
+        directory = args.output_dir
+        problem = None
+        if directory and args.should_save:  # the processes that write checkpoints
+            try:
+                os.makedirs(directory, exist_ok=True)
+                with tempfile.TemporaryFile(dir=directory):
+                    pass
+            except OSError as err:
+                problem = f"{type(err).__name__}: {err}"
+        problems = [p for p in gather_outcomes(problem, plan_probes([], self.trainer)) if p]
+        if problems:
+            raise ConfigurationError(
+                f"save_peak_checkpoint=True, but output_dir {directory!r} is not writable ({problems[0]}), so the "
+                "peak checkpoints could not be saved. Pass a writable directory as the trainer's output_dir "
+                "(TrainingArguments / SFTConfig), or set save_peak_checkpoint=False (and restore_peak_at_end=False) "
+                "to probe and log without saving."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Probing and logging
@@ -320,14 +386,17 @@ class ContextRelianceCallback(TrainerCallback):
         return decision
 
     def _act(self, decision: PeakDecision | None, args: TrainingArguments, state: TrainerState,
-             control: TrainerControl) -> None:
+             control: TrainerControl, model: torch.nn.Module | None = None) -> None:
         if decision is None:
             return
         step = state.global_step
+        if decision.is_new_peak and step == 0 and self.restore_peak_at_end and model is not None:
+            self._keep_baseline(model)
         if decision.is_new_peak and self.save_peak_checkpoint and step > 0:
             path = os.path.join(args.output_dir, f"checkpoint-{step}")
             control.should_save = True
             self.peak_checkpoint = path
+            self._baseline_weights = None  # a later peak has its checkpoint: the baseline copy is no longer needed
             if args.metric_for_best_model is None:
                 # We own the Trainer's "best" bookkeeping: rotation (save_total_limit) then keeps this folder.
                 state.best_global_step = step
@@ -354,6 +423,22 @@ class ContextRelianceCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._check_wiring(state, kwargs)
         model = kwargs["model"]
+        if state.global_step == 0:
+            self._start_fresh()
+        else:
+            self._baseline_weights = None
+            self.latest_metrics = {}
+            self.last_restored = False
+            self.restored_from = None
+        self.train_start_step = state.global_step
+        if self.save_peak_checkpoint:
+            self._check_output_dir_writable(args)
+        if self.probe_on == "evaluate" and args.eval_strategy == "no":
+            logger.warning(
+                'ctx_callback: probe_on="evaluate" but the trainer never evaluates (eval_strategy="no"), so context '
+                "reliance is probed only at start and end (and on your own trainer.evaluate() calls). Set "
+                'eval_strategy="steps" with an eval_dataset, or use probe_on="steps" with eval_steps=N.'
+            )
         if self.save_peak_checkpoint and args.metric_for_best_model is not None and args.save_total_limit:
             logger.warning(
                 "ctx_callback: metric_for_best_model=%r is set, so the Trainer owns the 'best' checkpoint and "
@@ -376,21 +461,22 @@ class ContextRelianceCallback(TrainerCallback):
                     "them. Use other probes or known_only=False."
                 )
         if self.probe_at_start and state.global_step == 0 and self.last_probe_step is None:
-            self._act(self._probe(model, state, control), args, state, control)
+            self._act(self._probe(model, state, control), args, state, control, model)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         step = state.global_step
         due = self.probe_on == "steps" and step % self.eval_steps == 0
-        last = self.probe_at_end and state.max_steps > 0 and step >= state.max_steps
+        # state.max_steps is 0 with max_steps=0, for which transformers still runs one step: probe after it too.
+        last = self.probe_at_end and step >= state.max_steps
         if (due or last) and self.last_probe_step != step:
-            self._act(self._probe(kwargs["model"], state, control), args, state, control)
+            self._act(self._probe(kwargs["model"], state, control), args, state, control, kwargs["model"])
         return control
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: dict[str, float] | None = None, **kwargs: Any):
         if self.probe_on == "evaluate" and self.last_probe_step != state.global_step:
-            self._act(self._probe(kwargs["model"], state, control), args, state, control)
+            self._act(self._probe(kwargs["model"], state, control), args, state, control, kwargs["model"])
         if metrics is not None and self.latest_metrics and self.last_probe_step == state.global_step:
             # Visible to metric_for_best_model / save_strategy="best" (injected into the first eval set only).
             if not any(k.startswith(f"eval_{METRIC_PREFIX}/") for k in metrics):
@@ -405,9 +491,19 @@ class ContextRelianceCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
         restored = False
-        if (self.restore_peak_at_end and self.peak_checkpoint and self.peak_tracker.peak_step != state.global_step
-                and model is not None):
-            restored = self._restore(model, self.peak_checkpoint)
+        peak_step = self.peak_tracker.peak_step
+        if self.restore_peak_at_end and model is not None and peak_step is not None and peak_step != state.global_step:
+            if peak_step == 0 and self._baseline_weights is not None:
+                restored = self._restore_baseline(model)
+            elif self.peak_checkpoint:
+                restored = self._restore(model, self.peak_checkpoint)
+            else:
+                logger.warning(
+                    "ctx_callback: restore_peak_at_end=True, but the peak (step %d) has neither a checkpoint nor an "
+                    "in-memory copy (the baseline of a resumed run, or a run with sharded parameters); the model "
+                    "keeps its final weights (step %d).", peak_step, state.global_step,
+                )
+        self._baseline_weights = None
         self.last_restored = restored
         if state.is_world_process_zero:
             self._write_summary(args, state, restored=restored)
@@ -431,11 +527,56 @@ class ContextRelianceCallback(TrainerCallback):
                            "final weights.", path, type(err).__name__, err)
             return False
         logger.warning("ctx_callback: restored the peak weights from %s.", path)
+        self.restored_from = path
+        return True
+
+    def _keep_baseline(self, model: torch.nn.Module) -> None:
+        """Copy the baseline's trainable parameters to CPU (the baseline is the peak and is never checkpointed)."""
+        if params_are_sharded(self.trainer):
+            logger.warning("ctx_callback: parameters are sharded (FSDP / ZeRO-3): no in-memory baseline copy is "
+                           "kept, so restore_peak_at_end cannot restore the baseline if it stays the peak.")
+            return
+        self._baseline_weights = {
+            name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+            if param.requires_grad
+        }
+
+    def _restore_baseline(self, model: torch.nn.Module) -> bool:
+        """Copy the in-memory baseline back into ``model`` (the peak was step 0)."""
+        saved = self._baseline_weights
+        assert saved is not None
+        params = dict(model.named_parameters())
+        missing = [name for name in saved if name not in params]
+        if missing:
+            if self.strict:
+                raise RuntimeError(f"cannot restore the baseline: the model lacks parameters {missing[:5]}")
+            logger.warning("ctx_callback: could not restore the baseline weights (the model lacks parameters %s); "
+                           "the model keeps its final weights.", missing[:5])
+            return False
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        self._baseline_weights = None
+        count = sum(v.numel() for v in saved.values())
+        logger.warning("ctx_callback: the peak is the baseline (step 0), which has no checkpoint: restored the "
+                       "baseline weights from their in-memory copy (%d trainable tensors, %d values).",
+                       len(saved), count)
+        self.restored_from = RESTORED_FROM_BASELINE
         return True
 
     def summary(self, restored: bool = False) -> dict[str, Any]:
-        """Baseline, peak and final values of the monitored metric, the stop step and the peak checkpoint."""
+        """Baseline, peak and final values of the monitored metric, the stop step and the peak checkpoint.
+
+        ``final`` is the last probe event (``final_step`` its step); ``trained_steps`` the optimizer steps the last
+        ``train()`` call ran (``None`` before training) and ``end_step`` the global step training ended (or is) at.
+        With ``trained_steps == 0`` no measurement was taken after training: ``final_step`` is the baseline step.
+        ``restored_from`` says where restored weights came from: the checkpoint's path, ``"baseline (in memory)"``
+        (then ``peak_checkpoint`` is ``None``), or ``None`` when nothing was restored.
+        """
         values = [(row["step"], row.get(self.monitor_key)) for row in self.history if self.monitor_key in row]
+        end_step = None
+        if self.trainer is not None and self.train_start_step is not None:
+            end_step = int(self.trainer.state.global_step)
         return {
             "monitor": self.monitor_key,
             "baseline": values[0][1] if values else None,
@@ -449,6 +590,9 @@ class ContextRelianceCallback(TrainerCallback):
             "stop_reason": self.stop_reason,
             "peak_checkpoint": self.peak_checkpoint,
             "restored_peak": restored,
+            "restored_from": self.restored_from if restored else None,
+            "trained_steps": None if end_step is None else end_step - int(self.train_start_step or 0),
+            "end_step": end_step,
             "probe_events": self.peak_tracker.num_events,
             "probe_seconds_total": self.probe_seconds_total,
             "known_counts": self.known_counts,
@@ -464,20 +608,42 @@ class ContextRelianceCallback(TrainerCallback):
             f"ctx_callback summary ({s['monitor']}):",
             f"  baseline {fmt(s['baseline'])} at step {s['baseline_step']}",
             f"  peak     {fmt(s['peak_raw'])} (smoothed {fmt(s['peak_smoothed'])}) at step {s['peak_step']}",
-            f"  final    {fmt(s['final'])} at step {s['final_step']}",
+            self._final_line(s, fmt),
             f"  stopped early at step {s['stop_step']}" if s["stop_step"] is not None else "  no early stop",
-            f"  peak checkpoint: {s['peak_checkpoint']}" + (" (restored)" if restored else ""),
+            "  peak checkpoint: None (the peak is the baseline; restored from its in-memory copy)"
+            if s["restored_from"] == RESTORED_FROM_BASELINE
+            else f"  peak checkpoint: {s['peak_checkpoint']}" + (" (restored)" if restored else ""),
             f"  probing took {s['probe_seconds_total']:.1f}s over {s['probe_events']} events",
         ]
         return "\n".join(lines)
 
+    @staticmethod
+    def _final_line(s: dict[str, Any], fmt: Any) -> str:
+        """The summary's "final" line, which never presents a measurement not taken after training as final."""
+        if s["final_step"] is None:
+            return "  final    n/a (no probe succeeded)"
+        if s["trained_steps"] == 0 and s["final_step"] == s["baseline_step"]:
+            return (f"  final    n/a: no training step ran (trained_steps 0); the only measurement is the baseline "
+                    f"at step {s['baseline_step']}")
+        line = f"  final    {fmt(s['final'])} at step {s['final_step']}"
+        if s["end_step"] is not None and s["final_step"] < s["end_step"]:
+            line += f" (the last probe; training ended at step {s['end_step']})"
+        return line
+
     def _write_summary(self, args: TrainingArguments, state: TrainerState, restored: bool = False) -> None:
+        """Write ``ctx_reliance_summary.json``; an OS error is a warning, never a failed run."""
         if not args.output_dir:
             return
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        path = os.path.join(args.output_dir, SUMMARY_FILE)
         payload = {"summary": self.summary(restored), "history": self.history}
-        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w") as f:
-            json.dump(payload, f, indent=2, default=float)
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(payload, f, indent=2, default=float)
+        except OSError as err:
+            logger.warning("ctx_callback: could not write %s (%s: %s); training is unaffected, and the summary is "
+                           "still in callback.summary() and the metrics in trainer.state.log_history.", path,
+                           type(err).__name__, err)
 
     def _plot(self, args: TrainingArguments, state: TrainerState) -> None:
         try:
@@ -485,5 +651,9 @@ class ContextRelianceCallback(TrainerCallback):
         except ImportError as err:  # pragma: no cover - matplotlib missing
             logger.warning("ctx_callback: plot=True needs matplotlib (%s).", err)
             return
-        plot_reliance(state.log_history, os.path.join(args.output_dir, "ctx_reliance.png"),
-                      monitor_key=self.monitor_key, stop_step=self.stop_step)
+        path = os.path.join(args.output_dir, "ctx_reliance.png")
+        try:
+            plot_reliance(state.log_history, path, monitor_key=self.monitor_key, stop_step=self.stop_step)
+        except OSError as err:
+            logger.warning("ctx_callback: could not write the plot %s (%s: %s); training is unaffected.", path,
+                           type(err).__name__, err)

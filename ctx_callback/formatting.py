@@ -48,6 +48,15 @@ DEFAULT_USER_TEMPLATE = "{context}\n\n{question}"
 DEFAULT_CLOSED_BOOK_TEMPLATE = "{question}"
 
 
+def _template_errors() -> tuple[type[Exception], ...]:
+    """The exception types a chat template raises when it refuses a conversation (jinja2's ``TemplateError``)."""
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:  # pragma: no cover - transformers needs jinja2 to apply any chat template
+        return ()
+    return (TemplateError,)
+
+
 def _check_placeholders(template: str, name: str, needed: tuple[str, ...]) -> None:
     for key in needed:
         if "{" + key + "}" not in template:
@@ -167,13 +176,41 @@ class PromptFormat:
         messages.append({"role": "user", "content": user})
         return messages
 
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """Apply the tokenizer's chat template; a template that refuses the conversation is a configuration error.
+
+        A template can refuse a conversation with ``raise_exception(...)`` (Gemma's refuses a system message, others
+        insist on alternating roles). That surfaces as a ``jinja2`` ``TemplateError``; it is raised again as a
+        :class:`~ctx_callback.errors.ConfigurationError` that quotes the template's own message and says what to do.
+        """
+        extra = {"add_generation_prompt": True} if add_generation_prompt else {}  # continuation: the default
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **extra, **self.chat_template_kwargs)
+        except _template_errors() as err:
+            if self.system_prompt is not None:
+                raise ConfigurationError(
+                    f"The tokenizer's chat template refuses the probe conversation with system_prompt="
+                    f"{self.system_prompt!r}: {err}. Many templates (Gemma's, for one) have no system role. Drop it "
+                    "(system_prompt=None), or fold it into the user turn yourself, as your training data must then "
+                    "do too: prompt_format=PromptFormat.chat(tokenizer, user_template='<instructions>\\n\\n{context}"
+                    "\\n\\n{question}', closed_book_user_template='<instructions>\\n\\n{question}')."
+                ) from err
+            raise ConfigurationError(
+                f"The tokenizer's chat template failed to render a probe conversation (a user turn"
+                f"{', with a generation prompt' if add_generation_prompt else ' and the assistant answer'}): {err}. "
+                "Fix tokenizer.chat_template (or chat_template_kwargs), or pass a prompt_format template string with "
+                "{context} and {question} that matches your training data."
+            ) from err
+
     def prompt(self, context: str | None, question: str) -> str:
-        """The prompt text for one probe variant (``context=None`` is the closed-book control)."""
+        """The prompt text for one probe variant (``context=None`` is the closed-book control).
+
+        Raises:
+            ConfigurationError: The chat template refuses the conversation (for example a template without a system
+                role, given ``system_prompt``); the message quotes the template's own error.
+        """
         if self.kind == "chat":
-            return self.tokenizer.apply_chat_template(
-                self._messages(context, question), tokenize=False, add_generation_prompt=True,
-                **self.chat_template_kwargs,
-            )
+            return self._render(self._messages(context, question), add_generation_prompt=True)
         if self.kind == "template":
             assert self.template is not None  # set by from_template
             if context is None:
@@ -194,7 +231,7 @@ class PromptFormat:
             return self.answer_prefix + answer
         prompt = prompt if prompt is not None else self.prompt(context, question)
         messages = self._messages(context, question) + [{"role": "assistant", "content": answer}]
-        full = self.tokenizer.apply_chat_template(messages, tokenize=False, **self.chat_template_kwargs)
+        full = self._render(messages, add_generation_prompt=False)
         if not full.startswith(prompt):
             raise ConfigurationError(
                 "The chat template renders the conversation with the answer differently from the generation prompt "
