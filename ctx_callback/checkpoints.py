@@ -15,15 +15,47 @@ import torch
 
 from .errors import CheckpointMismatchError
 
-__all__ = ["load_weights_into"]
+__all__ = ["COMPILED_PREFIX", "load_weights_into", "strip_compiled_prefix"]
+
+#: What ``torch.compile`` puts before every parameter name of the module it wraps (``OptimizedModule._orig_mod``).
+COMPILED_PREFIX = "_orig_mod."
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+    """The model itself: without a DDP-style ``.module`` wrapper, then without a ``torch.compile`` wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def strip_compiled_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the ``_orig_mod.`` prefix of weights saved from a ``torch.compile``d model removed.
+
+    Keys without the prefix are kept as they are; a stripped name that another key already has is left prefixed (so
+    the strict key check reports it instead of one silently overwriting the other).
+    """
+    if not any(key.startswith(COMPILED_PREFIX) for key in state):
+        return state
+    out: dict[str, Any] = {key: value for key, value in state.items() if not key.startswith(COMPILED_PREFIX)}
+    for key, value in state.items():
+        if key.startswith(COMPILED_PREFIX):
+            name = key[len(COMPILED_PREFIX):]
+            out[key if name in out else name] = value
+    return out
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
+    """For each state-dict name, the other names of the same tensor (tied weights such as ``lm_head.weight``)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {name: set(names) - {name} for names in by_tensor.values() for name in names}
 
 
 def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike) -> None:
     """Load the weights saved in ``checkpoint_dir`` into ``model`` in place.
+
+    Weights saved from a ``torch.compile``d model (every name prefixed ``_orig_mod.``) load like any other; a compiled
+    live ``model`` is loaded through the module it wraps.
 
     Raises:
         FileNotFoundError: No weights file in the directory.
@@ -38,7 +70,7 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
     if os.path.isfile(adapter):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(adapter))
+        result = set_peft_model_state_dict(model, strip_compiled_prefix(load_file(adapter)))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise CheckpointMismatchError(f"adapter checkpoint {path} has parameters the model lacks: {unexpected[:5]}")
@@ -60,11 +92,14 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         state = torch.load(legacy, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"no model weights (model.safetensors, adapter_model.safetensors, ...) in {path}")
+    state = strip_compiled_prefix(state)  # saved from a torch.compile'd model: only the prefix differs
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
         tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied]
+    aliases = _tied_aliases(model)
+    # A tied weight is loaded through the name that is saved (lm_head.weight through the input embeddings).
+    missing = [k for k in missing if k not in tied and not (aliases.get(k, set()) & state.keys())]
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -29,7 +29,7 @@ from .errors import ConfigurationError, ProbeFormatError, ProbeLengthError
 from .formatting import PromptFormat
 from .probes import Probe
 
-__all__ = ["ALL_VARIANTS", "EncodedItem", "EncodedProbes", "encode_probes"]
+__all__ = ["ALL_VARIANTS", "EncodedItem", "EncodedProbes", "check_lengths", "encode_probes"]
 
 ALL_VARIANTS: tuple[str, ...] = ("context", "closed_book", "aligned")
 
@@ -79,6 +79,36 @@ def _answer_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, continuation
     return _tokenize(tokenizer, continuation, False)
 
 
+def check_lengths(probes: Sequence[Probe], items: Sequence[EncodedItem], max_length: int | None) -> None:
+    """Raise :class:`~ctx_callback.errors.ProbeLengthError` when an item is longer than ``max_length`` tokens.
+
+    Each too-long probe is named once, with its longest variant (``'id' (variant: N tokens)``), in probe order; the
+    message lists up to five.
+
+    Args:
+        probes: The probes the items' ``probe_index`` points into.
+        items: Encoded (probe, variant) items.
+        max_length: The model's maximum length in tokens; ``None`` checks nothing.
+    """
+    if max_length is None:
+        return
+    longest: dict[int, EncodedItem] = {}
+    for item in items:
+        if item.total_length > max_length:
+            current = longest.get(item.probe_index)
+            if current is None or item.total_length > current.total_length:
+                longest[item.probe_index] = item
+    if not longest:
+        return
+    too_long = [f"{probes[index].id!r} ({item.variant}: {item.total_length} tokens)"
+                for index, item in sorted(longest.items())]
+    raise ProbeLengthError(
+        f"{len(too_long)} probe(s) do not fit the model's maximum length of {max_length} tokens: "
+        f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}. Probes are never truncated (a cut "
+        "context may lose the counterfactual statement): shorten or drop these probes."
+    )
+
+
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
     if not sequences:
         return ()
@@ -110,7 +140,8 @@ def encode_probes(
         max_length: Longest allowed prompt + answer in tokens (usually the model's maximum position).
 
     Raises:
-        ProbeLengthError: Probes do not fit ``max_length`` (the message names up to five).
+        ProbeLengthError: Probes do not fit ``max_length`` (the message names up to five, each once with its longest
+            variant; see :func:`check_lengths`).
         ProbeFormatError: An answer tokenizes to nothing.
         ConfigurationError: Unknown variant name.
     """
@@ -120,7 +151,6 @@ def encode_probes(
     variants = tuple(v for v in ALL_VARIANTS if v in set(variants) | {"context"})
     add_special = prompt_format.adds_special_tokens
     items: list[EncodedItem] = []
-    too_long: list[str] = []
     for index, probe in enumerate(probes):
         contexts = {"context": probe.context, "closed_book": None, "aligned": probe.aligned()}
         for variant in variants:
@@ -136,16 +166,8 @@ def encode_probes(
                 if not ids:
                     raise ProbeFormatError(f"probe {probe.id!r}: answer {answer!r} tokenizes to no tokens.")
                 answers.append(tuple(ids))
-            item = EncodedItem(index, variant, prompt, tuple(prompt_ids), answers[0], answers[1])
-            if max_length is not None and item.total_length > max_length:
-                too_long.append(f"{probe.id!r} ({variant}: {item.total_length} tokens)")
-            items.append(item)
-    if too_long:
-        raise ProbeLengthError(
-            f"{len(too_long)} probe prompt(s) do not fit the model's maximum length of {max_length} tokens: "
-            f"{', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}. Probes are never truncated (a cut "
-            "context may lose the counterfactual statement): shorten or drop these probes."
-        )
+            items.append(EncodedItem(index, variant, prompt, tuple(prompt_ids), answers[0], answers[1]))
+    check_lengths(probes, items, max_length)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

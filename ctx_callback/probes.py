@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError, ProbeFormatError, ProbeSourceError
+from .matching import answers_overlap
 from .probe_formats import PROBE_FORMATS, convert_record, detect_format
 
 __all__ = [
@@ -250,7 +252,7 @@ def probes_from_records(
 
 
 def _read_json_file(path: Path) -> tuple[list[Any], list[int] | None]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
     stripped = text.lstrip()
     if path.suffix == ".json" or stripped.startswith("["):
         try:
@@ -349,6 +351,11 @@ def load_probes(
     Returns:
         The validated probes, in source order.
 
+    Warns:
+        UserWarning: Once per call, listing the probes whose counterfactual and parametric answers (or aliases)
+            contain each other after normalization ("York" / "New York"); they load and score, see
+            :func:`ctx_callback.matching.match_answers`. Filter it with ``warnings.filterwarnings``.
+
     Raises:
         ProbeFormatError: A record is invalid (the message names the file, line or probe id, and field).
         ProbeSourceError: ``source`` is not a suite name, an existing path or a loadable dataset.
@@ -408,7 +415,38 @@ def load_probes(
         probes = _spread_per_family(probes, limit_per_family)
     if not probes:
         raise ProbeSourceError(f"No probes loaded from {source!r}.")
+    _warn_overlapping_answers(probes, source)
     return probes
+
+
+#: How many probe ids the overlapping-answers warning lists before "... and N more".
+_MAX_LISTED_IDS = 10
+
+
+def _warn_overlapping_answers(probes: Sequence[Probe], source: Any) -> None:
+    """One ``UserWarning`` naming the probes whose two answers contain each other after normalization.
+
+    Such a pair ("York" / "New York") is still scored: log-likelihood mode compares the answers' tokens as they are,
+    and generation mode matches the longer answer first and does not count its words for the shorter one
+    (:func:`ctx_callback.matching.match_answers`). But an output that names the longer answer can never count for
+    the shorter one there, so the probe measures less than it seems: the warning lets the author check it.
+    """
+    ids = [p.id for p in probes
+           if answers_overlap((p.counterfactual_answer, *p.counterfactual_aliases),
+                              (p.parametric_answer, *p.parametric_aliases))]
+    if not ids:
+        return
+    listed = ", ".join(repr(i) for i in ids[:_MAX_LISTED_IDS])
+    more = f" and {len(ids) - _MAX_LISTED_IDS} more" if len(ids) > _MAX_LISTED_IDS else ""
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the given records"
+    warnings.warn(
+        f"{len(ids)} probe(s) from {where} have a "
+        f"counterfactual and a parametric answer (or alias) that contain each other after normalization: "
+        f"{listed}{more}. Generation mode matches the longer answer first and does not count its words for the "
+        "shorter one (an output 'New York' is no hit for 'York'); reword the answers if that is not what you mean.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _check_unique(probes: Sequence[Probe], source: str) -> None:

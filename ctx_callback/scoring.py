@@ -8,7 +8,7 @@ picks the rows to score, runs an engine under :func:`probe_mode`, and fills the 
   :data:`~ctx_callback.engines.LOGLIK_ENGINES` (``"prefix"``, ``"batched"``, ``"simple"``), or ``"auto"`` (the
   prefix cache, falling back to batched; see :mod:`ctx_callback.engines.auto`);
 - generation mode: :class:`~ctx_callback.engines.GenerationEngine` (greedy decoding), matched against the answers
-  with :mod:`ctx_callback.matching`.
+  with :mod:`ctx_callback.matching` (the longer answer first when one answer contains the other).
 
 Forward passes run under ``torch.no_grad()`` (not ``inference_mode``: inference tensors cached inside modules
 break a later backward), with ``use_cache`` off except for the prefix cache, in ``eval`` mode. :func:`probe_mode`
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoding import ALL_VARIANTS, EncodedItem, EncodedProbes, encode_probes
+from .encoding import ALL_VARIANTS, EncodedItem, EncodedProbes, check_lengths, encode_probes
 from .engines import (
     FALLBACK_ENGINE,
     AutoEngine,
@@ -39,8 +39,9 @@ from .engines import (
 )
 from .errors import ConfigurationError
 from .formatting import resolve_prompt_format
-from .matching import contains_answer, normalize_answer
+from .matching import match_answers, normalize_answer
 from .metrics import compute_metrics
+from .models import max_positions
 from .probes import Probe
 
 __all__ = ["ProbeScorer", "ScoreReport", "ScoreResult", "normalize_answer", "probe_mode"]
@@ -159,6 +160,15 @@ class ScoreReport:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _model_config(model: Any) -> Any:
+    """``model.config``, else that of a DDP-style ``model.module``; ``None`` when neither has one."""
+    for candidate in (model, getattr(model, "module", None)):
+        config = getattr(candidate, "config", None)
+        if config is not None:
+            return config
+    return None
+
+
 class ProbeScorer:
     """Encode probes once; score any model on them (or on a shard of them), forward-only.
 
@@ -182,14 +192,17 @@ class ProbeScorer:
         max_batch_tokens: Padded tokens per forward pass (batch size x length).
         max_batch_size: Upper bound on rows per forward pass.
         max_new_tokens: Generation mode: tokens generated per prompt.
-        max_length: Longest allowed prompt + answer; probes beyond it are an error at construction.
+        max_length: Longest allowed prompt + answer; probes beyond it are an error at construction. Whatever it
+            is, every model scored is checked against its own ``max_position_embeddings`` (see
+            :func:`~ctx_callback.models.max_positions`) before its first forward pass.
         system_prompt: Chat format: an optional system message.
         chat_template_kwargs: Chat format: extra ``apply_chat_template`` arguments (use the training ones).
         per_family: Also report ``ctx_reliance/<family>/<metric>``.
 
     Raises:
         ConfigurationError: An argument is out of range or names an unknown mode, engine or variant.
-        ProbeLengthError: A probe does not fit ``max_length``.
+        ProbeLengthError: A probe does not fit ``max_length`` (here), or a scored model's maximum positions (when
+            scoring).
         ProbeFormatError: An answer tokenizes to nothing.
     """
 
@@ -235,6 +248,8 @@ class ProbeScorer:
         self.encoded: EncodedProbes = encode_probes(
             list(probes), tokenizer, self.prompt_format, variants=variants, max_length=max_length
         )
+        #: Prompt + longer answer of the longest item: a model with at least this many positions fits every probe.
+        self._longest_item = max((item.total_length for item in self.encoded.items), default=0)
         self.batcher = Batcher(max_batch_tokens, max_batch_size)
         #: The log-likelihood engine (``AutoEngine`` for ``"auto"``), and the one for calls it does not apply to.
         self.loglik_engine: LoglikEngine = create_loglik_engine(engine, self.encoded, self.batcher)
@@ -270,8 +285,24 @@ class ProbeScorer:
         families = [self.probes[int(i)].family for i in result.probe_indices]
         return compute_metrics(result.scores, families, result.variants, mode=result.mode, per_family=self.per_family)
 
+    def check_model_length(self, model: torch.nn.Module) -> None:
+        """Raise :class:`~ctx_callback.errors.ProbeLengthError` when a probe is longer than ``model`` accepts.
+
+        The limit is :func:`~ctx_callback.models.max_positions` of the model's config (of ``model.module`` for
+        DDP-style wrappers); a model whose config does not say is not checked. Constant time: the longest item is
+        known since encoding, and the items are only walked (for the message) when one does not fit.
+        """
+        limit = max_positions(_model_config(model))
+        if limit is not None and limit < self._longest_item:
+            check_lengths(self.probes, self.encoded.items, limit)
+
     def score_raw(self, model: torch.nn.Module, probe_indices: Sequence[int] | None = None) -> ScoreResult:
-        """Per-probe scores for ``probe_indices`` (all probes by default), without metrics (for sharding)."""
+        """Per-probe scores for ``probe_indices`` (all probes by default), without metrics (for sharding).
+
+        Raises:
+            ProbeLengthError: A probe is longer than the model's maximum positions (see :meth:`check_model_length`).
+        """
+        self.check_model_length(model)
         start = time.perf_counter()
         if probe_indices is None:
             indices = np.arange(len(self.probes))
@@ -293,9 +324,13 @@ class ProbeScorer:
                     r, c = row_of[item.probe_index], col_of[item.variant]
                     probe = self.probes[item.probe_index]
                     generations[r][c] = text
-                    cf_answers = (probe.counterfactual_answer, *probe.counterfactual_aliases)
-                    scores[r, c, 0] = float(contains_answer(text, cf_answers))
-                    scores[r, c, 1] = float(contains_answer(text, (probe.parametric_answer, *probe.parametric_aliases)))
+                    # The longer answer first: "New York" is no hit for "York" (see ctx_callback.matching).
+                    cf_hit, par_hit = match_answers(text, [
+                        (probe.counterfactual_answer, *probe.counterfactual_aliases),
+                        (probe.parametric_answer, *probe.parametric_aliases),
+                    ])
+                    scores[r, c, 0] = float(cf_hit)
+                    scores[r, c, 1] = float(par_hit)
         return ScoreResult(indices, self.variants, scores, generations, self.mode, time.perf_counter() - start)
 
     def known_probe_indices(self, model: torch.nn.Module) -> tuple[list[int], dict[str, dict[str, int]]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..encoding import ALL_VARIANTS
-from ..errors import ConfigurationError, CtxCallbackError, UsageError
+from ..errors import CheckpointMismatchError, ConfigurationError, CtxCallbackError, UsageError
 from ..metrics import METRIC_PREFIX as PREFIX
 from ..monitor import Monitor, parse_monitor
 
@@ -44,12 +44,14 @@ __all__ = [
     "add_probe_options",
     "add_subparser",
     "build_scorer",
+    "check_loading_info",
     "eprint",
     "families_in",
     "find_checkpoints",
     "find_peak",
     "format_value",
     "has_tokenizer",
+    "load_model_config",
     "load_probes_from_args",
     "load_tokenizer",
     "max_positions_of",
@@ -302,6 +304,28 @@ def load_tokenizer(source: str) -> Any:
                          "pass --tokenizer") from None
 
 
+def load_model_config(source: str, name: str | None = None) -> Any:
+    """The config of the model ``source`` names (a directory, a Hub id or the SmolLM2 alias).
+
+    Loading the config first (it is small) tells a missing model from a missing tokenizer.
+
+    Args:
+        source: What to load the config from.
+        name: How the message names the model (default: ``repr(source)``).
+
+    Raises:
+        UsageError: ``could not load model NAME: ...`` when ``source`` is neither a model directory nor a loadable
+            Hub id.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_name(source))
+    except Exception as err:  # noqa: BLE001 - reported as bad input
+        label = name if name is not None else repr(source)
+        raise UsageError(f"could not load model {label}: {type(err).__name__}: {one_line(err)}") from None
+
+
 def max_positions_of(source: str | None) -> int | None:
     """The model's maximum length (what the callback passes to the scorer), or None when unknown."""
     if source is None:
@@ -331,8 +355,41 @@ def build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, ma
         raise UsageError(one_line(err)) from None
 
 
+#: ``key_mapping`` for ``from_pretrained``: weights saved from a ``torch.compile``d model carry this prefix.
+_COMPILED_KEY_MAPPING = {r"^_orig_mod\.": ""}
+
+
+def _key_list(keys: Any) -> str:
+    names = sorted(k[0] if isinstance(k, tuple) else str(k) for k in keys)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_loading_info(name: str, info: dict[str, Any]) -> None:
+    """Raise when ``from_pretrained(..., output_loading_info=True)`` left weights missing, unexpected or resized.
+
+    transformers initialises missing weights randomly and only logs it; scoring such a model measures noise. Tied
+    weights (``lm_head.weight`` with ``tie_word_embeddings=True``) are not missing: transformers leaves them out.
+
+    Raises:
+        CheckpointMismatchError: Naming up to five keys of each kind.
+    """
+    parts = [f"{label} {_key_list(info.get(key) or ())}"
+             for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                                ("mismatched_keys", "wrong shape"))
+             if info.get(key)]
+    if parts:
+        raise CheckpointMismatchError(
+            f"checkpoint {name} does not match the model its config describes (scoring it would measure randomly "
+            "initialised weights): " + "; ".join(parts))
+
+
 class ModelLoader:
-    """Loads full checkpoints and PEFT adapters; keeps one base model around to swap adapters on it."""
+    """Loads full checkpoints and PEFT adapters; keeps one base model around to swap adapters on it.
+
+    Weights must match the model exactly (a :class:`~ctx_callback.errors.CheckpointMismatchError` otherwise, which
+    ``scan`` reports as a broken checkpoint); the ``_orig_mod.`` prefix of weights saved from a ``torch.compile``d
+    model is removed first.
+    """
 
     def __init__(self, dtype: Any, device: str, base_override: str | None = None) -> None:
         self.dtype = dtype
@@ -347,9 +404,16 @@ class ModelLoader:
 
         hf_logging.disable_progress_bar()  # our own progress line per checkpoint is enough
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter between library versions
-            model: Any = AutoModelForCausalLM.from_pretrained(resolve_name(name), dtype=self.dtype)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # no load-report table: a mismatch is raised below, naming the keys
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter between library versions
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    resolve_name(name), dtype=self.dtype, output_loading_info=True, key_mapping=_COMPILED_KEY_MAPPING)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        check_loading_info(name, info)
         return model.to(self.device).eval()
 
     def load(self, path: str) -> tuple[Any, str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..metrics import METRICS, MetricSpec, metric_key
+from ..models import max_positions
 from .common import (
     EXIT_OK,
     ModelLoader,
@@ -27,9 +28,9 @@ from .common import (
     families_in,
     format_value,
     has_tokenizer,
+    load_model_config,
     load_probes_from_args,
     load_tokenizer,
-    max_positions_of,
     one_line,
     parse_monitor_option,
     resolve_device,
@@ -117,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no such model directory: {args.model}")
     model_name = str(local) if is_local else args.model
     base = adapter_base(local, args.base_model) if local.is_dir() else None
+    # The model (its config) before the tokenizer: a missing model is reported as such, not as a missing tokenizer.
+    label = repr(args.model) + (f" (its PEFT base model {base!r})" if base else "")
+    config = load_model_config(base or model_name, label)
     tokenizer_source = args.tokenizer
     if tokenizer_source is None:
         tokenizer_source = model_name if (not is_local or has_tokenizer(local) or base is None) else base
     tokenizer = load_tokenizer(tokenizer_source)
-    scorer = build_scorer(args, probes, tokenizer, max_positions_of(base or model_name))
+    scorer = build_scorer(args, probes, tokenizer, max_positions(config))
     loader = ModelLoader(torch_dtype(args.dtype), device, args.base_model)
     start = time.perf_counter()
     try:

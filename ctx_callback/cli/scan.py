@@ -171,6 +171,10 @@ def _write_results(json_path: Path, csv_path: Path, data: dict[str, Any], scans:
         if ckpt.name in cache:
             rows.append({**cache[ckpt.name], "path": str(ckpt.path)})
     peak = find_peak(rows, monitor_key, greater_is_better)
+    if not rows:
+        # Nothing scored or cached: no empty results file (plot rejects it), and an existing one stays as it is.
+        return rows, peak
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": SCAN_FORMAT,
         "output_dir": str(output_dir.resolve()),
@@ -246,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         args: The parsed command line.
 
     Returns:
-        ``EXIT_OK`` when at least one checkpoint is scored (or cached), ``EXIT_FAILURE`` when none could be.
+        ``EXIT_OK`` when at least one checkpoint is scored (or cached), ``EXIT_FAILURE`` when none could be (then no
+        results file is written, and an existing one is left as it was).
 
     Raises:
         CtxCallbackError: Bad input (missing directory, no checkpoints, bad ``--monitor``, bad probes, ...).
@@ -291,7 +296,6 @@ def run(args: argparse.Namespace) -> int:
     fingerprint, settings = _fingerprint(scorer, args)
     settings["tokenizer"] = tokenizer_source
 
-    results_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = results_dir / SCAN_JSON, results_dir / SCAN_CSV
     data = _read_scan_file(json_path)
     scans = data.get("scans", {}) if isinstance(data.get("scans"), dict) else {}
@@ -353,13 +357,13 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         summary += f" (failed: {', '.join(failed)}; re-run to retry them)"
     eprint(summary)
+    if not rows:  # nothing written (see _write_results)
+        eprint("ctx-callback: error: no checkpoint could be scored")
+        return EXIT_FAILURE
     if peak is not None:
         print(f"peak {monitor_key} = {peak['value']:.4f} at {peak['checkpoint']} (step {peak['step']}): "
               f"{peak['path']}")
     else:
         print(f"no peak: {monitor_key} is missing or NaN for every checkpoint")
     print(f"results: {csv_path} {json_path}")
-    if not rows:
-        eprint("ctx-callback: error: no checkpoint could be scored")
-        return EXIT_FAILURE
     return EXIT_OK
