@@ -29,6 +29,7 @@ _EXPORTS = {
     "ProbeLengthError": "errors",
     "ProbeSourceError": "errors",
     "TrainerWiringError": "errors",
+    "UnsafeFileError": "errors",
     "PROMPT_PRESETS": "formatting",
     "PromptFormat": "formatting",
     "METRICS": "metrics",
@@ -74,6 +75,7 @@ __all__ = [
     "ScoreReport",
     "ScoreResult",
     "TrainerWiringError",
+    "UnsafeFileError",
     "compute_metrics",
     "encode_probes",
     "load_probes",
@@ -94,6 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ProbeLengthError,
         ProbeSourceError,
         TrainerWiringError,
+        UnsafeFileError,
     )
     from .formatting import PROMPT_PRESETS, PromptFormat
     from .metrics import METRIC_DESCRIPTIONS, METRICS, MetricSpec, compute_metrics, metric_key

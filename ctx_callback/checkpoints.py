@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointMismatchError, UnsafeFileError
 
 __all__ = ["COMPILED_PREFIX", "load_weights_into", "strip_compiled_prefix"]
 
@@ -59,6 +60,8 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
 
     Raises:
         FileNotFoundError: No weights file in the directory.
+        UnsafeFileError: A ``pytorch_model.bin`` holds more than tensors (loading it could run code). Safetensors
+            files are always preferred when both exist.
         CheckpointMismatchError: The checkpoint does not match the model (missing or unexpected parameters); also a
             ``RuntimeError``.
     """
@@ -89,7 +92,14 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         for shard in shards:
             state.update(load_file(os.path.join(path, shard)))
     elif os.path.isfile(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
+        try:  # never unpickle arbitrary objects: only tensors and plain containers
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeFileError(
+                f"refusing to load {legacy}: it holds objects other than tensors, and unpickling them could run "
+                f"code (torch.load(weights_only=True) said: {' '.join(str(err).split())[:300]}). Re-save the "
+                "checkpoint as safetensors (save_pretrained(safe_serialization=True)) from a trusted environment."
+            ) from None
     else:
         raise FileNotFoundError(f"no model weights (model.safetensors, adapter_model.safetensors, ...) in {path}")
     state = strip_compiled_prefix(state)  # saved from a torch.compile'd model: only the prefix differs

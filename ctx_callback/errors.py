@@ -21,6 +21,7 @@ __all__ = [
     "ProbeLengthError",
     "ProbeSourceError",
     "TrainerWiringError",
+    "UnsafeFileError",
     "UsageError",
 ]
 
@@ -66,6 +67,14 @@ class CheckpointMismatchError(CtxCallbackError, RuntimeError):
     """Saved weights do not match the model they are loaded into (missing or unexpected parameters).
 
     Also a ``RuntimeError``, which is what it was before.
+    """
+
+
+class UnsafeFileError(CtxCallbackError):
+    """A file would run code when loaded (a pickle that holds more than tensors, dataset or model code): refused.
+
+    ctx_callback loads weights from safetensors first and from ``.bin`` pickles only with ``weights_only=True``, and
+    never passes ``trust_remote_code``.
     """
 
 

@@ -346,7 +346,8 @@ def load_probes(
         config: Dataset configuration name for Hub datasets.
         from_hub: Always load ``source`` with ``datasets.load_dataset`` (also for local dataset folders and
             dataset scripts); by default only strings that are neither suites nor existing paths go there.
-        **load_dataset_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``revision=``).
+        **load_dataset_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``revision=``); ``trust_remote_code`` is
+            refused: probe data never executes code.
 
     Returns:
         The validated probes, in source order.
@@ -361,6 +362,11 @@ def load_probes(
         ProbeSourceError: ``source`` is not a suite name, an existing path or a loadable dataset.
         ConfigurationError: An unknown ``format``, a bad ``column_mapping``, unknown ``families``.
     """
+    if "trust_remote_code" in load_dataset_kwargs:
+        raise ConfigurationError(
+            "load_probes never runs code from a dataset: remove trust_remote_code= (probe datasets must be plain "
+            "data files: JSON, JSON Lines, CSV or Parquet)."
+        )
     probes: list[Probe]
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
