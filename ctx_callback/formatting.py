@@ -9,6 +9,35 @@ Three kinds, all exposing the same two methods (:meth:`PromptFormat.prompt` and 
 - a template string with ``{context}`` and ``{question}`` placeholders, or a preset name (``"alpaca"``, ``"tulu"``,
   ``"plain"``); the answer is appended after ``answer_prefix``.
 - a user callable ``fn(context_or_None, question) -> prompt_text``.
+
+Chat probes are the tokens ``SFTTrainer`` trains on. TRL tokenizes a conversational prompt-completion example as
+``apply_chat_template(prompt, add_generation_prompt=True)`` and ``apply_chat_template(prompt + completion)`` (both
+rendered, then tokenized with ``add_special_tokens=False``) and starts the completion where the two token lists
+diverge. So:
+
+- The prompt is the generation prompt, cut back to the last token boundary that an answer cannot merge across. A
+  generation prompt that ends in text the tokenizer joins with what follows (``<|end_header_id|>\\n\\n`` or
+  ``</think>\\n\\n`` with a GPT-2-style pre-tokenizer, where ``"\\n\\n"`` alone is one token but ``"\\n\\nLyon"`` is
+  ``"\\n" "\\n" "L" "yon"``) is trained as the joint tokens: those trailing characters then belong to the answer,
+  exactly where TRL's completion starts, instead of being scored as a token the model never sees before an answer.
+- The continuation is what the template writes between the generation prompt and the end of the answer (a leading
+  space, an empty think block when the template adds one to the answer turn), found by rendering a marker answer.
+- No BOS is added on top of the rendered text: a template that writes ``{{ bos_token }}`` gets one BOS, a template
+  that writes none gets none, even when the tokenizer adds a BOS to plain text (``add_bos_token``), as in TRL.
+- A template that renders the generation prompt differently from the answered conversation (the text of the prompt
+  is not a prefix) is refused; TRL trains such data with the prompt's divergent end left out, and warns.
+
+Template features checked token for token against ``SFTTrainer`` (``tests/test_chat_templates.py``, on templates
+written to reproduce each family): a BOS written by the template while the tokenizer also adds one, and a system
+header with dates (Llama 3.x; pin the date with ``chat_template_kwargs={"date_string": ...}`` for training and probes,
+or a run that crosses midnight renders another date); ChatML with a default system prompt injected when none is
+given (Qwen2.5); ``enable_thinking=False`` putting an empty think block in the generation prompt and the answer turn
+(Qwen3), and the same template with thinking on, where the empty block is part of the scored answer; no system role
+(Gemma: without ``system_prompt`` it works, with one it is a :class:`~ctx_callback.errors.ConfigurationError` naming
+``system_prompt``; fold instructions into ``user_template`` instead, and into the training data likewise);
+``[INST]`` turns with a system message folded into the first user turn by the template (Mistral); and a template
+without BOS on a tokenizer that adds one to plain text. TRL 1.16 reads ``chat_template_kwargs`` from a
+``chat_template_kwargs`` column of the dataset (``SFTConfig`` has no such option); pass the same ones here.
 """
 
 from __future__ import annotations
@@ -43,6 +72,17 @@ PROMPT_PRESETS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+#: Starts of typical answers: a chat prompt is cut back to a token boundary that none of them merges across.
+ANSWER_STARTS: tuple[str, ...] = ("A", "a", "0", " A")
+#: Marker answer rendered to find what a chat template writes before the answer (it is rendered, never scored).
+_ANSWER_MARKER = "\ue000ctx_callback answer\ue001"
+#: The most characters a chat prompt is cut back by (the end of one merged token, in practice a few).
+_MAX_CUT = 64
+#: Characters at the end of a chat prompt that decide its last token boundary (merges across it are local); the
+#: boundary is worked out once per distinct last ``_KEY`` characters (a template's generation header, usually).
+_WINDOW = 256
+_KEY = 32
+
 #: How the user turn of a chat prompt is built from a probe (``closed_book`` drops the context).
 DEFAULT_USER_TEMPLATE = "{context}\n\n{question}"
 DEFAULT_CLOSED_BOOK_TEMPLATE = "{question}"
@@ -55,6 +95,15 @@ def _template_errors() -> tuple[type[Exception], ...]:
     except ImportError:  # pragma: no cover - transformers needs jinja2 to apply any chat template
         return ()
     return (TemplateError,)
+
+
+def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _check_placeholders(template: str, name: str, needed: tuple[str, ...]) -> None:
@@ -100,6 +149,12 @@ class PromptFormat:
     closed_book_template: str | None = None
     answer_prefix: str = ""
     fn: Callable[[str | None, str], str] | None = None
+    # Memos of the chat rendering (same inputs, same result): characters cut off a prompt, keyed by its last
+    # characters; and what the template writes before the answer, for the last (prompt, context, question).
+    _cuts: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _head: tuple[tuple[str, str | None, str], str | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod
@@ -202,15 +257,45 @@ class PromptFormat:
                 "{context} and {question} that matches your training data."
             ) from err
 
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _token_boundary(self, text: str) -> str:
+        """``text`` cut back to the last token boundary that an answer after it cannot merge across.
+
+        That is the text of the tokens ``text`` shares with ``text + start`` for every start in
+        :data:`ANSWER_STARTS`: what TRL's ``common_prefix_length`` keeps as the prompt of a tokenized
+        prompt-completion example. ``text`` itself when no answer start merges with its end (the usual case). Only the
+        last :data:`_WINDOW` characters are tokenized (a merge across the end is local), so long contexts cost little.
+        """
+        key = text[-_KEY:]
+        if key not in self._cuts:
+            self._cuts[key] = self._cut(text[-_WINDOW:])
+        return text[: len(text) - self._cuts[key]]
+
+    def _cut(self, end: str) -> int:
+        """How many characters :meth:`_token_boundary` cuts off the end of a text that ends with ``end``."""
+        ids, *joined = self._ids([end] + [end + start for start in ANSWER_STARTS])
+        keep = min(_common_prefix_length(ids, other) for other in joined)
+        if keep == len(ids):
+            return 0
+        for cut in range(len(end) - 1, max(-1, len(end) - 1 - _MAX_CUT), -1):
+            if self._ids([end[:cut]])[0] == ids[:keep]:
+                return len(end) - cut
+        return 0  # no text boundary found (a tokenizer without one): encoding's own rule applies
+
     def prompt(self, context: str | None, question: str) -> str:
         """The prompt text for one probe variant (``context=None`` is the closed-book control).
+
+        For a chat format: the generation prompt, cut back to the last token boundary an answer cannot merge across
+        (see the module docstring); the cut characters start :meth:`continuation`.
 
         Raises:
             ConfigurationError: The chat template refuses the conversation (for example a template without a system
                 role, given ``system_prompt``); the message quotes the template's own error.
         """
         if self.kind == "chat":
-            return self._render(self._messages(context, question), add_generation_prompt=True)
+            return self._token_boundary(self._render(self._messages(context, question), add_generation_prompt=True))
         if self.kind == "template":
             assert self.template is not None  # set by from_template
             if context is None:
@@ -226,12 +311,21 @@ class PromptFormat:
         return text
 
     def continuation(self, context: str | None, question: str, answer: str, prompt: str | None = None) -> str:
-        """The text that follows :meth:`prompt` when the model gives ``answer`` (end-of-turn tokens excluded)."""
+        """The text that follows :meth:`prompt` when the model gives ``answer`` (end-of-turn tokens excluded).
+
+        For a chat format: what the template renders after ``prompt`` up to the end of the answer, with whatever it
+        writes before the answer (located by rendering a marker answer, so an answer that also occurs in that text,
+        say ``"in"`` after ``<think>``, is not mistaken for it).
+
+        Raises:
+            ConfigurationError: The chat template renders the answered conversation differently from the prompt, or
+                drops or rewrites the answer.
+        """
         if self.kind != "chat":
             return self.answer_prefix + answer
         prompt = prompt if prompt is not None else self.prompt(context, question)
-        messages = self._messages(context, question) + [{"role": "assistant", "content": answer}]
-        full = self._render(messages, add_generation_prompt=False)
+        messages = self._messages(context, question)
+        full = self._render(messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
         if not full.startswith(prompt):
             raise ConfigurationError(
                 "The chat template renders the conversation with the answer differently from the generation prompt "
@@ -239,10 +333,26 @@ class PromptFormat:
                 "prompt_format instead."
             )
         tail = full[len(prompt):]
-        end = tail.find(answer)
+        head = self._answer_head(messages, prompt, context, question)
+        if head is not None and tail.startswith(head + answer):
+            return head + answer
+        end = tail.find(answer)  # a template that renders the answer turn depending on its content
         if end < 0:
             raise ConfigurationError(f"The chat template dropped or rewrote the answer {answer!r}; cannot score it.")
         return tail[: end + len(answer)]
+
+    def _answer_head(
+        self, messages: list[dict[str, str]], prompt: str, context: str | None, question: str
+    ) -> str | None:
+        """What the template writes after ``prompt`` and before the answer (``None``: not found that way)."""
+        key = (prompt, context, question)
+        if self._head is None or self._head[0] != key:
+            marker_turn = {"role": "assistant", "content": _ANSWER_MARKER}
+            marked = self._render(messages + [marker_turn], add_generation_prompt=False)
+            rest = marked[len(prompt):] if marked.startswith(prompt) else ""
+            head = rest.split(_ANSWER_MARKER, 1)[0] if _ANSWER_MARKER in rest else None
+            self._head = (key, head)
+        return self._head[1]
 
     @property
     def adds_special_tokens(self) -> bool:
