@@ -9,11 +9,11 @@ Every probe gives up to three *variants* (rows of the score table):
 Each variant has one prompt and two candidate answers (counterfactual, parametric). Both answers are scored
 after the *same* prompt tokens, which lets the scoring engine share the prompt between them.
 
-Token boundary rule: the answer's tokens are ``tokenize(prompt + continuation)[len(tokenize(prompt)):]`` when the
-prompt's tokens are a prefix of the joint tokenization (the usual case, and how ``SFTTrainer`` builds completion
-tokens); when the tokenizer merges tokens across the boundary, the continuation is tokenized on its own and
-appended, so the prompt tokens stay identical for both answers. The scorer computes exactly these tokens, batched or
-not.
+Token boundary rule, as ``SFTTrainer`` splits prompt-completion data: the prompt's tokens are the longest prefix of
+``tokenize(prompt)`` that ``tokenize(prompt + continuation)`` shares, for both answers; each answer's tokens are the
+rest of its joint tokenization. Usually the whole prompt is that prefix. When the tokenizer merges across the
+boundary (a template ending in a space: ``"A: "`` + ``"Paris"`` is ``"A", ":", " Paris"``), the merged token belongs
+to the answer, as in training. The scorer computes exactly these tokens, batched or not.
 
 Prompts longer than ``max_length`` are an error, not a silent truncation: cutting a counterfactual context can
 remove the very sentence that states the counterfactual answer, which would turn the probe into noise.
@@ -72,11 +72,29 @@ def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def _answer_ids(tokenizer: Any, prompt_ids: list[int], prompt: str, continuation: str, add_special: bool) -> list[int]:
-    joint = _tokenize(tokenizer, prompt + continuation, add_special)
-    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
-        return joint[len(prompt_ids):]
-    return _tokenize(tokenizer, continuation, False)
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_prompt_and_answers(
+    tokenizer: Any, prompt: str, continuations: Sequence[str], add_special: bool
+) -> tuple[list[int], list[list[int]]]:
+    """TRL's split, shared by the answers: the prompt is where the tokenized prompt and every joint tokenization agree.
+
+    ``SFTTrainer`` tokenizes the prompt and the prompt + completion, and starts the completion where the two diverge
+    (``common_prefix_length``): a prompt ending in a space followed by an answer tokenizes as one `` Paris`` token in
+    training, so that token belongs to the answer. Both answers must follow the same prompt tokens (the engines share
+    the prompt), so the prompt ends at the shortest such agreement; each answer is the rest of its joint tokenization.
+    """
+    prompt_ids = _tokenize(tokenizer, prompt, add_special)
+    joints = [_tokenize(tokenizer, prompt + continuation, add_special) for continuation in continuations]
+    keep = min(_common_prefix_length(prompt_ids, joint) for joint in joints)
+    return prompt_ids[:keep], [joint[keep:] for joint in joints]
 
 
 def check_lengths(probes: Sequence[Probe], items: Sequence[EncodedItem], max_length: int | None) -> None:
@@ -158,11 +176,16 @@ def encode_probes(
                 continue
             context = contexts[variant]
             prompt = prompt_format.prompt(context, probe.question)
-            prompt_ids = _tokenize(tokenizer, prompt, add_special)
+            pair = (probe.counterfactual_answer, probe.parametric_answer)
+            continuations = [prompt_format.continuation(context, probe.question, a, prompt=prompt) for a in pair]
+            prompt_ids, answer_ids = _split_prompt_and_answers(tokenizer, prompt, continuations, add_special)
+            if not prompt_ids:
+                raise ProbeFormatError(
+                    f"probe {probe.id!r} ({variant}): the prompt merges with the answer from its first token; "
+                    "end the prompt format on a token boundary (a newline, a colon)."
+                )
             answers = []
-            for answer in (probe.counterfactual_answer, probe.parametric_answer):
-                continuation = prompt_format.continuation(context, probe.question, answer, prompt=prompt)
-                ids = _answer_ids(tokenizer, prompt_ids, prompt, continuation, add_special)
+            for answer, ids in zip(pair, answer_ids):
                 if not ids:
                     raise ProbeFormatError(f"probe {probe.id!r}: answer {answer!r} tokenizes to no tokens.")
                 answers.append(tuple(ids))
