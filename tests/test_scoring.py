@@ -79,14 +79,18 @@ def test_probes_that_do_not_fit_fail_before_training(tokenizer, capital_probes):
 
 
 def test_token_merge_at_the_prompt_answer_boundary(tokenizer, tiny_model):
-    """'A: ' + 'Paris' tokenizes as 'A:' + ' Paris': the prompt tokens stay fixed and the answer is scored as is."""
+    """'A: ' + 'Lyon' tokenizes as 'A', ':', ' Lyon': as in SFTTrainer's prompt-completion split, the merged token
+    belongs to the answer and the prompt ends where the prompt and the joint tokenization agree."""
     fmt = PromptFormat.from_template("{context}\nQ: {question}\nA: ", closed_book_template="Q: {question}\nA: ")
     probes = probes_from_records(capital_records(3))
     simple = ProbeScorer(probes, tokenizer, fmt, engine="simple")
     item = simple.encoded.items[0]
+    prompt_alone = tokenizer(item.prompt_text, add_special_tokens=False)["input_ids"]
     joint = tokenizer(item.prompt_text + "Lyon", add_special_tokens=False)["input_ids"]
-    assert joint[: len(item.prompt_ids)] != list(item.prompt_ids)  # a real merge
-    assert list(item.counterfactual_ids) == tokenizer("Lyon", add_special_tokens=False)["input_ids"]
+    assert joint[: len(prompt_alone)] != prompt_alone  # a real merge
+    assert list(item.prompt_ids) == prompt_alone[:-1] == joint[: len(item.prompt_ids)]
+    assert list(item.prompt_ids) + list(item.counterfactual_ids) == joint
+    assert tokenizer.decode(item.counterfactual_ids) == " Lyon"
     for engine in ("batched", "prefix"):
         fast = ProbeScorer(probes, tokenizer, fmt, engine=engine)
         np.testing.assert_allclose(fast.score_raw(tiny_model).scores, simple.score_raw(tiny_model).scores, atol=1e-5)
