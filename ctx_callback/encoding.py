@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError, ProbeFormatError, ProbeLengthError
-from .formatting import PromptFormat
+from .formatting import PromptFormat, common_prefix_length
 from .probes import Probe
 
 __all__ = ["ALL_VARIANTS", "EncodedItem", "EncodedProbes", "check_lengths", "encode_probes"]
@@ -72,15 +72,6 @@ def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _split_prompt_and_answers(
     tokenizer: Any, prompt: str, continuations: Sequence[str], add_special: bool
 ) -> tuple[list[int], list[list[int]]]:
@@ -93,7 +84,7 @@ def _split_prompt_and_answers(
     """
     prompt_ids = _tokenize(tokenizer, prompt, add_special)
     joints = [_tokenize(tokenizer, prompt + continuation, add_special) for continuation in continuations]
-    keep = min(_common_prefix_length(prompt_ids, joint) for joint in joints)
+    keep = min(common_prefix_length(prompt_ids, joint) for joint in joints)
     return prompt_ids[:keep], [joint[keep:] for joint in joints]
 
 

@@ -42,13 +42,13 @@ without BOS on a tokenizer that adds one to plain text. TRL 1.16 reads ``chat_te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError, ConfigurationTypeError
 
-__all__ = ["PROMPT_PRESETS", "PromptFormat", "resolve_prompt_format"]
+__all__ = ["PROMPT_PRESETS", "PromptFormat", "common_prefix_length", "resolve_prompt_format"]
 
 #: Preset templates: (template with context, closed-book template, answer prefix).
 PROMPT_PRESETS: dict[str, tuple[str, str, str]] = {
@@ -97,7 +97,8 @@ def _template_errors() -> tuple[type[Exception], ...]:
     return (TemplateError,)
 
 
-def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
+    """How many leading tokens two id sequences share (TRL's ``common_prefix_length``)."""
     n = 0
     for a, b in zip(ids, other):
         if a != b:
@@ -276,7 +277,7 @@ class PromptFormat:
     def _cut(self, end: str) -> int:
         """How many characters :meth:`_token_boundary` cuts off the end of a text that ends with ``end``."""
         ids, *joined = self._ids([end] + [end + start for start in ANSWER_STARTS])
-        keep = min(_common_prefix_length(ids, other) for other in joined)
+        keep = min(common_prefix_length(ids, other) for other in joined)
         if keep == len(ids):
             return 0
         for cut in range(len(end) - 1, max(-1, len(end) - 1 - _MAX_CUT), -1):
