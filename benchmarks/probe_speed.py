@@ -14,11 +14,26 @@ Prints one table (median of ``--repeats`` timed runs after a warm-up): seconds p
 second, the ratios (c)/(a), (c)/(b), (c)/(d), and the largest absolute log-likelihood differences of (c) against
 (a) (the simple unbatched computation) and against (b).
 
+Probe cost options (issue 15), each timed side by side in the same process (the variants' runs interleaved, median of
+``--repeats`` after a warm-up of each), after the table:
+
+``--probe-dtype bfloat16``  the engine's round in the weights' dtype (``--dtype``, fp32 by default) against the same
+                            round under ``torch.autocast(dtype=bfloat16)`` (``ProbeScorer(probe_dtype=...)``): the
+                            speed-up, the lower bound (d) in both, and the bf16 scores' largest differences from fp32
+                            (log-likelihood, per answer token, p_cf per probe, the ``counterfactual_probability``
+                            metric, flipped preferences).
+``--controls-every K,...``  a round of the context variant alone against a round with the controls (context,
+                            closed_book, aligned; ``score_raw(..., variants=("context",))`` against all), and the
+                            mean cost per probe event when the controls are scored on every K-th event only
+                            (``(t_all + (K - 1) t_context) / K``), for K = 1 and each K given; in both dtypes when
+                            ``--probe-dtype`` is given.
+
 Usage::
 
     python benchmarks/probe_speed.py                    # SmolLM2-135M-Instruct fp32 on CPU, all built-in suites
     python benchmarks/probe_speed.py --tiny --repeats 1 # a tiny random Llama: a quick smoke run
     python benchmarks/probe_speed.py --device cuda --dtype bfloat16
+    python benchmarks/probe_speed.py --skip a,b --probe-dtype bfloat16 --controls-every 3,5   # probe cost options
 """
 
 from __future__ import annotations
@@ -33,7 +48,9 @@ import numpy as np
 import torch
 
 from ctx_callback import ProbeScorer, load_probes
+from ctx_callback.encoding import ALL_VARIANTS
 from ctx_callback.models import SMOLLM2_ALIAS, load_model_and_tokenizer
+from ctx_callback.scoring import probe_autocast
 
 
 def timed(fn, repeats: int):
@@ -44,6 +61,21 @@ def timed(fn, repeats: int):
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def timed_side_by_side(fns, repeats: int):
+    """Median seconds and last result of each ``name -> fn``, the runs interleaved (a, b, a, b, ...) after one
+    warm-up of each, so that a slow phase of the machine hits every variant alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    results = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 def sync(device):
@@ -86,6 +118,108 @@ def lower_bound(model, scorer, device):
     return run, p0 + sum(len(s) for s in seqs)
 
 
+def answer_lengths(scorer):
+    """``[probes, variants, 2]`` answer token counts of a scorer's encoding (NaN where not encoded)."""
+    lengths = np.full((len(scorer.probes), len(scorer.variants), 2), np.nan)
+    for it in scorer.encoded.items:
+        lengths[it.probe_index, scorer.variants.index(it.variant)] = (len(it.counterfactual_ids),
+                                                                      len(it.parametric_ids))
+    return lengths
+
+
+def precision_report(model, probes, tokenizer, variants, args, device, base_name):
+    """``--probe-dtype``: the engine's round (and the lower bound) in the weights' dtype and under autocast."""
+    probe_dtype = args.probe_dtype
+    base = ProbeScorer(probes, tokenizer, variants=variants, max_batch_tokens=args.batch_tokens)
+    low = ProbeScorer(probes, tokenizer, variants=variants, max_batch_tokens=args.batch_tokens, probe_dtype=probe_dtype)
+
+    def synced(fn):
+        def run():
+            out = fn()
+            sync(device)
+            return out
+        return run
+
+    fns = {base_name: synced(lambda: base.score(model)), probe_dtype: synced(lambda: low.score(model))}
+    if "d" not in args.skip_set:
+        floor, unique_tokens = lower_bound(model, base, device)
+
+        def floor_low():
+            with probe_autocast(model, probe_dtype):
+                floor()
+
+        fns[f"floor {base_name}"], fns[f"floor {probe_dtype}"] = floor, floor_low
+    seconds, results = timed_side_by_side(fns, args.repeats)
+    print()
+    print(f"probe dtype, side by side (median of {args.repeats}, {variants}):")
+    speedup = seconds[base_name] / seconds[probe_dtype]
+    print(f"  engine round: {base_name} {seconds[base_name]:.2f} s, {probe_dtype} autocast "
+          f"{seconds[probe_dtype]:.2f} s: {speedup:.2f}x faster ({probe_dtype}/{base_name} time ratio "
+          f"{1 / speedup:.3f})")
+    if f"floor {base_name}" in seconds:
+        for name in (base_name, probe_dtype):
+            print(f"  lower bound (d) in {name} ({unique_tokens} unique tokens): {seconds[f'floor {name}']:.2f} s; "
+                  f"engine round / floor in {name}: {seconds[name] / seconds[f'floor {name}']:.2f}x")
+    a, b = results[base_name], results[probe_dtype]
+    delta = np.abs(a.result.scores - b.result.scores)
+    per_token = delta / answer_lengths(base)
+    ctx = base.variants.index("context")
+
+    def p_cf(scores):
+        return 1.0 / (1.0 + np.exp(-(scores[:, ctx, 0] - scores[:, ctx, 1])))
+
+    margin_a = a.result.scores[..., 0] - a.result.scores[..., 1]
+    margin_b = b.result.scores[..., 0] - b.result.scores[..., 1]
+    valid = np.isfinite(margin_a) & np.isfinite(margin_b)
+    flipped = int(np.sum((margin_a[valid] > 0) != (margin_b[valid] > 0)))
+    key = "ctx_reliance/counterfactual_probability"
+    print(f"  {probe_dtype} vs {base_name}: max |d loglik| {np.nanmax(delta):.4f} nats, per answer token max "
+          f"{np.nanmax(per_token):.4f} (mean {np.nanmean(per_token):.4f}); max |d margin| "
+          f"{np.nanmax(np.abs(margin_a - margin_b)):.4f}; max |d p_cf| per probe "
+          f"{np.max(np.abs(p_cf(a.result.scores) - p_cf(b.result.scores))):.4f}; |d {key.split('/')[-1]}| "
+          f"{abs(a.metrics[key] - b.metrics[key]):.2e}; preferences flipped {flipped}/{int(valid.sum())}")
+
+
+def controls_report(model, probes, tokenizer, args, device, base_name):
+    """``--controls-every``: a context-only round against a round with the controls, and the cost per event."""
+    dtypes = [None] + ([args.probe_dtype] if args.probe_dtype else [])
+    fns = {}
+    for probe_dtype in dtypes:
+        scorer = ProbeScorer(probes, tokenizer, variants=ALL_VARIANTS, max_batch_tokens=args.batch_tokens,
+                             probe_dtype=probe_dtype)
+        name = probe_dtype or base_name
+
+        def context(scorer=scorer):
+            out = scorer.score_raw(model, variants=("context",))
+            sync(device)
+            return out
+
+        def everything(scorer=scorer):
+            out = scorer.score_raw(model)
+            sync(device)
+            return out
+
+        fns[(name, "context")], fns[(name, "all")] = context, everything
+    seconds, _ = timed_side_by_side(fns, args.repeats)
+    ks = sorted({1, *args.controls_every})
+    print()
+    print(f"controls_every, side by side (median of {args.repeats}; controls = closed_book, aligned):")
+    for probe_dtype in dtypes:
+        name = probe_dtype or base_name
+        t_ctx, t_all = seconds[(name, "context")], seconds[(name, "all")]
+        per_event = {k: (t_all + (k - 1) * t_ctx) / k for k in ks}
+        print(f"  {name:9s} round: context only {t_ctx:.2f} s, context+controls {t_all:.2f} s "
+              f"(controls {1 - t_ctx / t_all:.0%} of a full round); per event: "
+              + ", ".join(f"K={k} {per_event[k]:.2f} s ({per_event[k] / per_event[1]:.2f}x of K=1)" for k in ks))
+
+
+def int_list(text):
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}")
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,10 +235,15 @@ def main(argv=None):
     parser.add_argument("--lm-eval-batch-sizes", default="1,16,64")
     parser.add_argument("--skip", default="", help="comma list of a,b,c,d to skip")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--probe-dtype", default=None, choices=["bfloat16", "float16"],
+                        help="also time the engine round under autocast in this dtype, side by side with --dtype")
+    parser.add_argument("--controls-every", type=int_list, default=None, metavar="K[,K...]",
+                        help="also time context-only against context+controls rounds and the cost per event at K")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
+    args.skip_set = skip
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
 
@@ -186,6 +325,10 @@ def main(argv=None):
     if "b" in values and "c" in values:
         c_items = items_scores(engine, values["c"])
         print(f"max |loglik (c) - lm-eval (b)|:          {np.nanmax(np.abs(c_items - values['b'])):.2e}")
+    if args.probe_dtype:
+        precision_report(model, probes, tokenizer, variants, args, device, args.dtype)
+    if args.controls_every:
+        controls_report(model, probes, tokenizer, args, device, args.dtype)
 
 
 def items_scores(scorer, flat_scores):

@@ -14,7 +14,13 @@ loss row for the step is not dropped.
 Why not ``ExportableState``: the Trainer restores exportable callbacks by rebuilding them from JSON arguments,
 which would drop the trainer handle and the encoded probes. The peak/patience state is instead rebuilt on resume
 by replaying this callback's own rows in ``state.log_history`` (which the Trainer always restores), so a resumed run
-takes exactly the decisions an uninterrupted one takes.
+takes exactly the decisions an uninterrupted one takes. What the rows cannot rebuild (the ``known_only`` probe
+selection, the peak checkpoint's path, why the peak could not be saved) is kept as plain JSON in
+``state.stateful_callbacks`` under :data:`STATE_KEY`: the Trainer writes that dict into every checkpoint's
+``trainer_state.json`` (whoever triggers the save) and loads it back on every resume, wherever
+``resume_from_checkpoint`` points. The key is dotted, so it never equals a class name and the Trainer's
+``restore_callback_states_from_checkpoint`` never rebuilds a callback from it (with that option on, the Trainer lists
+it among the "callbacks not included in current configuration" it ignores).
 
 Under several processes (DDP, FSDP, DeepSpeed) :mod:`ctx_callback.distributed` decides which probes each rank scores
 and combines the results, and the stop/save decision is taken once and broadcast, so every rank acts alike.
@@ -26,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,16 +40,18 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from .distributed import broadcast_from_main, gather_outcomes, params_are_sharded, plan_probes, run_round
 from .encoding import ALL_VARIANTS
+from .engines.base import _device_of
 from .errors import ConfigurationError, TrainerWiringError
-from .metrics import METRIC_PREFIX
+from .metrics import METRIC_PREFIX, metric_spec
 from .models import max_positions
 from .monitor import parse_monitor
 from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
-from .scoring import ProbeScorer, ScoreResult
+from .scoring import ProbeScorer, ScoreResult, check_probe_dtype_device, resolve_probe_dtype
 
 __all__ = ["ContextRelianceCallback"]
 
@@ -52,6 +61,11 @@ _PROBE_ON = ("steps", "evaluate")
 SUMMARY_FILE = "ctx_reliance_summary.json"
 #: ``restored_from`` in the summary when the peak was the baseline (step 0), restored from its in-memory copy.
 RESTORED_FROM_BASELINE = "baseline (in memory)"
+#: Where the callback's resume state lives: an entry of ``TrainerState.stateful_callbacks`` (``trainer_state.json`` in
+#: every checkpoint). A dotted name, which no class name can equal, so the Trainer never rebuilds a callback from it.
+STATE_KEY = "ctx_callback.ContextRelianceCallback"
+#: The checkpoint's Trainer state file (``transformers.trainer.TRAINER_STATE_NAME``).
+TRAINER_STATE_FILE = "trainer_state.json"
 
 #: Extra keys the callback logs next to the metrics.
 KEY_SMOOTHED = f"{METRIC_PREFIX}/monitor_smoothed"
@@ -60,6 +74,8 @@ KEY_PEAK_STEP = f"{METRIC_PREFIX}/peak_step"
 KEY_SECONDS = f"{METRIC_PREFIX}/probe_seconds"
 KEY_FAILED = f"{METRIC_PREFIX}/probe_failed"
 KEY_STOPPED = f"{METRIC_PREFIX}/early_stop"
+#: Logged by ``_probe``: the count of non-finite scores (such a round is fed to the peak tracker as NaN).
+KEY_NONFINITE = f"{METRIC_PREFIX}/nonfinite_scores"
 
 
 class ContextRelianceCallback(TrainerCallback):
@@ -102,9 +118,11 @@ class ContextRelianceCallback(TrainerCallback):
         min_delta: Smallest smoothed improvement that counts as a new peak.
         patience: Probe events without improvement before training stops; ``None`` (default) never stops.
         warmup_steps: Never stop before this global step.
-        save_peak_checkpoint: Have the Trainer save a checkpoint at each new peak, and protect the peak checkpoint
-            from ``save_total_limit`` rotation. ``output_dir`` must then be writable: this is checked at train begin
-            (a :class:`~ctx_callback.errors.ConfigurationError` before the first step, not a crash at the first save).
+        save_peak_checkpoint: Save a checkpoint (``checkpoint-{step}``) at each new peak, and protect the peak
+            checkpoint from ``save_total_limit`` rotation. ``output_dir`` must then be writable: this is checked at
+            train begin (a :class:`~ctx_callback.errors.ConfigurationError` before the first step, not a crash at the
+            first save). A peak save that fails later (disk full, permission denied) does not stop training: see
+            "Saving the peak checkpoint" below.
         restore_peak_at_end: Load the peak's weights back into the model at train end (full models and PEFT
             adapters). Requires ``save_peak_checkpoint``. A peak after step 0 is loaded from its checkpoint. The
             baseline (step 0) is never saved as a checkpoint, so when the baseline is the peak its weights come from
@@ -121,17 +139,76 @@ class ContextRelianceCallback(TrainerCallback):
         max_batch_size: Rows per probe forward pass.
         max_new_tokens: Generation mode: tokens per answer.
         engine: Scoring engine (``"auto"``, ``"prefix"``, ``"batched"``, ``"simple"``).
+        probe_dtype: Precision of the probe forward passes. ``None`` (default): the dtype the training step uses
+            (the model as given, under the Trainer's autocast with ``bf16=True``/``fp16=True``): today's behaviour.
+            ``"bfloat16"``: probe under ``torch.autocast(<device type>, dtype=torch.bfloat16)``, the weights
+            untouched (training is bit-identical either way); about 2x cheaper rounds for fp32 training on hardware
+            with native bf16, with log-likelihoods within the tolerance the README documents. ``"float16"``: the
+            same in float16, CUDA only (a :class:`~ctx_callback.errors.ConfigurationError` at construction without
+            CUDA, and at train begin when the model is not on a CUDA device). Under the Trainer's own mixed
+            precision its autocast (entered inside the model's forward) takes precedence.
+        controls_every: Score the control variants (``"closed_book"``, ``"aligned"``) on every K-th probe event only
+            (default 1: every event); the ``"context"`` variant, which the peak and stop decisions read, is scored
+            at every event. Events are counted from the first probe of the run (the baseline, which always scores
+            the controls), so they are scored at events 0, K, 2K, ...; a round whose controls are not scored logs
+            no control metric (``closed_book_accuracy``, ``aligned_accuracy``, ``context_lift``, and their
+            per-family keys) instead of a NaN. The event index is the number of successful probe rows logged
+            before (rebuilt from ``state.log_history`` on resume), so a resumed run scores the controls at the same
+            steps as an uninterrupted one; a failed round does not count, so the next round retries its controls.
+            With ``controls_every > 1``, ``monitor`` (and the Trainer's ``metric_for_best_model``, checked at train
+            begin) must not name a metric that needs a control variant.
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
 
     Each ``trainer.train()`` that starts at step 0 is a fresh run: the baseline is probed again and the peak,
     patience, history, stop information and (with ``known_only``) the probe selection start over. A run resumed from
-    a checkpoint instead rebuilds them from ``state.log_history``.
+    a checkpoint instead rebuilds them from ``state.log_history``, and takes the ``known_only`` selection made at the
+    run's start from the checkpoint's Trainer state (never a new selection on the fine-tuned weights, which can
+    differ). A checkpoint without that state (an older ctx_callback) gets a warning, then a recomputed selection.
+
+    Saving the peak checkpoint: at a new peak where the Trainer saves anyway (``save_steps``, or another callback
+    set ``control.should_save``; not with ``save_strategy="best"``, whose flag the Trainer overwrites), the Trainer's
+    save is used, unchanged. Otherwise the callback saves, from ``on_step_end`` (``on_evaluate`` with
+    ``probe_on="evaluate"``), by calling the Trainer's own ``_save_checkpoint``, so the folder is what the Trainer
+    writes (weights, optimizer, scheduler, RNG, ``trainer_state.json``; resumable; ``save_total_limit`` rotation
+    included, protecting the peak through ``state.best_model_checkpoint``), and then dispatches ``on_save`` to every
+    callback, as the Trainer does after its saves. Saving inside the event, not by setting ``control.should_save``,
+    is what lets a failed save be caught: an exception in the Trainer's own save ends ``train()``. Since the Trainer
+    logs and evaluates the step after ``on_step_end``, the checkpoint's ``trainer_state.json`` is written again at
+    the next step's start (or at train end) so that it holds that step's loss and eval rows too. Every rank calls
+    the save (it is collective) and the ranks then exchange their outcomes
+    (:func:`~ctx_callback.distributed.gather_outcomes`), so all agree. Under several processes
+    ``state.best_global_step`` is unset during the call, which skips the barrier ``_save_checkpoint`` runs with it: a
+    rank failing before that barrier would otherwise leave the others waiting in it (a failure inside a sharded
+    FSDP / ZeRO-3 state-dict gather can still hang, as any collective can). The failure path is tested in one process
+    only (a simulated full disk).
+
+    When the save fails (any exception, on any rank): a warning names the folder and the error, the partial folder
+    is removed (``resume_from_checkpoint=True`` would pick it as the last checkpoint), the Trainer's "best" state goes
+    back to the previous peak's checkpoint (kept, not rotated away), ``peak_checkpoint`` is ``None`` and
+    ``peak_save_error`` holds the message (summary, stop message, summary text), and ``restore_peak_at_end`` keeps the
+    final weights with a warning instead of restoring a missing or partial folder. Training continues; a later peak
+    that saves clears the error. ``strict=True`` raises instead (a ``RuntimeError`` on every rank).
 
     The summary (:meth:`summary`) reports ``trained_steps``, the optimizer steps this ``train()`` call ran; ``final``
     is the last probe event. When no step ran, ``final_step`` equals the baseline step and :meth:`summary_text` says
     that nothing was measured after training instead of presenting the baseline as a final value. The last step is
     always probed with ``probe_at_end`` (also when transformers runs a step for ``max_steps=0``).
+
+    Faults during a probe round never stop training (unless ``strict=True``):
+
+    - A round that raises (a failing forward pass, a bad probe) logs ``ctx_reliance/probe_failed = 1.0`` and a
+      warning. Out of memory is retried first with smaller batches, down to one probe item per forward pass (see
+      :class:`~ctx_callback.scoring.ProbeScorer`; not under FSDP / ZeRO-3, where an out-of-memory error inside a
+      sharded forward pass leaves the other ranks waiting in its collective and cannot be recovered).
+    - NaN/inf scores (NaN/inf logits): the row logs ``ctx_reliance/nonfinite_scores`` (their count, 0.0 on every
+      clean round) and ``ctx_reliance/probe_failed = 1.0``; its metrics are computed over the finite scores for
+      diagnosis, but the round is fed to the peak tracker as NaN: it is never the peak and never counts toward
+      patience (and never the Trainer's best with ``metric_for_best_model``).
+    - A tracker integration (or any callback) that raises in ``on_log`` on this callback's row: a warning (once)
+      with the tracker's error, and training continues. The row is not lost: ``Trainer.log`` appends it to
+      ``state.log_history`` before calling ``on_log``. A tracker that raises on the Trainer's *own* rows (loss,
+      eval) still stops training: that is the Trainer's behaviour, outside this callback.
 
     Raises:
         ConfigurationError: On any invalid argument, at construction (a ``ValueError``; probe files are loaded and
@@ -174,6 +251,8 @@ class ContextRelianceCallback(TrainerCallback):
         max_batch_size: int = 64,
         max_new_tokens: int = 24,
         engine: str = "auto",
+        probe_dtype: str | None = None,
+        controls_every: int = 1,
         verbose: bool = True,
     ) -> None:
         if trainer is not None and not isinstance(trainer, Trainer):
@@ -200,6 +279,19 @@ class ContextRelianceCallback(TrainerCallback):
             raise ConfigurationError("known_only=True needs the 'closed_book' variant in variants=.")
         parsed = parse_monitor(monitor, mode, tuple(variants))
         self.monitor_key, self.monitor_metric, monitor_family = parsed.key, parsed.metric, parsed.family
+        probe_dtype = resolve_probe_dtype(probe_dtype)
+        if isinstance(controls_every, bool) or not isinstance(controls_every, int) or controls_every < 1:
+            raise ConfigurationError(
+                f"controls_every must be an integer >= 1 (score the control variants on every K-th probe event; 1 = "
+                f"every event), got {controls_every!r}."
+            )
+        needs = metric_spec(parsed.metric).requires
+        if controls_every > 1 and needs is not None:
+            raise ConfigurationError(
+                f"monitor {monitor!r} needs the {needs!r} control variant, which controls_every={controls_every} "
+                "scores only on every K-th probe event; the peak and stop decisions need a value at every event. "
+                "Monitor a context metric (e.g. 'counterfactual_accuracy'), or use controls_every=1."
+            )
         if greater_is_better is None:
             greater_is_better = parsed.greater_is_better
         # PeakTracker validates smoothing, ema_alpha, window, min_delta, patience and warmup_steps.
@@ -228,10 +320,12 @@ class ContextRelianceCallback(TrainerCallback):
         self.strict = strict
         self.plot = plot
         self.verbose = verbose
+        self.probe_dtype = probe_dtype
+        self.controls_every = controls_every
         self._scorer_kwargs = dict(
             mode=mode, variants=tuple(variants), engine=engine, max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
-            chat_template_kwargs=chat_template_kwargs,
+            chat_template_kwargs=chat_template_kwargs, probe_dtype=probe_dtype,
         )
         self.scorer: ProbeScorer | None = None
         self.active_indices: list[int] | None = None
@@ -242,7 +336,14 @@ class ContextRelianceCallback(TrainerCallback):
         self.stop_reason: str | None = None
         self.stop_step: int | None = None
         self.peak_checkpoint: str | None = None
+        #: Why the current peak has no checkpoint: saving it failed (``None`` when saved or not tried).
+        self.peak_save_error: str | None = None
+        # A checkpoint this callback saved in the middle of a step, whose trainer_state.json is re-written once the
+        # Trainer has logged/evaluated that step (see _save_peak).
+        self._refresh_state_of: str | None = None
         self.probe_seconds_total = 0.0
+        #: Successful probe rounds of this run so far (the event index of the next one; see ``controls_every``).
+        self.probe_events = 0
         #: Whether the peak weights were loaded back into the model at train end.
         self.last_restored = False
         #: Where they came from: the peak checkpoint's path, or :data:`RESTORED_FROM_BASELINE`.
@@ -285,19 +386,60 @@ class ContextRelianceCallback(TrainerCallback):
                 )
             self._build_scorer(tokenizer, kwargs.get("model"))
 
+    def _check_best_metric(self, args: TrainingArguments) -> None:
+        """With ``controls_every > 1``, refuse a ``metric_for_best_model`` that needs a control variant: the rounds
+        without controls would not have it (the Trainer raises a ``KeyError`` on a missing best metric)."""
+        name = args.metric_for_best_model or ""
+        name = name[len("eval_"):] if name.startswith("eval_") else name
+        if self.controls_every == 1 or not name.startswith(f"{METRIC_PREFIX}/"):
+            return
+        try:
+            needs = metric_spec(name.split("/")[-1]).requires
+        except ConfigurationError:
+            return  # not one of our metrics
+        if needs is not None:
+            raise ConfigurationError(
+                f"metric_for_best_model={args.metric_for_best_model!r} needs the {needs!r} control variant, which "
+                f"controls_every={self.controls_every} scores only on every K-th probe event. Select on a context "
+                "metric (e.g. 'ctx_reliance/counterfactual_accuracy'), or use controls_every=1."
+            )
+
+    def _round_variants(self) -> tuple[str, ...] | None:
+        """The variants this probe event scores: all (``None``) on every ``controls_every``-th event counted from the
+        run's first (the baseline), else ``"context"`` alone."""
+        if self.controls_every == 1 or self.probe_events % self.controls_every == 0:
+            return None
+        return ("context",)
+
     def _replay_history(self, state: TrainerState) -> None:
         """Rebuild the peak/patience state from this callback's own rows (resume)."""
         self.peak_tracker.reset()
         self.history = []
         self.peak_checkpoint = None
+        self.peak_save_error = None
+        self._refresh_state_of = None
+        self.probe_seconds_total = 0.0
+        # The event index (controls_every): every successful round logged probe_seconds; a failed one did not.
+        self.probe_events = sum(1 for row in state.log_history
+                                if KEY_SECONDS in row and "step" in row and row["step"] <= state.global_step)
         for row in state.log_history:
             if self.monitor_key in row and "step" in row and row["step"] <= state.global_step:
-                self.peak_tracker.update(int(row["step"]), float(row[self.monitor_key]))
+                # A round with non-finite scores logged its finite metrics but fed NaN to the tracker: replay that.
+                value = math.nan if row.get(KEY_NONFINITE) else float(row[self.monitor_key])
+                self.peak_tracker.update(int(row["step"]), value)
                 self.history.append({k: v for k, v in row.items() if k.startswith(METRIC_PREFIX) or k == "step"})
                 self.last_probe_step = int(row["step"])
+                self.probe_seconds_total += float(row.get(KEY_SECONDS, 0.0))
         if self.peak_tracker.peak_step is not None:
-            path = os.path.join(self.trainer.args.output_dir, f"checkpoint-{self.peak_tracker.peak_step}")
-            self.peak_checkpoint = path if os.path.isdir(path) else None
+            # The peak checkpoint: where the run saved it (it may be outside this output_dir when the run is resumed
+            # from a copied checkpoint), else checkpoint-{peak} in this output_dir; or why it could not be saved.
+            name = f"checkpoint-{self.peak_tracker.peak_step}"
+            saved = self._saved_state(state) or {}
+            candidates = [saved.get("peak_checkpoint"), os.path.join(self.trainer.args.output_dir, name)]
+            self.peak_checkpoint = next((p for p in candidates if isinstance(p, str) and
+                                         os.path.basename(os.path.normpath(p)) == name and os.path.isdir(p)), None)
+            if self.peak_checkpoint is None and isinstance(saved.get("peak_save_error"), str):
+                self.peak_save_error = saved["peak_save_error"]
         if self.peak_tracker.num_events:
             tracker = self.peak_tracker
             logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
@@ -312,12 +454,75 @@ class ContextRelianceCallback(TrainerCallback):
         self.stop_reason = None
         self.stop_step = None
         self.peak_checkpoint = None
+        self.peak_save_error = None
+        self._refresh_state_of = None
         self.probe_seconds_total = 0.0
+        self.probe_events = 0
         self.last_restored = False
         self.restored_from = None
         self._baseline_weights = None
         self.active_indices = None  # known_only: re-selected on the model as it is now
         self.known_counts = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State that survives a resume (what state.log_history cannot rebuild)
+    # ------------------------------------------------------------------------------------------------------------
+    def _export_state(self, state: TrainerState) -> None:
+        """Keep the resume state in ``state.stateful_callbacks``: every checkpoint saved from now on carries it.
+        Only when there is something to keep (``known_only`` or ``save_peak_checkpoint``)."""
+        if not (self.known_only or self.save_peak_checkpoint):
+            return
+        entries = state.stateful_callbacks.setdefault(STATE_KEY, {})
+        selected = self.active_indices if self.known_only else None
+        entries[self.monitor_key] = {
+            "version": 1,
+            "known_only_probe_ids": None if selected is None else [self.probes[i].id for i in selected],
+            "known_counts": self.known_counts if self.known_only else None,
+            "peak_checkpoint": self.peak_checkpoint,
+            "peak_save_error": self.peak_save_error,
+        }
+
+    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
+        """This callback's entry in a resumed ``state`` (``None`` when the checkpoint has none)."""
+        entries = (state.stateful_callbacks or {}).get(STATE_KEY)
+        entry = entries.get(self.monitor_key) if isinstance(entries, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    def _resume_selection(self, state: TrainerState) -> None:
+        """``known_only`` on resume: monitor the probes selected at the start of the run, not a new selection made
+        on the fine-tuned weights. Sets ``active_indices`` to ``None`` (recompute) with a warning when it cannot."""
+        saved = self._saved_state(state)
+        ids = saved.get("known_only_probe_ids") if saved else None
+        if not self.known_only:
+            if ids is not None:
+                logger.warning(
+                    "ctx_callback: the resumed run was started with known_only=True (%d probes monitored), but this "
+                    "callback has known_only=False: it monitors all %d probes from step %d on, so its values are not "
+                    "comparable with the rows logged before.", len(ids), len(self.probes), state.global_step,
+                )
+            return
+        self.active_indices = None
+        if saved is None:
+            reason = (f"the checkpoint's {TRAINER_STATE_FILE} holds no ctx_callback state (the run was started "
+                      "without known_only=True, or with an older ctx_callback)")
+        elif ids is None:
+            reason = "the run was started with known_only=False"
+        else:
+            index = {probe.id: i for i, probe in enumerate(self.probes)}
+            missing = [probe_id for probe_id in ids if probe_id not in index]
+            if not missing:
+                self.active_indices = [index[probe_id] for probe_id in ids]
+                self.known_counts = saved.get("known_counts")
+                logger.info("ctx_callback: resumed with the known_only probe selection made at the start of the "
+                            "run (%d/%d probes).", len(ids), len(self.probes))
+                return
+            reason = f"{len(missing)} of its probe ids are not among this callback's probes ({missing[:3]})"
+        logger.warning(
+            "ctx_callback: known_only=True on a resumed run, but the probe selection made at the start of the run "
+            "cannot be restored: %s. Recomputing it on the current, already fine-tuned weights (step %d): it can "
+            "differ from the probes the logged history measured, and then the resumed run's peak and stop decisions "
+            "can differ from an uninterrupted run's.", reason, state.global_step,
+        )
 
     def _check_output_dir_writable(self, args: TrainingArguments) -> None:
         """Raise before the first step if the peak checkpoints could not be written (every rank raises alike)."""
@@ -343,9 +548,31 @@ class ContextRelianceCallback(TrainerCallback):
     # Probing and logging
     # ------------------------------------------------------------------------------------------------------------
     def _log(self, row: dict[str, float], control: TrainerControl) -> None:
+        """Log ``row`` through the base ``Trainer.log``: into ``state.log_history``, then every callback's ``on_log``
+        (the trackers first). ``control.should_log`` is restored afterwards (``on_log`` clears it, which would drop
+        the Trainer's own loss row for the step).
+
+        A tracker (or any callback) that raises in ``on_log`` on this row does not stop training: ``Trainer.log``
+        appended the row to ``state.log_history`` before calling ``on_log``, so it is kept (and reaches
+        ``trainer_state.json``); only the trackers from the failing one on miss it. The first such error is a
+        warning, later ones DEBUG messages. ``strict=True`` re-raises it.
+        """
         should_log = control.should_log
-        Trainer.log(self.trainer, dict(row))  # base class: SFTTrainer.log would add its running averages
-        control.should_log = should_log
+        try:
+            Trainer.log(self.trainer, dict(row))  # base class: SFTTrainer.log would add its running averages
+        except Exception as err:  # noqa: BLE001 - a tracker failing on our row must not kill a long run
+            if self.strict:
+                raise
+            failures = getattr(self, "_tracker_failures", 0)
+            self._tracker_failures = failures + 1
+            (logger.debug if failures else logger.warning)(
+                "ctx_callback: a tracker raised while logging the ctx_reliance row at step %d (%s: %s); training "
+                "continues. The row is in trainer.state.log_history (and trainer_state.json); the trackers from the "
+                "failing one on missed it. Further tracker errors on these rows are logged at DEBUG level.",
+                self.trainer.state.global_step, type(err).__name__, err,
+            )
+        finally:
+            control.should_log = should_log
 
     def _probe(self, model: torch.nn.Module, state: TrainerState, control: TrainerControl) -> PeakDecision | None:
         assert self.scorer is not None
@@ -353,8 +580,11 @@ class ContextRelianceCallback(TrainerCallback):
         indices = self.active_indices if self.active_indices is not None else range(len(self.probes))
         plan = plan_probes(indices, self.trainer)  # this rank's share (all probes under FSDP / ZeRO-3)
         self.scorer.synced_gpus = plan.sharded_params
+        variants = self._round_variants()  # identical on every rank: the event index is
+        # ``variants=`` only when it is a subset: a default round calls score_raw exactly as before.
+        options = {} if variants is None else {"variants": variants}
         try:
-            result = run_round(lambda mine: self.scorer.score_raw(model, mine), ScoreResult.merge, plan)
+            result = run_round(lambda mine: self.scorer.score_raw(model, mine, **options), ScoreResult.merge, plan)
             metrics = self.scorer.metrics(result)
         except Exception as err:  # noqa: BLE001 - a failed probe must not kill a long run unless strict
             if self.strict:
@@ -364,7 +594,11 @@ class ContextRelianceCallback(TrainerCallback):
             self._log({KEY_FAILED: 1.0}, control)
             return None
         self.probe_seconds_total += result.seconds
-        value = metrics.get(self.monitor_key, math.nan)
+        self.probe_events += 1
+        # NaN/inf scores (NaN/inf logits): the metrics over the finite rest are logged for diagnosis, but the round
+        # is flagged and its monitored value is NaN for the peak tracker: never a peak, never counts toward patience.
+        nonfinite = result.nonfinite_scores
+        value = math.nan if nonfinite else metrics.get(self.monitor_key, math.nan)
         # Every rank feeds the tracker identical values; the decision is still taken once and shared, so that
         # stopping and saving (a barrier) happen on all ranks or on none.
         decision = broadcast_from_main(self.peak_tracker.update(step, value), plan)
@@ -373,14 +607,21 @@ class ContextRelianceCallback(TrainerCallback):
         row[KEY_PEAK_VALUE] = float(decision.peak_value)
         row[KEY_PEAK_STEP] = float(decision.peak_step) if decision.peak_step is not None else math.nan
         row[KEY_SECONDS] = float(result.seconds)
-        if math.isnan(value):
+        row[KEY_NONFINITE] = float(nonfinite)
+        if nonfinite:
+            logger.warning("ctx_callback: %d probe score(s) at step %d are not finite (NaN/inf logits?): the round is "
+                           "flagged (%s = 1.0) and can neither be the peak nor count toward patience; its metrics over "
+                           "the finite scores are logged for diagnosis only.", nonfinite, step, KEY_FAILED)
+            row[KEY_FAILED] = 1.0
+        elif math.isnan(value):
             logger.warning("ctx_callback: the monitored metric %s is NaN at step %d (NaN logits?).",
                            self.monitor_key, step)
             row[KEY_FAILED] = 1.0
         if decision.should_stop:
             row[KEY_STOPPED] = 1.0
         self._log(row, control)
-        self.latest_metrics = metrics
+        # What on_evaluate hands to metric_for_best_model: NaN for a flagged round, so it is never the Trainer's best.
+        self.latest_metrics = {k: math.nan for k in metrics} if nonfinite else metrics
         self.last_probe_step = step
         self.history.append({**{k: v for k, v in row.items()}, "step": step})
         return decision
@@ -393,15 +634,8 @@ class ContextRelianceCallback(TrainerCallback):
         if decision.is_new_peak and step == 0 and self.restore_peak_at_end and model is not None:
             self._keep_baseline(model)
         if decision.is_new_peak and self.save_peak_checkpoint and step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{step}")
-            control.should_save = True
-            self.peak_checkpoint = path
-            self._baseline_weights = None  # a later peak has its checkpoint: the baseline copy is no longer needed
-            if args.metric_for_best_model is None:
-                # We own the Trainer's "best" bookkeeping: rotation (save_total_limit) then keeps this folder.
-                state.best_global_step = step
-                state.best_metric = float(decision.peak_value)
-                state.best_model_checkpoint = path
+            self._baseline_weights = None  # a later peak: the baseline copy is no longer the peak's weights
+            self._save_peak(args, state, control, step, float(decision.peak_value))
         if decision.should_stop:
             control.should_training_stop = True
             self.stop_reason = decision.reason
@@ -409,7 +643,96 @@ class ContextRelianceCallback(TrainerCallback):
             message = f"ctx_callback: stopping training at step {step}: {decision.reason}."
             if self.peak_checkpoint:
                 message += f" Peak checkpoint: {self.peak_checkpoint}."
+            elif self.peak_save_error:
+                message += f" The peak checkpoint was not saved ({self.peak_save_error})."
             self._announce(message, state)
+
+    def _save_peak(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, step: int,
+                   value: float) -> None:
+        """Save ``checkpoint-{step}`` for a new peak; a failed save is reported, never fatal (class docstring)."""
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        own_best = args.metric_for_best_model is None  # then we own the Trainer's "best" bookkeeping
+        previous = (state.best_global_step, state.best_metric, state.best_model_checkpoint)
+        self.peak_checkpoint, self.peak_save_error = path, None
+        self._export_state(state)  # the checkpoint's own Trainer state names it as the peak
+        if control.should_save and args.save_strategy != "best":
+            # The Trainer saves this step anyway (save_steps, or another callback asked), right after this event:
+            # no second save. A failure there is the Trainer's own scheduled save failing, as without this callback.
+            if own_best:
+                state.best_global_step, state.best_metric, state.best_model_checkpoint = step, value, path
+            return
+        if own_best:  # set before the save: rotation (save_total_limit), run inside it, then keeps this folder
+            state.best_global_step, state.best_metric, state.best_model_checkpoint = step, value, path
+        plan = plan_probes([], self.trainer)
+        best_step = state.best_global_step
+        if plan.distributed:
+            # With best_global_step set, _save_checkpoint runs a barrier after rank 0 wrote the weights: a rank
+            # failing before it would leave the others waiting there. Unset for the call, the first collective after
+            # a failure is the agreement below, which every rank reaches. What the Trainer does after that barrier
+            # (point best_model_checkpoint at its best step's folder if it exists) is done here, before the call.
+            if not own_best and args.save_strategy in ("steps", "epoch", "best") and best_step:
+                best = os.path.join(args.output_dir, f"checkpoint-{best_step}")
+                if os.path.exists(best):
+                    state.best_model_checkpoint = best
+            state.best_global_step = None
+        error = None
+        try:
+            self.trainer._save_checkpoint(self.trainer.model_wrapped, None)
+        except Exception as err:  # noqa: BLE001 - a full disk must not end a long run; reported below
+            error = f"{type(err).__name__}: {err}"
+        finally:
+            state.best_global_step = best_step
+        outcomes = gather_outcomes(error, plan)  # every rank learns every rank's outcome: all decide alike
+        errors = [f"rank {rank}: {e}" if plan.distributed else e for rank, e in enumerate(outcomes) if e]
+        if not errors:
+            if args.should_save:
+                self._refresh_state_of = path
+            # As the Trainer does after each of its saves (W&B, MLflow, ... upload checkpoints in on_save).
+            self.trainer.callback_handler.on_save(args, state, control)
+            return
+        state.best_global_step, state.best_metric, state.best_model_checkpoint = previous
+        self.peak_checkpoint = None
+        self.peak_save_error = f"saving {path} failed: {'; '.join(errors)}"
+        cleanup = self._remove_partial_checkpoint(args, path)
+        self._export_state(state)
+        if self.strict:
+            raise RuntimeError(f"ctx_callback: {self.peak_save_error}")
+        logger.warning(
+            "ctx_callback: could not save the peak checkpoint %s (%s); training continues. %s The summary reports "
+            "peak_checkpoint: null and the error as peak_save_error, and restore_peak_at_end keeps the final weights "
+            "unless a later peak is saved (free space or fix permissions in output_dir for that).",
+            path, "; ".join(errors), cleanup,
+        )
+
+    @staticmethod
+    def _remove_partial_checkpoint(args: TrainingArguments, path: str) -> str:
+        """Remove what a failed save left (resume_from_checkpoint=True would pick it as the last checkpoint)."""
+        if not args.should_save or not os.path.isdir(path):
+            return "No partial folder was left."
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            return (f"The partial folder could not be removed ({type(err).__name__}: {err}): delete it before "
+                    "resume_from_checkpoint=True, which would pick it as the last checkpoint.")
+        return "The partial folder was removed."
+
+    def _refresh_saved_state(self, state: TrainerState) -> None:
+        """Re-write ``trainer_state.json`` of the checkpoint saved during the last step, now that the Trainer has
+        logged and evaluated that step, so it holds what a checkpoint the Trainer saves itself holds (the step's loss
+        row, eval metrics, best metric, ``ExportableState`` callbacks' states)."""
+        path, self._refresh_state_of = self._refresh_state_of, None
+        if path is None or not os.path.isdir(path):
+            return
+        for callback in self.trainer.callback_handler.callbacks:  # as _save_checkpoint does (lists: left as they are)
+            name = type(callback).__name__
+            if isinstance(callback, ExportableState) and isinstance(state.stateful_callbacks.get(name), dict):
+                state.stateful_callbacks[name] = callback.state()
+        try:
+            state.save_to_json(os.path.join(path, TRAINER_STATE_FILE))
+        except OSError as err:
+            logger.warning("ctx_callback: could not update %s in %s (%s: %s); the checkpoint stays resumable, but its "
+                           "state lacks what the Trainer logged at step %d after the save.", TRAINER_STATE_FILE, path,
+                           type(err).__name__, err, state.global_step)
 
     def _announce(self, message: str, state: TrainerState) -> None:
         """Log ``message`` at INFO; with ``verbose=True`` also print it, on the main process only."""
@@ -423,6 +746,8 @@ class ContextRelianceCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._check_wiring(state, kwargs)
         model = kwargs["model"]
+        check_probe_dtype_device(self.probe_dtype, _device_of(model))  # float16 off CUDA: before the first step
+        self._check_best_metric(args)
         if state.global_step == 0:
             self._start_fresh()
         else:
@@ -450,6 +775,7 @@ class ContextRelianceCallback(TrainerCallback):
         self.stop_step = None
         if state.global_step > 0:
             self._replay_history(state)
+            self._resume_selection(state)
         if self.known_only and self.active_indices is None:
             self.active_indices, self.known_counts = self.scorer.known_probe_indices(model)
             summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(self.known_counts.items()))
@@ -460,8 +786,14 @@ class ContextRelianceCallback(TrainerCallback):
                     "known_only=True kept no probes: the model prefers the parametric answer closed-book for none of "
                     "them. Use other probes or known_only=False."
                 )
+        self._export_state(state)
         if self.probe_at_start and state.global_step == 0 and self.last_probe_step is None:
             self._act(self._probe(model, state, control), args, state, control, model)
+        return control
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._refresh_state_of is not None:  # the previous step's logging/evaluation is done
+            self._refresh_saved_state(state)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -490,6 +822,8 @@ class ContextRelianceCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
+        if self._refresh_state_of is not None:
+            self._refresh_saved_state(state)
         restored = False
         peak_step = self.peak_tracker.peak_step
         if self.restore_peak_at_end and model is not None and peak_step is not None and peak_step != state.global_step:
@@ -497,6 +831,11 @@ class ContextRelianceCallback(TrainerCallback):
                 restored = self._restore_baseline(model)
             elif self.peak_checkpoint:
                 restored = self._restore(model, self.peak_checkpoint)
+            elif self.peak_save_error:
+                logger.warning(
+                    "ctx_callback: restore_peak_at_end=True, but the peak (step %d) was not saved (%s); the model "
+                    "keeps its final weights (step %d).", peak_step, self.peak_save_error, state.global_step,
+                )
             else:
                 logger.warning(
                     "ctx_callback: restore_peak_at_end=True, but the peak (step %d) has neither a checkpoint nor an "
@@ -571,7 +910,8 @@ class ContextRelianceCallback(TrainerCallback):
         ``train()`` call ran (``None`` before training) and ``end_step`` the global step training ended (or is) at.
         With ``trained_steps == 0`` no measurement was taken after training: ``final_step`` is the baseline step.
         ``restored_from`` says where restored weights came from: the checkpoint's path, ``"baseline (in memory)"``
-        (then ``peak_checkpoint`` is ``None``), or ``None`` when nothing was restored.
+        (then ``peak_checkpoint`` is ``None``), or ``None`` when nothing was restored. ``peak_save_error`` says why
+        the current peak has no checkpoint when saving it failed (then ``peak_checkpoint`` is ``None``).
         """
         values = [(row["step"], row.get(self.monitor_key)) for row in self.history if self.monitor_key in row]
         end_step = None
@@ -589,6 +929,7 @@ class ContextRelianceCallback(TrainerCallback):
             "stop_step": self.stop_step,
             "stop_reason": self.stop_reason,
             "peak_checkpoint": self.peak_checkpoint,
+            "peak_save_error": self.peak_save_error,
             "restored_peak": restored,
             "restored_from": self.restored_from if restored else None,
             "trained_steps": None if end_step is None else end_step - int(self.train_start_step or 0),
@@ -612,6 +953,7 @@ class ContextRelianceCallback(TrainerCallback):
             f"  stopped early at step {s['stop_step']}" if s["stop_step"] is not None else "  no early stop",
             "  peak checkpoint: None (the peak is the baseline; restored from its in-memory copy)"
             if s["restored_from"] == RESTORED_FROM_BASELINE
+            else f"  peak checkpoint: not saved ({s['peak_save_error']})" if s["peak_save_error"]
             else f"  peak checkpoint: {s['peak_checkpoint']}" + (" (restored)" if restored else ""),
             f"  probing took {s['probe_seconds_total']:.1f}s over {s['probe_events']} events",
         ]

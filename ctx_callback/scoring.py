@@ -13,11 +13,22 @@ picks the rows to score, runs an engine under :func:`probe_mode`, and fills the 
 Forward passes run under ``torch.no_grad()`` (not ``inference_mode``: inference tensors cached inside modules
 break a later backward), with ``use_cache`` off except for the prefix cache, in ``eval`` mode. :func:`probe_mode`
 restores every module's train/eval flag and the Python, NumPy and torch RNG states afterwards.
+
+Precision: by default a round runs in the dtype the training step uses (the model as given; under the Trainer's
+mixed precision its forward is already wrapped in autocast). ``probe_dtype="bfloat16"`` (or ``"float16"``, CUDA only)
+runs the round under ``torch.autocast`` in that dtype instead, leaving the weights untouched (see
+:func:`resolve_probe_dtype`). A round can also score a subset of the encoded variants (``score_raw(...,
+variants=("context",))``): the callback's ``controls_every`` scores the control variants on some rounds only.
+
+Faults inside a round (see :meth:`ProbeScorer.score_raw`): an out-of-memory error in a forward pass retries the
+round with halved batch budgets, down to one probe item per forward pass; non-finite scores (NaN/inf logits) are
+kept in the table and counted (:attr:`ScoreResult.nonfinite_scores`), so that the caller can flag the round.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +47,9 @@ from .engines import (
     LoglikEngine,
     create_loglik_engine,
     engine_names,
+    is_out_of_memory,
 )
+from .engines.base import _device_of
 from .errors import ConfigurationError
 from .formatting import resolve_prompt_format
 from .matching import match_answers, normalize_answer
@@ -44,9 +57,102 @@ from .metrics import compute_metrics
 from .models import max_positions
 from .probes import Probe
 
-__all__ = ["ProbeScorer", "ScoreReport", "ScoreResult", "normalize_answer", "probe_mode"]
+__all__ = [
+    "PROBE_DTYPES",
+    "ProbeScorer",
+    "ScoreReport",
+    "ScoreResult",
+    "check_probe_dtype_device",
+    "normalize_answer",
+    "probe_autocast",
+    "probe_mode",
+    "resolve_probe_dtype",
+]
+
+logger = logging.getLogger(__name__)
 
 _MODES = ("loglik", "generate")
+
+#: What ``probe_dtype`` accepts besides ``None`` (the dtype the training step uses), and the torch dtype of each.
+PROBE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probe precision: autocast in a lower dtype, weights untouched
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_probe_dtype(probe_dtype: Any) -> str | None:
+    """Validate a ``probe_dtype`` option and return its canonical name.
+
+    Args:
+        probe_dtype: ``None`` (probe in the dtype the training step uses: the model as given, under the Trainer's
+            autocast if any), ``"bfloat16"`` or ``"float16"`` (or the matching ``torch.dtype``): probe under
+            ``torch.autocast(device_type, dtype=...)``, the weights left as they are.
+
+    Returns:
+        ``None``, ``"bfloat16"`` or ``"float16"``.
+
+    Raises:
+        ConfigurationError: Any other value, or ``"float16"`` where CUDA is not available (float16 autocast is
+            supported on CUDA only here: on CPU it is slow and overflows where bfloat16 does not).
+    """
+    if probe_dtype is None:
+        return None
+    if isinstance(probe_dtype, torch.dtype):
+        names = {dtype: name for name, dtype in PROBE_DTYPES.items()}
+        name = names.get(probe_dtype)
+    else:
+        name = probe_dtype if isinstance(probe_dtype, str) and probe_dtype in PROBE_DTYPES else None
+    if name is None:
+        raise ConfigurationError(
+            f"probe_dtype must be None (the dtype the training step uses) or one of {list(PROBE_DTYPES)}, got "
+            f"{probe_dtype!r}. It sets the autocast dtype of the probe forward passes; the weights are not cast."
+        )
+    if name == "float16" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            'probe_dtype="float16" needs a CUDA device (float16 autocast is not supported for probing on CPU); '
+            'use probe_dtype="bfloat16" on CPU, or None.'
+        )
+    return name
+
+
+def check_probe_dtype_device(probe_dtype: str | None, device: torch.device | str) -> None:
+    """Raise when ``probe_dtype`` cannot run on ``device`` (float16 off CUDA; no autocast for the device type).
+
+    Raises:
+        ConfigurationError: Naming the dtype and the device.
+    """
+    if probe_dtype is None:
+        return
+    device_type = torch.device(device).type
+    if probe_dtype == "float16" and device_type != "cuda":
+        raise ConfigurationError(
+            f'probe_dtype="float16" is supported on CUDA only, but the model is on {device_type!r}; use '
+            'probe_dtype="bfloat16" (native on CPUs with AVX-512 BF16 / AMX) or None.'
+        )
+    if not torch.amp.is_autocast_available(device_type):
+        raise ConfigurationError(
+            f"probe_dtype={probe_dtype!r}: torch has no autocast for device type {device_type!r}; use None."
+        )
+
+
+def probe_autocast(model: torch.nn.Module, probe_dtype: str | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast(<model's device type>, dtype=probe_dtype)``, or a no-op context for ``None``.
+
+    Under autocast, matrix multiplications run in ``probe_dtype`` on bf16/fp16 copies of the weights (cached for the
+    context's duration: about half an fp32 model's size, freed on exit); the parameters are never modified. Where the
+    model's forward wraps itself in the Trainer's own autocast (``bf16=True``/``fp16=True`` training), that inner
+    autocast takes precedence, so the round runs in the training precision anyway.
+
+    Raises:
+        ConfigurationError: See :func:`check_probe_dtype_device`.
+    """
+    if probe_dtype is None:
+        return contextlib.nullcontext()
+    device = _device_of(model)
+    check_probe_dtype_device(probe_dtype, device)
+    return torch.autocast(device.type, dtype=PROBE_DTYPES[probe_dtype])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +199,9 @@ class ScoreResult:
         generations: Generation mode: ``[rows][variants]`` generated texts (``None`` where not scored).
         mode: ``"loglik"`` or ``"generate"``.
         seconds: Wall time spent scoring.
+        scored: ``[rows, variants]`` bool: which (probe, variant) cells were scored (a probe without an aligned
+            context has no ``"aligned"`` row). ``None`` for results built without it: then every ``"context"`` cell
+            counts as scored (every probe has one) and so does every infinite value.
     """
 
     probe_indices: np.ndarray
@@ -101,6 +210,20 @@ class ScoreResult:
     generations: list[list[str | None]] | None = None
     mode: str = "loglik"
     seconds: float = 0.0
+    scored: np.ndarray | None = None
+
+    @property
+    def nonfinite_scores(self) -> int:
+        """How many scored values are NaN or infinite (NaN/inf logits, a diverged model): a round with any is not
+        trustworthy, however finite its metrics over the rest look."""
+        bad = ~np.isfinite(self.scores)
+        if self.scored is not None:
+            return int(np.count_nonzero(bad & self.scored[..., None]))
+        count = int(np.count_nonzero(np.isinf(self.scores)))
+        if "context" in self.variants:
+            col = self.variants.index("context")
+            count += int(np.count_nonzero(np.isnan(self.scores[:, col])))
+        return count
 
     @classmethod
     def merge(cls, results: Sequence[ScoreResult]) -> ScoreResult:
@@ -114,6 +237,9 @@ class ScoreResult:
         if all(r.generations is not None for r in results):
             flat = [g for r in results for g in r.generations]  # type: ignore[union-attr]
             gens = [flat[i] for i in order]
+        scored = None
+        if all(r.scored is not None for r in results):
+            scored = np.concatenate([r.scored for r in results])[order]  # type: ignore[misc]
         return cls(
             probe_indices=indices[order],
             variants=results[0].variants,
@@ -121,6 +247,7 @@ class ScoreResult:
             generations=gens,
             mode=results[0].mode,
             seconds=max(r.seconds for r in results),
+            scored=scored,
         )
 
 
@@ -198,9 +325,31 @@ class ProbeScorer:
         system_prompt: Chat format: an optional system message.
         chat_template_kwargs: Chat format: extra ``apply_chat_template`` arguments (use the training ones).
         per_family: Also report ``ctx_reliance/<family>/<metric>``.
+        probe_dtype: Precision of the probe forward passes. ``None`` (default): the dtype the training step uses,
+            i.e. the model as given (and, inside a Trainer with ``bf16=True``/``fp16=True``, the Trainer's autocast,
+            which wraps the model's forward). ``"bfloat16"``: every round runs under
+            ``torch.autocast(<device type>, dtype=torch.bfloat16)``, the weights untouched; about 2x faster on
+            hardware with native bf16 (CPUs with AVX-512 BF16 / AMX, recent GPUs) for fp32 models, at a small,
+            documented loss of precision (README, "bf16 probing and control cadence"). ``"float16"``: the same in
+            float16, CUDA only. Log-softmax and the sums of answer log-probabilities stay in float32/float64.
+
+    Out of memory: when a forward pass of a round raises ``torch.OutOfMemoryError`` (or a ``RuntimeError`` that
+    says "out of memory"), the accelerator's cached memory is freed and the whole round is retried with both budgets
+    halved, down to ``max_batch_size=1`` (one probe item per forward pass); every retry logs a warning with the
+    budget it tried and the one it retries with. The scores equal those of an unconstrained round (batching changes
+    the float summation order only). The budget that worked is *remembered* for later rounds (:attr:`batcher`),
+    deliberately: memory pressure during training is much the same from step to step, so starting every round from
+    the configured budget would repeat the failing forward pass (and fragment the CUDA allocator) each time. The
+    configured :attr:`max_batch_tokens` / :attr:`max_batch_size` do not change; :meth:`reset_budget` goes back to
+    them. If even one item per forward pass runs out of memory, the round raises the error (the callback logs
+    ``ctx_reliance/probe_failed`` and training goes on) and the budget is left as it was before the round. Not
+    retried: with :attr:`synced_gpus` (FSDP / ZeRO-3 parameter sharding), where the other ranks are waiting inside
+    the failed forward pass's collective and no retry on one rank can bring them back (lower the budgets instead),
+    and with the ``"simple"`` engine, which runs one row per forward pass already.
 
     Raises:
-        ConfigurationError: An argument is out of range or names an unknown mode, engine or variant.
+        ConfigurationError: An argument is out of range or names an unknown mode, engine or variant, or
+            ``probe_dtype`` is not ``None``/``"bfloat16"``/``"float16"`` (``"float16"`` without CUDA).
         ProbeLengthError: A probe does not fit ``max_length`` (here), or a scored model's maximum positions (when
             scoring).
         ProbeFormatError: An answer tokenizes to nothing.
@@ -222,7 +371,9 @@ class ProbeScorer:
         system_prompt: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         per_family: bool = True,
+        probe_dtype: str | None = None,
     ) -> None:
+        self.probe_dtype = resolve_probe_dtype(probe_dtype)
         if mode not in _MODES:
             raise ConfigurationError(f"mode must be one of {list(_MODES)}, got {mode!r}.")
         if engine not in engine_names():
@@ -250,6 +401,8 @@ class ProbeScorer:
         )
         #: Prompt + longer answer of the longest item: a model with at least this many positions fits every probe.
         self._longest_item = max((item.total_length for item in self.encoded.items), default=0)
+        #: The budgets forward passes are cut with: the configured ones, or smaller ones that an out-of-memory retry
+        #: found to work (see "Out of memory" above; :meth:`reset_budget` restores the configured ones).
         self.batcher = Batcher(max_batch_tokens, max_batch_size)
         #: The log-likelihood engine (``AutoEngine`` for ``"auto"``), and the one for calls it does not apply to.
         self.loglik_engine: LoglikEngine = create_loglik_engine(engine, self.encoded, self.batcher)
@@ -275,13 +428,38 @@ class ProbeScorer:
             return self.loglik_engine.active_name
         return self.engine
 
-    def score(self, model: torch.nn.Module, probe_indices: Sequence[int] | None = None) -> ScoreReport:
-        """Score ``model`` on all probes (or ``probe_indices``) and compute the metrics."""
-        result = self.score_raw(model, probe_indices)
+    def reset_budget(self) -> None:
+        """Cut forward passes with the configured ``max_batch_tokens`` / ``max_batch_size`` again (after an
+        out-of-memory retry left a smaller working budget in :attr:`batcher`)."""
+        self._set_batcher(Batcher(self.max_batch_tokens, self.max_batch_size))
+
+    def score(self, model: torch.nn.Module, probe_indices: Sequence[int] | None = None, *,
+              variants: Sequence[str] | None = None) -> ScoreReport:
+        """Score ``model`` on all probes (or ``probe_indices``) and compute the metrics (see :meth:`score_raw` for
+        ``variants``)."""
+        result = self.score_raw(model, probe_indices, variants=variants)
         return ScoreReport(metrics=self.metrics(result), result=result, probes=self.probes)
 
+    def round_variants(self, variants: Sequence[str] | None) -> tuple[str, ...]:
+        """The variants a round scores: ``variants`` validated and put in encoding order (all encoded ones for
+        ``None``).
+
+        Raises:
+            ConfigurationError: A variant that was not encoded, or a subset without ``"context"``.
+        """
+        if variants is None:
+            return self.variants
+        wanted = set(variants)
+        unknown = sorted(wanted - set(self.variants))
+        if unknown:
+            raise ConfigurationError(f"variants {unknown} were not encoded; this scorer has {list(self.variants)}.")
+        if "context" not in wanted:
+            raise ConfigurationError("a round must score the 'context' variant (it holds the knowledge conflict).")
+        return tuple(v for v in self.variants if v in wanted)
+
     def metrics(self, result: ScoreResult) -> dict[str, float]:
-        """Metrics of a (merged) :class:`ScoreResult`."""
+        """Metrics of a (merged) :class:`ScoreResult`: only those its variants can give (a round that scored the
+        ``"context"`` variant alone has no ``closed_book_accuracy``, ``aligned_accuracy`` or ``context_lift``)."""
         families = [self.probes[int(i)].family for i in result.probe_indices]
         return compute_metrics(result.scores, families, result.variants, mode=result.mode, per_family=self.per_family)
 
@@ -296,29 +474,85 @@ class ProbeScorer:
         if limit is not None and limit < self._longest_item:
             check_lengths(self.probes, self.encoded.items, limit)
 
-    def score_raw(self, model: torch.nn.Module, probe_indices: Sequence[int] | None = None) -> ScoreResult:
+    def score_raw(self, model: torch.nn.Module, probe_indices: Sequence[int] | None = None, *,
+                  variants: Sequence[str] | None = None) -> ScoreResult:
         """Per-probe scores for ``probe_indices`` (all probes by default), without metrics (for sharding).
+
+        Args:
+            model: The model to score (called as given; see the class's notes on wrappers).
+            probe_indices: Indices into :attr:`probes`; ``None`` for all.
+            variants: The encoded variants to score this round (must include ``"context"``); ``None`` for all. The
+                items of the other variants are skipped (no forward pass), and the result has columns for the
+                scored variants only, so :meth:`metrics` emits no metric of an unscored variant (no NaN rows).
+                Every rank of a sharded round must pass the same ``variants``.
+
+        A forward pass that runs out of memory retries the round with smaller batches (see the class's "Out of
+        memory"); non-finite scores are kept and counted in :attr:`ScoreResult.nonfinite_scores`.
 
         Raises:
             ProbeLengthError: A probe is longer than the model's maximum positions (see :meth:`check_model_length`).
+            torch.OutOfMemoryError: Even one probe item per forward pass runs out of memory, or out of memory where
+                no retry is possible (sharded parameters, the ``"simple"`` engine). Any other error of a forward
+                pass is raised as it is, at once.
         """
+        round_variants = self.round_variants(variants)
         self.check_model_length(model)
+        check_probe_dtype_device(self.probe_dtype, _device_of(model))
         start = time.perf_counter()
         if probe_indices is None:
             indices = np.arange(len(self.probes))
         else:
             indices = np.asarray(sorted(set(map(int, probe_indices))), dtype=np.int64)
-        row_of = {int(p): r for r, p in enumerate(indices)}
-        col_of = {v: c for c, v in enumerate(self.variants)}
-        scores = np.full((len(indices), len(self.variants), 2), np.nan)
         items = self.encoded.items_for(indices.tolist())
+        if round_variants != self.variants:
+            items = [item for item in items if item.variant in round_variants]
+        round_budget = self.batcher
+        retries = 0
+        while True:
+            smaller: Batcher | None = None
+            try:
+                scores, scored, generations = self._score_round(model, indices, items, round_variants)
+                break
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                smaller = self._smaller_budget(err, items)
+                if smaller is None:
+                    self._set_batcher(round_budget)
+                    raise
+            # Outside the except block: the failed forward's traceback (and the tensors it holds) is released.
+            _free_cached_memory(model)
+            self._set_batcher(smaller)
+            retries += 1
+        if retries:
+            logger.warning(
+                "ctx_callback: the probe round completed after %d out-of-memory retr%s with max_batch_tokens=%d, "
+                "max_batch_size=%d (configured: %d, %d); later rounds start from this budget "
+                "(ProbeScorer.reset_budget() restores the configured one).", retries, "y" if retries == 1 else "ies",
+                self.batcher.max_batch_tokens, self.batcher.max_batch_size, self.max_batch_tokens,
+                self.max_batch_size,
+            )
+        return ScoreResult(indices, round_variants, scores, generations, self.mode, time.perf_counter() - start,
+                           scored=scored)
+
+    def _score_round(
+        self, model: torch.nn.Module, indices: np.ndarray, items: list[EncodedItem], variants: tuple[str, ...]
+    ) -> tuple[np.ndarray, np.ndarray, list[list[str | None]] | None]:
+        """One attempt at a round: ``(scores, scored, generations)`` (see :class:`ScoreResult`), with one column per
+        scored variant, under :func:`probe_mode` and :func:`probe_autocast`."""
+        row_of = {int(p): r for r, p in enumerate(indices)}
+        col_of = {v: c for c, v in enumerate(variants)}
+        scores = np.full((len(indices), len(variants), 2), np.nan)
+        scored = np.zeros((len(indices), len(variants)), dtype=bool)
         generations: list[list[str | None]] | None = None
-        with probe_mode(model):
+        with probe_mode(model), probe_autocast(model, self.probe_dtype):
             if self.mode == "loglik":
                 for item, values in zip(items, self._loglik(model, items)):
-                    scores[row_of[item.probe_index], col_of[item.variant]] = values
+                    r, c = row_of[item.probe_index], col_of[item.variant]
+                    scores[r, c] = values
+                    scored[r, c] = True
             else:
-                generations = [[None for _ in self.variants] for _ in indices]
+                generations = [[None for _ in variants] for _ in indices]
                 texts = self.generation_engine.generate(model, items, synced_gpus=self.synced_gpus)
                 for item, text in zip(items, texts):
                     r, c = row_of[item.probe_index], col_of[item.variant]
@@ -331,7 +565,50 @@ class ProbeScorer:
                     ])
                     scores[r, c, 0] = float(cf_hit)
                     scores[r, c, 1] = float(par_hit)
-        return ScoreResult(indices, self.variants, scores, generations, self.mode, time.perf_counter() - start)
+                    scored[r, c] = True
+        return scores, scored, generations
+
+    def _smaller_budget(self, err: BaseException, items: list[EncodedItem]) -> Batcher | None:
+        """The budget to retry a round that ran out of memory with, or ``None`` (after a warning) when a retry
+        cannot help: sharded parameters, an engine that does not batch, or one item per forward pass already."""
+        budget = self.batcher
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+        if self.synced_gpus:
+            logger.warning(
+                "ctx_callback: out of memory in a probe forward pass (%s) under sharded parameters (FSDP / ZeRO-3): "
+                "not retried, since the other ranks wait inside that forward pass's collective. Lower "
+                "max_batch_tokens / max_batch_size (now %d / %d).", reason, budget.max_batch_tokens,
+                budget.max_batch_size,
+            )
+            return None
+        if self.mode == "loglik" and not self._loglik_engine_for(items).uses_batcher:
+            logger.warning(
+                "ctx_callback: out of memory in a probe forward pass (%s); the %r engine runs one row per forward pass "
+                "and does not batch, so there is no smaller batch to retry with.", reason,
+                self._loglik_engine_for(items).name,
+            )
+            return None
+        if budget.max_batch_size <= 1:
+            logger.warning(
+                "ctx_callback: out of memory in a probe forward pass even with one probe item per forward pass "
+                "(max_batch_tokens=%d, max_batch_size=1) (%s): the round fails. Use shorter or fewer probes or "
+                "variants, or probe while less memory is in use.", budget.max_batch_tokens, reason,
+            )
+            return None
+        smaller = Batcher(max(1, budget.max_batch_tokens // 2), max(1, budget.max_batch_size // 2))
+        logger.warning(
+            "ctx_callback: out of memory in a probe forward pass with max_batch_tokens=%d, max_batch_size=%d (%s); "
+            "retrying the round with max_batch_tokens=%d, max_batch_size=%d.", budget.max_batch_tokens,
+            budget.max_batch_size, reason, smaller.max_batch_tokens, smaller.max_batch_size,
+        )
+        return smaller
+
+    def _set_batcher(self, batcher: Batcher) -> None:
+        """Cut every engine's later forward passes with ``batcher``."""
+        self.batcher = batcher
+        self.loglik_engine.set_batcher(batcher)
+        self._fallback_engine.set_batcher(batcher)
+        self.generation_engine.set_batcher(batcher)
 
     def known_probe_indices(self, model: torch.nn.Module) -> tuple[list[int], dict[str, dict[str, int]]]:
         """Knowledge verification: probes whose parametric answer the model prefers closed-book.
@@ -364,7 +641,28 @@ class ProbeScorer:
         scored by the batched engine."""
         if not items:
             return []
-        engine = self.loglik_engine
-        if not engine.applicable(items):
-            engine = self._fallback_engine
-        return engine.score(model, items)
+        return self._loglik_engine_for(items).score(model, items)
+
+    def _loglik_engine_for(self, items: list[EncodedItem]) -> LoglikEngine:
+        """The chosen engine, or the batched one for items it is not applicable to."""
+        if self.loglik_engine.applicable(items):
+            return self.loglik_engine
+        return self._fallback_engine
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, at most ``limit`` characters (CUDA's OOM messages run long)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _free_cached_memory(model: torch.nn.Module) -> None:
+    """Return the accelerator's cached blocks (``torch.cuda.empty_cache()`` and its kin) before a retry."""
+    device = _device_of(model)
+    backend = getattr(torch, device.type, None)
+    empty_cache = getattr(backend, "empty_cache", None)
+    if device.type == "cuda" and not torch.cuda.is_initialized():
+        return
+    if callable(empty_cache):
+        empty_cache()

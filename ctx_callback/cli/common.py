@@ -78,6 +78,8 @@ SCAN_FORMAT = "ctx_callback.scan/1"
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _DTYPES = ("float32", "bfloat16", "float16")
+#: ``--probe-dtype`` (the autocast dtype of the forward passes; ``ctx_callback.scoring.PROBE_DTYPES``).
+_PROBE_DTYPES = ("bfloat16", "float16")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 EPILOG = """exit codes:
@@ -203,6 +205,9 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
                    help="PEFT adapters: base model to apply them to; default: base_model_name_or_path from "
                         "adapter_config.json")
     g.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype for scoring")
+    g.add_argument("--probe-dtype", choices=_PROBE_DTYPES, default=None,
+                   help="run the forward passes under torch.autocast in this dtype, the weights left in --dtype "
+                        "(as the callback's probe_dtype); float16 needs a CUDA --device; default: no autocast")
     g.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     g.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N",
                    help="padded tokens per forward pass (lower it on out-of-memory errors)")
@@ -342,12 +347,23 @@ def max_positions_of(source: str | None) -> int | None:
 
 
 def build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, max_length: int | None) -> Any:
-    from ..scoring import ProbeScorer
+    """The scorer the probe options describe.
 
+    Raises:
+        ConfigurationError: ``--probe-dtype float16`` without a CUDA ``--device`` (checked here, before any model
+            is loaded), or another bad scorer setting.
+        UsageError: Other bad input the scorer rejects.
+    """
+    from ..scoring import ProbeScorer, check_probe_dtype_device
+
+    probe_dtype = getattr(args, "probe_dtype", None)
+    if probe_dtype is not None:
+        check_probe_dtype_device(probe_dtype, resolve_device(getattr(args, "device", None)))
     try:
         return ProbeScorer(
             probes, tokenizer, args.prompt_format, mode=args.mode, variants=args.variants,
             system_prompt=args.system_prompt, max_batch_tokens=args.batch_tokens, max_length=max_length,
+            probe_dtype=probe_dtype,
         )
     except CtxCallbackError:
         raise

@@ -132,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
         model, kind = loader.load(model_name)
     except OSError as err:  # not a model directory / unknown Hub id
         raise UsageError(f"could not load model {args.model!r}: {one_line(err)}") from None
-    eprint(f"loaded {kind} model {model_name} in {time.perf_counter() - start:.1f}s; scoring {len(probes)} probes")
+    precision = f" under {scorer.probe_dtype} autocast" if scorer.probe_dtype else ""
+    eprint(f"loaded {kind} model {model_name} in {time.perf_counter() - start:.1f}s; scoring {len(probes)} probes"
+           f"{precision}")
     report = scorer.score(model)
     metrics = report.metrics
     if args.json:
-        print(json.dumps({"model": model_name, "kind": kind, "monitor": monitor_key,
+        print(json.dumps({"model": model_name, "kind": kind, "monitor": monitor_key, "probe_dtype": scorer.probe_dtype,
                           "seconds": report.result.seconds, "metrics": metrics}, indent=2))
         return EXIT_OK
     _print_table(metrics)

@@ -2,8 +2,9 @@
 
 Uses the same probes, prompt formats and scoring engine as :class:`~ctx_callback.ContextRelianceCallback`. It is
 resumable: results are kept in ``ctx_reliance_scan.json`` keyed by checkpoint name and a fingerprint of the probe
-settings (the tokenized probes, the mode and the dtype), so a re-run scores only new (or re-saved) checkpoints. A
-checkpoint that fails to load or score is skipped with a warning and is not recorded, so the next run retries it.
+settings (the tokenized probes, the mode, the dtype and the probe dtype), so a re-run scores only new (or re-saved)
+checkpoints. A checkpoint that fails to load or score is skipped with a warning and is not recorded, so the next run
+retries it.
 """
 
 from __future__ import annotations
@@ -103,16 +104,19 @@ def _weights_signature(path: Path) -> list[list[Any]]:
 
 
 def _fingerprint(scorer: Any, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """A hash of everything that determines the scores: the tokenized probes, mode, dtype (and generation length)."""
+    """A hash of everything that determines the scores: the tokenized probes, mode, dtype, probe dtype (and generation
+    length). ``--probe-dtype`` enters the hash only when given, so scans cached before it existed stay valid."""
     encoded = scorer.encoded
     digest = hashlib.sha256()
     settings = {
         "probes": args.probes, "limit_per_family": args.limit_per_family, "prompt_format": args.prompt_format,
         "system_prompt": args.system_prompt, "mode": args.mode, "variants": list(encoded.variants),
-        "dtype": args.dtype, "num_probes": len(encoded.probes),
+        "dtype": args.dtype, "probe_dtype": scorer.probe_dtype, "num_probes": len(encoded.probes),
     }
     exact = {"mode": args.mode, "dtype": args.dtype, "variants": list(encoded.variants),
              "max_new_tokens": scorer.max_new_tokens if args.mode == "generate" else None}
+    if scorer.probe_dtype is not None:
+        exact["probe_dtype"] = scorer.probe_dtype
     digest.update(json.dumps(exact, sort_keys=True).encode())
     for probe in encoded.probes:
         digest.update(json.dumps([probe.id, probe.family, probe.counterfactual_answer, probe.parametric_answer,

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from ..encoding import EncodedProbes
 from ..errors import ConfigurationError
 from .auto import AutoEngine
-from .base import LoglikEngine
+from .base import LoglikEngine, is_out_of_memory
 from .batched import BatchedEngine
 from .batching import Batcher
 from .generation import GenerationEngine
@@ -51,6 +51,7 @@ __all__ = [
     "SimpleEngine",
     "create_loglik_engine",
     "engine_names",
+    "is_out_of_memory",
     "register_engine",
 ]
 

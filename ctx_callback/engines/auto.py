@@ -5,7 +5,9 @@ Per call:
 1. no shared preamble of at least one token among the items (:meth:`PrefixCacheEngine.applicable` is false):
    the batched engine scores the call;
 2. the model's class is recorded as rejecting the prefix cache: the batched engine;
-3. otherwise the prefix-cache engine. If it raises, a warning is logged, the model's class is recorded in
+3. otherwise the prefix-cache engine. If it raises an out-of-memory error, the error propagates (the scorer
+   retries the round with smaller batches; memory says nothing about the model's support for the cache). If it
+   raises anything else, a warning is logged, the model's class is recorded in
    :attr:`AutoEngine.prefix_failures`, and the batched engine scores the whole call. Later calls with a model of
    that class go straight to the batched engine (rule 2), so the warning appears once per model class.
 
@@ -20,7 +22,7 @@ import logging
 import torch
 
 from ..encoding import EncodedItem, EncodedProbes
-from .base import LoglikEngine
+from .base import LoglikEngine, is_out_of_memory
 from .batched import BatchedEngine
 from .batching import Batcher
 from .prefix import PrefixCacheEngine
@@ -50,6 +52,11 @@ class AutoEngine(LoglikEngine):
         self.batched = BatchedEngine(encoded, batcher)
         self.prefix_failures: dict[type, str] = {}
 
+    def set_batcher(self, batcher: Batcher) -> None:
+        super().set_batcher(batcher)
+        self.prefix.set_batcher(batcher)
+        self.batched.set_batcher(batcher)
+
     def engine_for(self, model_class: type, items: list[EncodedItem]) -> LoglikEngine:
         """The engine a call with a model of ``model_class`` on ``items`` starts with."""
         if model_class in self.prefix_failures or not self.prefix.applicable(items):
@@ -69,6 +76,8 @@ class AutoEngine(LoglikEngine):
             try:
                 return self.prefix.score(model, items)
             except Exception as err:  # noqa: BLE001 - "auto" degrades gracefully; explicit "prefix" re-raises
+                if is_out_of_memory(err):
+                    raise  # not a property of the model class: the scorer retries with smaller batches
                 logger.warning(
                     "ctx_callback: the prefix-cache engine failed on %s (%s: %s); using the batched engine.",
                     type(model).__name__, type(err).__name__, err,

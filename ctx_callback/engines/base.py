@@ -11,7 +11,19 @@ import torch
 from ..encoding import EncodedItem, EncodedProbes
 from .batching import Batcher
 
-__all__ = ["LoglikEngine"]
+__all__ = ["LoglikEngine", "is_out_of_memory"]
+
+#: Phrases of out-of-memory errors that are not ``torch.OutOfMemoryError``: older torch and other backends
+#: ("CUDA out of memory", "MPS backend out of memory"), and the CPU allocator ("can't allocate memory").
+_OOM_PHRASES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error of a forward pass: a ``torch.OutOfMemoryError``, or a
+    ``RuntimeError`` whose message says so (see :data:`_OOM_PHRASES`)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(phrase in str(err).lower() for phrase in _OOM_PHRASES)
 
 
 class LoglikEngine(ABC):
@@ -28,9 +40,17 @@ class LoglikEngine(ABC):
 
     #: The registry name (set by each engine; ``LOGLIK_ENGINES`` maps it to the class).
     name: ClassVar[str] = ""
+    #: Whether the engine cuts its forward passes with :attr:`batcher`, so that a smaller budget makes them smaller
+    #: (the scorer retries a round that ran out of memory only then).
+    uses_batcher: ClassVar[bool] = True
 
     def __init__(self, encoded: EncodedProbes, batcher: Batcher) -> None:
         self.encoded = encoded
+        self.batcher = batcher
+
+    def set_batcher(self, batcher: Batcher) -> None:
+        """Cut later forward passes with ``batcher`` (the scorer's out-of-memory retry; engines that hold other
+        engines pass it on)."""
         self.batcher = batcher
 
     def applicable(self, items: list[EncodedItem]) -> bool:

@@ -45,6 +45,10 @@ class GenerationEngine:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_token_ids(tokenizer)
 
+    def set_batcher(self, batcher: Batcher) -> None:
+        """Cut later ``generate`` calls with ``batcher`` (the scorer's out-of-memory retry)."""
+        self.batcher = batcher
+
     def generate(self, model: torch.nn.Module, items: list[EncodedItem], *, synced_gpus: bool = False) -> list[str]:
         """The stripped greedy continuation of each item's prompt, special tokens removed, in the order of ``items``.
 

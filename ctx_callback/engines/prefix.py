@@ -4,6 +4,17 @@ The prompt preamble that every probe shares (the chat template's system prompt) 
 own prompt tokens run once per batch (the *tail pass*), and both candidate answers continue from that KV cache
 side by side (the *answer pass*); the vocabulary projection runs only at answer positions. Needs a model that
 accepts a ``DynamicCache`` and ``position_ids`` (every decoder-only model in transformers does).
+
+Budget: the :class:`~ctx_callback.engines.Batcher` cuts items with ``rows_per_unit=2``, a unit's length being its
+prompt tail plus its longer answer. A batch of ``B`` items then runs
+
+- the tail pass: ``B`` rows x at most (unit length - 1) tokens, so ``B x width <= max_batch_tokens / 2`` and
+  ``2B <= max_batch_size``;
+- the answer pass: ``2B`` rows x the longest answer, so ``2B x width <= max_batch_tokens``;
+
+except a batch of one item that alone exceeds the budget. The preamble pass is one row of the shared preamble
+(shorter than every prompt), once per call. Not counted in the budget: the KV cache the two passes attend to
+(preamble + tail, ``2B`` rows in the answer pass).
 """
 
 from __future__ import annotations

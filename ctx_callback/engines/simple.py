@@ -18,6 +18,7 @@ class SimpleEngine(LoglikEngine):
     """One forward pass per (prompt, answer), no batching, no cache (the batcher is not used)."""
 
     name = "simple"
+    uses_batcher = False
 
     def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
         device = _device_of(model)
