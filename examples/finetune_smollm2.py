@@ -92,6 +92,9 @@ def parse_args(argv=None):
     parser.add_argument("--report-to", default="tensorboard", help="tracker(s), as in TrainingArguments.report_to")
     parser.add_argument("--no-stop", action="store_true", help="observe only: never stop early")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-dtype", default=None, choices=["bfloat16", "float16"],
+                        help="probe under autocast in this dtype (default: as the training step runs, here fp32)")
+    parser.add_argument("--controls-every", type=int, default=1, help="score the closed-book control every K events")
     return parser.parse_args(argv)
 
 
@@ -115,7 +118,8 @@ def main(argv=None) -> dict:
     callback = ContextRelianceCallback(
         trainer, probed, limit_per_family=args.probes_per_family, variants=("context", "closed_book"),
         eval_steps=args.eval_steps, patience=None if args.no_stop else args.patience, warmup_steps=args.eval_steps * 3,
-        save_peak_checkpoint=True, restore_peak_at_end=True, plot=True,
+        save_peak_checkpoint=True, restore_peak_at_end=True, plot=True, probe_dtype=args.probe_dtype,
+        controls_every=args.controls_every,
     )
     trainer.add_callback(callback)
 
