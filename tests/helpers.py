@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 CAPITALS = [
     ("France", "Paris", "Lyon"), ("Japan", "Tokyo", "Osaka"), ("Italy", "Rome", "Milan"),
@@ -90,3 +91,15 @@ def make_trainer(model, tokenizer, output_dir, dataset=None, eval_dataset=None, 
 
 
 PROBES = capital_records()
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training at a given step; the Trainer saves that step's checkpoint (a resume point)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            control.should_save = True

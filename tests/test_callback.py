@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from ctx_callback import ContextRelianceCallback, ProbeScorer, probes_from_records
-from tests.helpers import PROBES, conflict_dataset, make_tiny_llama, make_trainer
+from tests.helpers import PROBES, StopAt, conflict_dataset, make_tiny_llama, make_trainer
 
 CF_ACC = "ctx_reliance/counterfactual_accuracy"
 CF_PROB = "ctx_reliance/counterfactual_probability"
@@ -34,18 +34,6 @@ class WeightsAtEachStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class StopAt(TrainerCallback):
-    """Interrupts training at a given step (the Trainer still saves that step's checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from ctx_callback.callback import STATE_KEY
 from ctx_callback.checkpoints import load_weights_into
-from tests.helpers import make_tiny_llama
-from tests.test_callback import StopAt, WeightsAtEachStep, rise_and_fall_run
+from tests.helpers import StopAt, make_tiny_llama
+from tests.test_callback import WeightsAtEachStep, rise_and_fall_run
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "workers" / "kill_resume.py"

@@ -22,11 +22,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from ctx_callback import ConfigurationError, ContextRelianceCallback, ProbeScorer, load_probes, probes_from_records
 from ctx_callback.scoring import check_probe_dtype_device, resolve_probe_dtype
-from tests.helpers import CAPITALS, capital_records, make_tiny_llama, make_trainer
+from tests.helpers import CAPITALS, StopAt, capital_records, make_tiny_llama, make_trainer
 
 CF_ACC = "ctx_reliance/counterfactual_accuracy"
 CONTROL_METRICS = ("closed_book_accuracy", "aligned_accuracy", "context_lift")
@@ -224,18 +223,6 @@ def test_a_round_needs_context_and_encoded_variants(tokenizer, tiny_model, capit
 # ----------------------------------------------------------------------------------------------------------------
 # controls_every in training
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class StopAt(TrainerCallback):
-    """Interrupts training at a given step, saving that step's checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 def controls_run(tokenizer, output_dir, *, extra_callbacks=(), max_steps=10, **callback_kwargs):
