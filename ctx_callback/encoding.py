@@ -6,8 +6,10 @@ Every probe gives up to three *variants* (rows of the score table):
 - ``"closed_book"``: the question alone (does the model know the fact?);
 - ``"aligned"``: a context that states the true fact + question.
 
-Each variant has one prompt and two candidate answers (counterfactual, parametric). Both answers are scored
-after the *same* prompt tokens, which lets the scoring engine share the prompt between them.
+Each variant has one prompt and its candidate answers: the counterfactual and the parametric answer for a
+two-answer probe (``answer_ids[0]`` and ``answer_ids[1]``); engines score any number of answers per item (N-way
+multiple choice, or a single target when auditing training data). Every answer is scored after the *same* prompt
+tokens, which lets the scoring engine share the prompt between them.
 
 Token boundary rule, as ``SFTTrainer`` splits prompt-completion data: the prompt's tokens are the longest prefix of
 ``tokenize(prompt)`` that ``tokenize(prompt + continuation)`` shares, for both answers; each answer's tokens are the
@@ -36,19 +38,37 @@ ALL_VARIANTS: tuple[str, ...] = ("context", "closed_book", "aligned")
 
 @dataclass(frozen=True)
 class EncodedItem:
-    """One (probe, variant) prompt with its two candidate answers, as token ids."""
+    """One (probe, variant) prompt with its candidate answers, as token ids.
+
+    Attributes:
+        probe_index: Index of the probe in the encoded probe list.
+        variant: ``"context"``, ``"closed_book"`` or ``"aligned"``.
+        prompt_text: The rendered prompt.
+        prompt_ids: The prompt's tokens (see the module's token boundary rule).
+        answer_ids: Every candidate answer's tokens, each non-empty and each continuing ``prompt_ids``. A two-answer
+            probe has ``(counterfactual, parametric)``; engines score every entry.
+    """
 
     probe_index: int
     variant: str
     prompt_text: str
     prompt_ids: tuple[int, ...]
-    counterfactual_ids: tuple[int, ...]
-    parametric_ids: tuple[int, ...]
+    answer_ids: tuple[tuple[int, ...], ...]
+
+    @property
+    def counterfactual_ids(self) -> tuple[int, ...]:
+        """The first answer: the counterfactual answer of a two-answer probe."""
+        return self.answer_ids[0]
+
+    @property
+    def parametric_ids(self) -> tuple[int, ...]:
+        """The second answer: the parametric answer of a two-answer probe."""
+        return self.answer_ids[1]
 
     @property
     def total_length(self) -> int:
-        """Prompt plus the longer answer, in tokens (what must fit the model's maximum length)."""
-        return len(self.prompt_ids) + max(len(self.counterfactual_ids), len(self.parametric_ids))
+        """Prompt plus the longest answer, in tokens (what must fit the model's maximum length)."""
+        return len(self.prompt_ids) + max(len(ids) for ids in self.answer_ids)
 
 
 @dataclass
@@ -180,7 +200,7 @@ def encode_probes(
                 if not ids:
                     raise ProbeFormatError(f"probe {probe.id!r}: answer {answer!r} tokenizes to no tokens.")
                 answers.append(tuple(ids))
-            items.append(EncodedItem(index, variant, prompt, tuple(prompt_ids), answers[0], answers[1]))
+            items.append(EncodedItem(index, variant, prompt, tuple(prompt_ids), tuple(answers)))
     check_lengths(probes, items, max_length)
     pad = tokenizer.pad_token_id
     if pad is None:

@@ -636,7 +636,7 @@ class ProbeScorer:
         return kept, counts
 
     # -- orchestration --------------------------------------------------------------------------------------------
-    def _loglik(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
+    def _loglik(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
         """The chosen engine's scores; a call it is not applicable to (``"prefix"`` without a shared preamble) is
         scored by the batched engine."""
         if not items:

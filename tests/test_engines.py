@@ -319,3 +319,45 @@ def test_probe_length_error_at_the_boundary(tokenizer, capital_probes):
         ProbeScorer(capital_probes, tokenizer, max_length=longest - 1)
     assert isinstance(info.value, CtxCallbackError) and isinstance(info.value, ValueError)
     assert not isinstance(info.value, ProbeFormatError)  # not a format problem
+
+
+# -- any number of answers per item (multiple choice, audit targets) --------------------------------------------------
+
+
+def _items_with_varying_answer_counts(tokenizer):
+    """Items with 1, 2, 3 and 4 answers of different lengths, built from real encoded prompts."""
+    from dataclasses import replace
+
+    scorer = ProbeScorer(_mixed_probes(), tokenizer, "chat", variants=("context",))
+    extra = [tuple(tokenizer(" Jane Austen wrote it", add_special_tokens=False)["input_ids"]),
+             tuple(tokenizer("42", add_special_tokens=False)["input_ids"])]
+    items = []
+    for k, item in enumerate(scorer.encoded.items):
+        n = 1 + k % 4
+        answers = (item.answer_ids + tuple(extra))[:n]
+        items.append(replace(item, answer_ids=answers))
+    return scorer.encoded, items
+
+
+@pytest.mark.parametrize("engine", list(LOGLIK_ENGINES))
+def test_engines_score_any_number_of_answers_like_the_reference(tokenizer, agreement_model, engine):
+    encoded, items = _items_with_varying_answer_counts(tokenizer)
+    assert {len(item.answer_ids) for item in items} == {1, 2, 3, 4}
+    import torch
+
+    with torch.no_grad():
+        reference = SimpleEngine(encoded, Batcher()).score(agreement_model, items)
+        got = LOGLIK_ENGINES[engine](encoded, Batcher(max_batch_tokens=120, max_batch_size=5)).score(
+            agreement_model, items)
+    assert [len(v) for v in got] == [len(item.answer_ids) for item in items]
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(reference), atol=1e-5, rtol=0)
+
+
+def test_batcher_rows_per_unit_per_item():
+    # rows 1, 3, 2, 4 (length 4 each): a budget of 5 rows puts 1+3 together, then 2, then 4
+    assert Batcher(max_batch_tokens=1000, max_batch_size=5).batches([4, 4, 4, 4], rows_per_unit=[1, 3, 2, 4]) == [
+        [0, 1], [2], [3]]
+    # token budget counts rows x longest: 2 rows x 5 tokens fits 10, a third row does not
+    assert Batcher(max_batch_tokens=10, max_batch_size=64).batches([5, 5], rows_per_unit=[2, 1]) == [[0], [1]]
+    with pytest.raises(ConfigurationError, match="2 entries for 3 units"):
+        Batcher().batches([1, 2, 3], rows_per_unit=[1, 1])

@@ -71,7 +71,7 @@ class AutoEngine(LoglikEngine):
             return self.batched.name
         return self.prefix.name
 
-    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
+    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
         if self.engine_for(type(model), items) is self.prefix:
             try:
                 return self.prefix.score(model, items)

@@ -27,7 +27,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 class LoglikEngine(ABC):
-    """Scores both candidate answers of encoded items by their summed log-probability.
+    """Scores every candidate answer of encoded items by its summed log-probability.
 
     An engine is built once per :class:`~ctx_callback.scoring.ProbeScorer` and reused for every probe round; it
     does no tokenizer work. :meth:`score` is called inside :func:`~ctx_callback.scoring.probe_mode` (eval mode,
@@ -58,9 +58,9 @@ class LoglikEngine(ABC):
         return True
 
     @abstractmethod
-    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
-        """Per item, ``(log p(counterfactual answer | prompt), log p(parametric answer | prompt))``, summed over
-        the answer's tokens, in the order of ``items``."""
+    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
+        """Per item, ``log p(answer | prompt)`` summed over the answer's tokens for each of ``item.answer_ids`` (for
+        a two-answer probe: ``(counterfactual, parametric)``), in the order of ``items``."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ causal LM; the fallback of ``"auto"`` and of ``"prefix"`` where no shared preamb
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..encoding import EncodedItem
@@ -16,16 +15,16 @@ __all__ = ["BatchedEngine"]
 
 
 class BatchedEngine(LoglikEngine):
-    """Both answers of every item as separate right-padded rows, batched by total length."""
+    """Every answer of every item as a separate right-padded row, batched by total length."""
 
     name = "batched"
 
-    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
+    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
         device = _device_of(model)
         pad = self.encoded.pad_token_id
         rows = [(i, k, item.prompt_ids, ans) for i, item in enumerate(items)
-                for k, ans in enumerate((item.counterfactual_ids, item.parametric_ids))]
-        results = np.zeros((len(items), 2))
+                for k, ans in enumerate(item.answer_ids)]
+        results = [[0.0] * len(item.answer_ids) for item in items]
         for batch in self.batcher.batches([len(r[2]) + len(r[3]) for r in rows]):
             width = max(len(rows[b][2]) + len(rows[b][3]) for b in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -47,5 +46,5 @@ class BatchedEngine(LoglikEngine):
                 logits = logits[keep.to(logits.device)]
             sums = _answer_logprob_sums(logits, targets, [len(rows[b][3]) for b in batch])
             for b, value in zip(batch, sums):
-                results[rows[b][0], rows[b][1]] = value
-        return [(float(cf), float(par)) for cf, par in results]
+                results[rows[b][0]][rows[b][1]] = value
+        return [tuple(values) for values in results]

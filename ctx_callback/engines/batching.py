@@ -38,30 +38,36 @@ class Batcher:
                 f"max_batch_tokens and max_batch_size must be >= 1, got {self.max_batch_tokens}, {self.max_batch_size}."
             )
 
-    def batches(self, lengths: Sequence[int], rows_per_unit: int = 1) -> list[list[int]]:
+    def batches(self, lengths: Sequence[int], rows_per_unit: int | Sequence[int] = 1) -> list[list[int]]:
         """Cut units into batches, shortest first.
 
         Args:
             lengths: Length in tokens of each unit (the padded width it needs).
-            rows_per_unit: Rows each unit occupies in the batch (2 when both answers of an item run side by side).
+            rows_per_unit: Rows each unit occupies in the batch (2 when both answers of an item run side by side):
+                one number for every unit, or one per unit (items with different numbers of answers).
 
         Returns:
             Lists of indices into ``lengths``: every index exactly once, in ``(length, index)`` order across and
             within batches. A batch exceeds a budget only when it holds a single unit that alone exceeds it.
         """
-        if rows_per_unit < 1:
-            raise ConfigurationError(f"rows_per_unit must be >= 1, got {rows_per_unit}.")
+        rows_of = [rows_per_unit] * len(lengths) if isinstance(rows_per_unit, int) else list(rows_per_unit)
+        if len(rows_of) != len(lengths):
+            raise ConfigurationError(f"rows_per_unit has {len(rows_of)} entries for {len(lengths)} units.")
+        if any(r < 1 for r in rows_of):
+            raise ConfigurationError(f"rows_per_unit must be >= 1, got {min(rows_of)}.")
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
         batches: list[list[int]] = []
         current: list[int] = []
         longest = 0
+        current_rows = 0
         for i in order:
             new_longest = max(longest, lengths[i])
-            rows = (len(current) + 1) * rows_per_unit
+            rows = current_rows + rows_of[i]
             if current and (rows * new_longest > self.max_batch_tokens or rows > self.max_batch_size):
                 batches.append(current)
-                current, new_longest = [], lengths[i]
+                current, new_longest, current_rows = [], lengths[i], 0
             current.append(i)
+            current_rows += rows_of[i]
             longest = new_longest
         if current:
             batches.append(current)

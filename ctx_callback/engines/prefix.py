@@ -1,25 +1,25 @@
 """``"prefix"``: a shared-prefix KV cache; the default through ``"auto"``.
 
 The prompt preamble that every probe shares (the chat template's system prompt) runs once per call; each probe's
-own prompt tokens run once per batch (the *tail pass*), and both candidate answers continue from that KV cache
+own prompt tokens run once per batch (the *tail pass*), and all its candidate answers continue from that KV cache
 side by side (the *answer pass*); the vocabulary projection runs only at answer positions. Needs a model that
 accepts a ``DynamicCache`` and ``position_ids`` (every decoder-only model in transformers does).
 
-Budget: the :class:`~ctx_callback.engines.Batcher` cuts items with ``rows_per_unit=2``, a unit's length being its
-prompt tail plus its longer answer. A batch of ``B`` items then runs
+Budget: the :class:`~ctx_callback.engines.Batcher` cuts items with ``rows_per_unit`` = the item's number of answers
+(2 for a two-answer probe), a unit's length being its prompt tail plus its longest answer. A batch of ``B`` items
+with ``R`` answers in all (``R = 2B`` for two-answer probes) then runs
 
-- the tail pass: ``B`` rows x at most (unit length - 1) tokens, so ``B x width <= max_batch_tokens / 2`` and
-  ``2B <= max_batch_size``;
-- the answer pass: ``2B`` rows x the longest answer, so ``2B x width <= max_batch_tokens``;
+- the tail pass: ``B`` rows x at most (unit length - 1) tokens, so ``B x width <= max_batch_tokens`` and
+  ``R <= max_batch_size``;
+- the answer pass: ``R`` rows x the longest answer, so ``R x width <= max_batch_tokens``;
 
 except a batch of one item that alone exceeds the budget. The preamble pass is one row of the shared preamble
 (shorter than every prompt), once per call. Not counted in the budget: the KV cache the two passes attend to
-(preamble + tail, ``2B`` rows in the answer pass).
+(preamble + tail, ``R`` rows in the answer pass).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..encoding import EncodedItem
@@ -29,7 +29,7 @@ __all__ = ["PrefixCacheEngine"]
 
 
 class PrefixCacheEngine(LoglikEngine):
-    """Preamble once, each prompt once, both answers from the prompt's cache.
+    """Preamble once, each prompt once, every answer from the prompt's cache.
 
     Applicable when the items share a preamble of at least one token (see :meth:`prefix_length`).
     """
@@ -44,7 +44,7 @@ class PrefixCacheEngine(LoglikEngine):
     def applicable(self, items: list[EncodedItem]) -> bool:
         return bool(items) and self.prefix_length(items) >= 1
 
-    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
+    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
         from transformers import DynamicCache
 
         device = _device_of(model)
@@ -55,11 +55,10 @@ class PrefixCacheEngine(LoglikEngine):
         preamble = torch.tensor([self.encoded.shared_prefix[:p0]], device=device)
         out = model(input_ids=preamble, use_cache=True, logits_to_keep=1)
         base_cache = [(layer[0], layer[1]) for layer in _output_cache(out)]
-        results = np.zeros((len(items), 2))
-        # Budget: the tail pass holds B x tail tokens; the answer pass 2B x answer tokens over a cache of p0 + tail.
-        lengths = [len(item.prompt_ids) - p0 + max(len(item.counterfactual_ids), len(item.parametric_ids))
-                   for item in items]
-        for batch in self.batcher.batches(lengths, rows_per_unit=2):
+        results = [[0.0] * len(item.answer_ids) for item in items]
+        # Budget: the tail pass holds B x tail tokens; the answer pass R x answer tokens over a cache of p0 + tail.
+        lengths = [len(item.prompt_ids) - p0 + max(len(ids) for ids in item.answer_ids) for item in items]
+        for batch in self.batcher.batches(lengths, rows_per_unit=[len(item.answer_ids) for item in items]):
             bsz = len(batch)
             tails = [items[b].prompt_ids[p0:-1] for b in batch]  # all but the last prompt token
             t_width = max(len(t) for t in tails)
@@ -84,24 +83,30 @@ class PrefixCacheEngine(LoglikEngine):
                     **{cache_kw: cache},
                 )
                 cache = _output_cache(out)
-            cache.batch_repeat_interleave(2)
-            # Answer pass: [last prompt token] + answer[:-1] predicts answer[0..n-1], for cf and par of each item.
-            answers = [(items[b].prompt_ids[-1:], ans) for b in batch
-                       for ans in (items[b].counterfactual_ids, items[b].parametric_ids)]
-            a_width = max(len(ans) for _, ans in answers)
-            ans_ids = torch.full((2 * bsz, a_width), pad, dtype=torch.long)
-            ans_mask = torch.zeros((2 * bsz, a_width), dtype=torch.long)
-            positions = torch.zeros((2 * bsz, a_width), dtype=torch.long)
+            # Every item's cache row is repeated once per answer (one repeat count per item).
+            repeats = torch.tensor([len(items[b].answer_ids) for b in batch])
+            if bool((repeats == 2).all()):
+                cache.batch_repeat_interleave(2)
+            else:
+                _repeat_cache_rows(cache, repeats)
+            # Answer pass: [last prompt token] + answer[:-1] predicts answer[0..n-1], for every answer of each item.
+            answers = [(row, items[b].prompt_ids[-1:], ans, k) for row, b in enumerate(batch)
+                       for k, ans in enumerate(items[b].answer_ids)]
+            n_rows = len(answers)
+            a_width = max(len(ans) for _, _, ans, _ in answers)
+            ans_ids = torch.full((n_rows, a_width), pad, dtype=torch.long)
+            ans_mask = torch.zeros((n_rows, a_width), dtype=torch.long)
+            positions = torch.zeros((n_rows, a_width), dtype=torch.long)
             targets: list[int] = []
-            for r, (last, ans) in enumerate(answers):
+            for r, (row, last, ans, _) in enumerate(answers):
                 seq = list(last) + list(ans[:-1])
                 ans_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 ans_mask[r, : len(seq)] = 1
-                start = p0 + len(tails[r // 2])
+                start = p0 + len(tails[row])
                 positions[r] = start + torch.arange(a_width)
                 targets.extend(ans)
             attention = torch.cat(
-                [prefix_mask.repeat_interleave(2, 0), tail_mask.repeat_interleave(2, 0), ans_mask], 1
+                [prefix_mask.repeat_interleave(repeats, 0), tail_mask.repeat_interleave(repeats, 0), ans_mask], 1
             )
             keep = ans_mask.bool()
             logits = model(
@@ -114,7 +119,17 @@ class PrefixCacheEngine(LoglikEngine):
             ).logits
             if logits.dim() == 3:
                 logits = logits[keep.to(logits.device)]
-            sums = _answer_logprob_sums(logits, targets, [len(ans) for _, ans in answers])
-            for r, value in enumerate(sums):
-                results[batch[r // 2], r % 2] = value
-        return [(float(cf), float(par)) for cf, par in results]
+            sums = _answer_logprob_sums(logits, targets, [len(ans) for _, _, ans, _ in answers])
+            for (row, _, _, k), value in zip(answers, sums):
+                results[batch[row]][k] = value
+        return [tuple(values) for values in results]
+
+
+def _repeat_cache_rows(cache: object, repeats: torch.Tensor) -> None:
+    """Repeat each batch row of a ``DynamicCache`` ``repeats[row]`` times, in place (``batch_repeat_interleave``
+    takes one count for all rows)."""
+    for layer in cache.layers:  # type: ignore[attr-defined]
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            index = repeats.to(layer.keys.device)
+            layer.keys = layer.keys.repeat_interleave(index, dim=0)
+            layer.values = layer.values.repeat_interleave(index, dim=0)

@@ -1,6 +1,6 @@
-"""``"simple"``: the reference engine, one unbatched forward pass per (prompt, answer) pair.
+"""``"simple"``: the reference engine, one unbatched forward pass per (prompt, answer).
 
-Slow (every prompt runs twice, the vocabulary projection runs at every position), and deliberately plain: the
+Slow (every prompt runs once per answer, the vocabulary projection runs at every position), and deliberately plain: the
 other engines are tested against it.
 """
 
@@ -20,16 +20,16 @@ class SimpleEngine(LoglikEngine):
     name = "simple"
     uses_batcher = False
 
-    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, float]]:
+    def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
         device = _device_of(model)
         out = []
         for item in items:
-            pair = []
-            for answer in (item.counterfactual_ids, item.parametric_ids):
+            values = []
+            for answer in item.answer_ids:
                 ids = torch.tensor([list(item.prompt_ids) + list(answer)], device=device)
                 logits = model(input_ids=ids, use_cache=False).logits[0].float()
                 p = len(item.prompt_ids)
                 logp = torch.log_softmax(logits[p - 1 : p - 1 + len(answer)], dim=-1)
-                pair.append(float(logp.gather(1, torch.tensor(answer, device=device)[:, None]).sum()))
-            out.append((pair[0], pair[1]))
+                values.append(float(logp.gather(1, torch.tensor(answer, device=device)[:, None]).sum()))
+            out.append(tuple(values))
         return out
