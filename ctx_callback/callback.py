@@ -28,6 +28,7 @@ and combines the results, and the stop/save decision is taken once and broadcast
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,20 +36,32 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, ProbeEvent, compare_events, first_stop, make_stop_rules
 from .distributed import broadcast_from_main, gather_outcomes, params_are_sharded, plan_probes, run_round
 from .encoding import ALL_VARIANTS
 from .engines.base import _device_of
 from .errors import ConfigurationError, TrainerWiringError
-from .metrics import METRIC_PREFIX, metric_spec
+from .metrics import METRIC_PREFIX, metric_key, metric_spec
 from .models import max_positions
 from .monitor import parse_monitor
+from .outcomes import (
+    PER_PROBE_METRICS,
+    PROBES_FILE,
+    ProbeLog,
+    metric_outcomes,
+    preferred_vector,
+    probe_rows,
+    uncertainty,
+)
 from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
 from .scoring import ProbeScorer, ScoreResult, check_probe_dtype_device, resolve_probe_dtype
@@ -76,6 +89,26 @@ KEY_FAILED = f"{METRIC_PREFIX}/probe_failed"
 KEY_STOPPED = f"{METRIC_PREFIX}/early_stop"
 #: Logged by ``_probe``: the count of non-finite scores (such a round is fed to the peak tracker as NaN).
 KEY_NONFINITE = f"{METRIC_PREFIX}/nonfinite_scores"
+#: The paired comparison with the peak event, and flips (documented in the README's derived-key glossary,
+#: :data:`ctx_callback.metrics.DERIVED_KEYS`).
+KEY_DECLINE = metric_key("decline_from_peak")
+KEY_DECLINE_LOW = metric_key("decline_ci_low")
+KEY_DECLINE_HIGH = metric_key("decline_ci_high")
+KEY_DECLINE_P = metric_key("decline_p_value")
+KEY_FLIPS_TO_MEMORY = metric_key("flips_to_memory")
+KEY_FLIPS_TO_CONTEXT = metric_key("flips_to_context")
+KEY_FLIPS_SINCE_PREVIOUS = metric_key("flips_since_previous")
+#: Suffixes of the uncertainty keys of a metric key: ``<key>_se``, ``<key>_ci_low``, ``<key>_ci_high``.
+SE_SUFFIX, CI_LOW_SUFFIX, CI_HIGH_SUFFIX = "_se", "_ci_low", "_ci_high"
+#: Overall metrics that get uncertainty keys besides the monitored one (those a round scored).
+INTERVAL_METRICS = ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy")
+#: Confidence of the logged intervals.
+CONFIDENCE = 0.95
+#: One character per probe for the preferred answers kept in the resume state.
+_PREFERRED_CODES = {"context": "c", "memory": "m", "tie": "t", "both": "b", "neither": "n", None: "-"}
+_PREFERRED_NAMES = {code: name for name, code in _PREFERRED_CODES.items()}
+#: Columns of the tracker table of flips since the peak.
+FLIP_COLUMNS = ["step", "peak_step", "probe_id", "family", "from", "to", "cf", "par"]
 
 
 class ContextRelianceCallback(TrainerCallback):
@@ -117,7 +150,27 @@ class ContextRelianceCallback(TrainerCallback):
         smoothing_window: Window of the moving average.
         min_delta: Smallest smoothed improvement that counts as a new peak.
         patience: Probe events without improvement before training stops; ``None`` (default) never stops.
-        warmup_steps: Never stop before this global step.
+        warmup_steps: Never stop before this global step (applies to every stop rule).
+        stop_rule: ``None`` (default) or ``"significant_decline"``: stop when the monitored metric is at least
+            ``min_decline`` below its value at the peak event and a paired test on the same probes (exact McNemar
+            for accuracies, the sign test for probabilities and margins) is significant at ``alpha``, corrected for
+            the number of events compared (see :mod:`ctx_callback.decisions` and the README's "How sure is the
+            stop?"). The monitor must have per-probe outcomes (not ``memorization_ratio``).
+        min_decline: ``significant_decline``: smallest decline that may stop, in the metric's units (default 0.02,
+            2 points of accuracy: the test guards against noise, this against real but negligible declines).
+        alpha: ``significant_decline``: false-stop level for the run (default 0.05).
+        divergence_threshold: Stop once the monitored metric is this far (metric units) below its value at the
+            peak event; ``None`` (default): no such rule. Lightning's name.
+        stopping_threshold: Stop once the monitored metric is below this absolute floor (above it for a metric
+            where lower is better); ``None`` (default): no such rule. Unlike Lightning's argument of that name, a
+            floor, not a target.
+        probe_log: Append every probe's outcome at every event to ``output_dir/ctx_reliance_probes.jsonl`` (main
+            process; rows after the resumed step are dropped on resume, the file starts over on a fresh run) and
+            log the probes that flipped since the peak as a table to W&B (incrementally) and TensorBoard (text).
+        informative_band: ``(low, high)``: at train begin, keep only the probes whose baseline counterfactual
+            probability ``p_cf / (p_cf + p_par)`` lies within the band (not at the ceiling or the floor, where a
+            probe cannot show a decline or is not following the context anyway); reported per family and kept on
+            resume like ``known_only`` (applied after it). Log-likelihood mode only. ``None`` (default): all.
         save_peak_checkpoint: Save a checkpoint (``checkpoint-{step}``) at each new peak, and protect the peak
             checkpoint from ``save_total_limit`` rotation. ``output_dir`` must then be writable: this is checked at
             train begin (a :class:`~ctx_callback.errors.ConfigurationError` before the first step, not a crash at the
@@ -159,6 +212,14 @@ class ContextRelianceCallback(TrainerCallback):
             begin) must not name a metric that needs a control variant.
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
+
+    Decisions that know about noise (see the README's "How sure is the stop?"): every probe event also logs the
+    standard error and 95% interval of the monitored metric and the overall accuracies (Wilson / Student's t), and
+    compares itself with the peak event on the same probes (``decline_from_peak``, its interval and a paired
+    p-value: exact McNemar or sign test, from :mod:`ctx_callback.stats`). The stop rules (``patience``,
+    ``stop_rule``, ``divergence_threshold``, ``stopping_threshold``) live in :mod:`ctx_callback.decisions`; the
+    per-probe outcomes of the peak and previous events are kept in the checkpoints' Trainer state (``paired``), so
+    a resumed run takes the same decisions, and are those of the merged result under DDP, identical on every rank.
 
     Each ``trainer.train()`` that starts at step 0 is a fresh run: the baseline is probed again and the peak,
     patience, history, stop information and (with ``known_only``) the probe selection start over. A run resumed from
@@ -243,6 +304,13 @@ class ContextRelianceCallback(TrainerCallback):
         min_delta: float = 0.0,
         patience: int | None = None,
         warmup_steps: int = 0,
+        stop_rule: str | None = None,
+        min_decline: float = DEFAULT_MIN_DECLINE,
+        alpha: float = DEFAULT_ALPHA,
+        divergence_threshold: float | None = None,
+        stopping_threshold: float | None = None,
+        probe_log: bool = True,
+        informative_band: tuple[float, float] | None = None,
         save_peak_checkpoint: bool = False,
         restore_peak_at_end: bool = False,
         strict: bool = False,
@@ -299,6 +367,22 @@ class ContextRelianceCallback(TrainerCallback):
             mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema_alpha,
             window=smoothing_window, min_delta=min_delta, patience=patience, warmup_steps=warmup_steps,
         )
+        if stop_rule is not None and parsed.metric not in PER_PROBE_METRICS:
+            raise ConfigurationError(
+                f"stop_rule={stop_rule!r} needs per-probe outcomes of the monitored metric, which {monitor!r} does "
+                f"not have (a ratio of sums, or a count); monitor one of {sorted(PER_PROBE_METRICS)}."
+            )
+        # Validates stop_rule, min_decline, alpha, divergence_threshold and stopping_threshold.
+        self.stop_rules = make_stop_rules(
+            patience=patience, ema=ema_alpha, min_delta=min_delta, warmup=warmup_steps, stop_rule=stop_rule,
+            min_decline=min_decline, alpha=alpha, divergence_threshold=divergence_threshold,
+            stopping_threshold=stopping_threshold, greater_is_better=bool(greater_is_better), smoothing=smoothing,
+            window=smoothing_window, metric=self.monitor_key, confidence=CONFIDENCE,
+        )
+        self.greater_is_better = bool(greater_is_better)
+        if not isinstance(probe_log, bool):
+            raise ConfigurationError(f"probe_log must be True or False, got {probe_log!r}.")
+        self.informative_band = self._check_band(informative_band, mode)
         if isinstance(probes, (str, os.PathLike)):
             self.probes = load_probes(probes, limit_per_family=limit_per_family)
         else:
@@ -322,6 +406,22 @@ class ContextRelianceCallback(TrainerCallback):
         self.verbose = verbose
         self.probe_dtype = probe_dtype
         self.controls_every = controls_every
+        self.probe_log = probe_log
+        self.mode = mode
+        self.monitor_family = monitor_family
+        #: The peak event (step, value, per-probe outcomes of the monitor) and its preferred answers per probe.
+        self._peak_event: ProbeEvent | None = None
+        self._peak_preferred: list[str | None] | None = None
+        #: The previous event and its preferred answers.
+        self._previous_event: ProbeEvent | None = None
+        self._previous_preferred: list[str | None] | None = None
+        #: Flips since the current peak already sent to the trackers' tables: (probe id, from, to).
+        self._reported_flips: set[tuple[str, str | None, str | None]] = set()
+        self._wandb_flip_table: Any = None
+        self._probe_log_failed = False
+        #: The rule that stopped training (its name), or ``None``.
+        self.stop_rule_name: str | None = None
+        self._last_stop_rule: str | None = None
         self._scorer_kwargs = dict(
             mode=mode, variants=tuple(variants), engine=engine, max_batch_tokens=max_batch_tokens,
             max_batch_size=max_batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
@@ -411,9 +511,19 @@ class ContextRelianceCallback(TrainerCallback):
             return None
         return ("context",)
 
+    def _reset_paired(self) -> None:
+        for rule in self.stop_rules:
+            rule.reset()
+        self._peak_event = self._previous_event = None
+        self._peak_preferred = self._previous_preferred = None
+        self._reported_flips = set()
+
     def _replay_history(self, state: TrainerState) -> None:
-        """Rebuild the peak/patience state from this callback's own rows (resume)."""
+        """Rebuild the peak/patience state and the stop rules from this callback's own rows (resume), with the
+        per-probe outcomes of the peak and previous events kept in the checkpoint's Trainer state."""
         self.peak_tracker.reset()
+        self._reset_paired()
+        paired = self._saved_paired(state)
         self.history = []
         self.peak_checkpoint = None
         self.peak_save_error = None
@@ -426,7 +536,15 @@ class ContextRelianceCallback(TrainerCallback):
             if self.monitor_key in row and "step" in row and row["step"] <= state.global_step:
                 # A round with non-finite scores logged its finite metrics but fed NaN to the tracker: replay that.
                 value = math.nan if row.get(KEY_NONFINITE) else float(row[self.monitor_key])
-                self.peak_tracker.update(int(row["step"]), value)
+                step = int(row["step"])
+                kept = paired.get(step, (None, None))
+                event = ProbeEvent(step, value, kept[0])
+                if self.peak_tracker.update(step, value).is_new_peak:
+                    self._peak_event, self._peak_preferred = event, kept[1]
+                first_stop(self.stop_rules, event)
+                if not math.isnan(value):
+                    self._previous_event = event
+                self._previous_preferred = kept[1]
                 self.history.append({k: v for k, v in row.items() if k.startswith(METRIC_PREFIX) or k == "step"})
                 self.last_probe_step = int(row["step"])
                 self.probe_seconds_total += float(row.get(KEY_SECONDS, 0.0))
@@ -440,6 +558,12 @@ class ContextRelianceCallback(TrainerCallback):
                                          os.path.basename(os.path.normpath(p)) == name and os.path.isdir(p)), None)
             if self.peak_checkpoint is None and isinstance(saved.get("peak_save_error"), str):
                 self.peak_save_error = saved["peak_save_error"]
+        if self._peak_event is not None and self._peak_event.outcomes is None and self.stop_rules:
+            logger.warning(
+                "ctx_callback: the checkpoint's %s holds no per-probe outcomes of the peak event (step %s; saved by "
+                "an older ctx_callback, or with another probe set): the paired comparison with the peak (and "
+                "stop_rule='significant_decline') resumes at the next new peak.", TRAINER_STATE_FILE,
+                self._peak_event.step)
         if self.peak_tracker.num_events:
             tracker = self.peak_tracker
             logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
@@ -448,6 +572,8 @@ class ContextRelianceCallback(TrainerCallback):
     def _start_fresh(self) -> None:
         """Forget everything a previous ``train()`` call left: this call starts at step 0 with a new baseline."""
         self.peak_tracker.reset()
+        self._reset_paired()
+        self.stop_rule_name = None
         self.history = []
         self.latest_metrics = {}
         self.last_probe_step = None
@@ -469,18 +595,65 @@ class ContextRelianceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------------------------
     def _export_state(self, state: TrainerState) -> None:
         """Keep the resume state in ``state.stateful_callbacks``: every checkpoint saved from now on carries it.
-        Only when there is something to keep (``known_only`` or ``save_peak_checkpoint``)."""
-        if not (self.known_only or self.save_peak_checkpoint):
-            return
+
+        ``paired`` holds the per-probe outcomes of the monitored metric and the preferred answers at the peak and
+        the previous event (what ``state.log_history`` cannot rebuild; the paired test and the flips need them).
+        They live here rather than in ``ctx_reliance_probes.jsonl`` because this state travels with each checkpoint
+        and is exactly as of its step (a resume from a copied checkpoint, or with ``probe_log=False``, has it too),
+        and it is small: one number and one character per probe, for two events."""
         entries = state.stateful_callbacks.setdefault(STATE_KEY, {})
-        selected = self.active_indices if self.known_only else None
+        selected = self.active_indices if (self.known_only or self.informative_band) else None
         entries[self.monitor_key] = {
             "version": 1,
             "known_only_probe_ids": None if selected is None else [self.probes[i].id for i in selected],
-            "known_counts": self.known_counts if self.known_only else None,
+            "known_counts": self.known_counts if (self.known_only or self.informative_band) else None,
+            "informative_band": None if self.informative_band is None else list(self.informative_band),
             "peak_checkpoint": self.peak_checkpoint,
             "peak_save_error": self.peak_save_error,
+            "paired": self._paired_state(),
         }
+
+    def _active_ids_digest(self) -> str:
+        indices = self.active_indices if self.active_indices is not None else range(len(self.probes))
+        return hashlib.sha1("\n".join(self.probes[i].id for i in indices).encode()).hexdigest()
+
+    def _paired_state(self) -> dict[str, Any] | None:
+        def pack(event: ProbeEvent | None, preferred: list[str | None] | None) -> dict[str, Any] | None:
+            if event is None:
+                return None
+            outcomes = None
+            if event.outcomes is not None:
+                outcomes = [None if math.isnan(x) else x for x in np.asarray(event.outcomes, np.float64).tolist()]
+            return {"step": int(event.step), "outcomes": outcomes,
+                    "preferred": None if preferred is None else "".join(_PREFERRED_CODES[p] for p in preferred)}
+
+        if self._peak_event is None:
+            return None
+        return {"probes_sha1": self._active_ids_digest(), "peak": pack(self._peak_event, self._peak_preferred),
+                "previous": pack(self._previous_event, self._previous_preferred)}
+
+    def _saved_paired(self, state: TrainerState) -> dict[int, tuple[np.ndarray | None, list[str | None] | None]]:
+        """The kept per-probe outcomes and preferred answers by step (empty when absent or for other probes)."""
+        saved = self._saved_state(state) or {}
+        paired = saved.get("paired")
+        if not isinstance(paired, dict) or paired.get("probes_sha1") != self._active_ids_digest():
+            return {}
+        out: dict[int, tuple[np.ndarray | None, list[str | None] | None]] = {}
+        for name in ("previous", "peak"):
+            entry = paired.get(name)
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                continue
+            values = entry.get("outcomes")
+            outcomes = None
+            if isinstance(values, list):
+                outcomes = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+                binary = PER_PROBE_METRICS.get(self.monitor_metric, False)
+                if binary and not np.isnan(outcomes).any():
+                    outcomes = outcomes.astype(bool)
+            codes = entry.get("preferred")
+            preferred = [_PREFERRED_NAMES.get(c) for c in codes] if isinstance(codes, str) else None
+            out[int(entry["step"])] = (outcomes, preferred)
+        return out
 
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
         """This callback's entry in a resumed ``state`` (``None`` when the checkpoint has none)."""
@@ -493,7 +666,7 @@ class ContextRelianceCallback(TrainerCallback):
         on the fine-tuned weights. Sets ``active_indices`` to ``None`` (recompute) with a warning when it cannot."""
         saved = self._saved_state(state)
         ids = saved.get("known_only_probe_ids") if saved else None
-        if not self.known_only:
+        if not (self.known_only or self.informative_band is not None):
             if ids is not None:
                 logger.warning(
                     "ctx_callback: the resumed run was started with known_only=True (%d probes monitored), but this "
@@ -523,6 +696,64 @@ class ContextRelianceCallback(TrainerCallback):
             "differ from the probes the logged history measured, and then the resumed run's peak and stop decisions "
             "can differ from an uninterrupted run's.", reason, state.global_step,
         )
+
+    @staticmethod
+    def _check_band(band: Any, mode: str) -> tuple[float, float] | None:
+        """Validate ``informative_band``."""
+        if band is None:
+            return None
+        ok = (isinstance(band, (tuple, list)) and len(band) == 2
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in band)
+              and 0.0 <= band[0] < band[1] <= 1.0)
+        if not ok:
+            raise ConfigurationError(
+                f"informative_band must be None or (low, high) with 0 <= low < high <= 1 (the band of baseline "
+                f"counterfactual probability whose probes are kept), got {band!r}."
+            )
+        if mode != "loglik":
+            raise ConfigurationError(
+                "informative_band needs mode='loglik' (it selects on the counterfactual probability), got "
+                f"mode={mode!r}."
+            )
+        return (float(band[0]), float(band[1]))
+
+    def _select_informative(self, model: torch.nn.Module) -> None:
+        """Keep the probes whose counterfactual probability on the model as it is (train begin) lies in
+        ``informative_band``: the others sit at the ceiling or the floor and can barely move the metric."""
+        assert self.scorer is not None and self.informative_band is not None
+        indices = self.active_indices if self.active_indices is not None else list(range(len(self.probes)))
+        result = self.scorer.score_raw(model, indices, variants=("context",))
+        p_cf = metric_outcomes(result.scores, result.variants, result.mode, "counterfactual_probability")
+        assert p_cf is not None
+        low, high = self.informative_band
+        counts: dict[str, dict[str, int]] = {}
+        for probe in self.probes:
+            counts.setdefault(probe.family, {"kept": 0, "total": 0})["total"] += 1
+        kept = []
+        for row, index in enumerate(result.probe_indices):
+            if low <= p_cf[row] <= high:
+                kept.append(int(index))
+                counts[self.probes[int(index)].family]["kept"] += 1
+        self.active_indices, self.known_counts = kept, counts
+        summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(counts.items()))
+        logger.warning("ctx_callback: informative_band=%s kept %d/%d probes (%s).", self.informative_band, len(kept),
+                       len(self.probes), summary)
+        if not kept:
+            raise ConfigurationError(
+                f"informative_band={self.informative_band} kept no probes: no probe's counterfactual probability lies "
+                "in the band on this model. Widen the band or use other probes."
+            )
+
+    def _prepare_probe_log(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Main process: a fresh run starts the probe log over; a resumed one drops the rows after its step."""
+        if not (self.probe_log and args.output_dir and state.is_world_process_zero):
+            return
+        log = ProbeLog(os.path.join(args.output_dir, PROBES_FILE))
+        try:
+            log.truncate_after(state.global_step if state.global_step > 0 else None)
+        except OSError as err:
+            logger.warning("ctx_callback: could not prepare %s (%s: %s); training is unaffected.", log.path,
+                           type(err).__name__, err)
 
     def _check_output_dir_writable(self, args: TrainingArguments) -> None:
         """Raise before the first step if the peak checkpoints could not be written (every rank raises alike)."""
@@ -599,10 +830,20 @@ class ContextRelianceCallback(TrainerCallback):
         # is flagged and its monitored value is NaN for the peak tracker: never a peak, never counts toward patience.
         nonfinite = result.nonfinite_scores
         value = math.nan if nonfinite else metrics.get(self.monitor_key, math.nan)
-        # Every rank feeds the tracker identical values; the decision is still taken once and shared, so that
+        # Per-probe outcomes come from the merged result, identical on every rank; so are the rules' states.
+        outcomes, preferred = self._round_outcomes(result)
+        event = ProbeEvent(step, value, None if nonfinite else outcomes)
+        peak_decision = self.peak_tracker.update(step, value)
+        stop, _ = first_stop(self.stop_rules, event)
+        peak_decision = replace(peak_decision, should_stop=stop is not None,
+                                reason=None if stop is None else stop.message)
+        # Every rank feeds the rules identical values; the decision is still taken once and shared, so that
         # stopping and saving (a barrier) happen on all ranks or on none.
-        decision = broadcast_from_main(self.peak_tracker.update(step, value), plan)
+        decision, self._last_stop_rule = broadcast_from_main((peak_decision, None if stop is None else stop.rule),
+                                                             plan)
         row = dict(metrics)
+        row.update(self._uncertainty(result))
+        row.update(self._paired_row(event, preferred, decision.is_new_peak, state))
         row[KEY_SMOOTHED] = float(decision.smoothed)
         row[KEY_PEAK_VALUE] = float(decision.peak_value)
         row[KEY_PEAK_STEP] = float(decision.peak_step) if decision.peak_step is not None else math.nan
@@ -624,7 +865,123 @@ class ContextRelianceCallback(TrainerCallback):
         self.latest_metrics = {k: math.nan for k in metrics} if nonfinite else metrics
         self.last_probe_step = step
         self.history.append({**{k: v for k, v in row.items()}, "step": step})
+        if state.is_world_process_zero and self.probe_log:
+            self._write_probe_rows(step, result)
+            self._report_flips(step, result, preferred)
+        self._export_state(state)  # the paired state (peak and previous outcomes) goes into the next checkpoint
         return decision
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Per-probe outcomes: uncertainty, the paired comparison with the peak, the probe log and flip tables
+    # ------------------------------------------------------------------------------------------------------------
+    def _rows_of(self, result: ScoreResult, family: str | None) -> np.ndarray:
+        """Mask of ``result``'s rows in ``family`` (all rows for ``None``)."""
+        if family is None:
+            return np.ones(len(result.probe_indices), dtype=bool)
+        return np.array([self.probes[int(i)].family == family for i in result.probe_indices], dtype=bool)
+
+    def _round_outcomes(self, result: ScoreResult) -> tuple[np.ndarray | None, list[str | None]]:
+        """The monitored metric's per-probe outcomes and every probe's preferred answer, in probe order."""
+        mask = self._rows_of(result, self.monitor_family)
+        outcomes = metric_outcomes(result.scores[mask], result.variants, result.mode, self.monitor_metric)
+        return outcomes, preferred_vector(result.scores, result.variants, result.mode)
+
+    def _uncertainty(self, result: ScoreResult) -> dict[str, float]:
+        """Standard error and 95% interval of the monitored metric and the overall accuracies: Wilson for hit/miss
+        outcomes, Student's t for means (keys ``<key>_se``, ``<key>_ci_low``, ``<key>_ci_high``)."""
+        targets = [(self.monitor_key, self.monitor_metric, self.monitor_family)]
+        targets += [(metric_key(m), m, None) for m in INTERVAL_METRICS if metric_key(m) != self.monitor_key]
+        families = [self.probes[int(i)].family for i in result.probe_indices]
+        return uncertainty(result.scores, families, result.variants, result.mode, targets, CONFIDENCE)
+
+    def _paired_row(self, event: ProbeEvent, preferred: list[str | None], new_peak: bool,
+                    state: TrainerState) -> dict[str, float]:
+        """Update the kept peak/previous events; the decline from the peak, its interval and paired p-value, and
+        the flips since the peak and since the previous event."""
+        out: dict[str, float] = {}
+        valid = not math.isnan(event.value)
+        if valid and new_peak:
+            self._peak_event, self._peak_preferred = event, preferred
+            self._reported_flips = set()
+        if valid and self._peak_event is not None:
+            comparison = compare_events(self._peak_event, event, self.greater_is_better, CONFIDENCE)
+            out[KEY_DECLINE] = float(comparison.decline)
+            if comparison.interval is not None:
+                out[KEY_DECLINE_LOW], out[KEY_DECLINE_HIGH] = map(float, comparison.interval)
+            if comparison.p_value is not None:
+                out[KEY_DECLINE_P] = float(comparison.p_value)
+        if self._peak_preferred is not None and len(self._peak_preferred) == len(preferred):
+            pairs = list(zip(self._peak_preferred, preferred))
+            out[KEY_FLIPS_TO_MEMORY] = float(sum(a == "context" and b == "memory" for a, b in pairs))
+            out[KEY_FLIPS_TO_CONTEXT] = float(sum(a == "memory" and b == "context" for a, b in pairs))
+        if self._previous_preferred is not None and len(self._previous_preferred) == len(preferred):
+            out[KEY_FLIPS_SINCE_PREVIOUS] = float(sum(a != b for a, b in zip(self._previous_preferred, preferred)))
+        if valid:
+            self._previous_event = event
+        self._previous_preferred = preferred
+        return out
+
+    def _probe_ids(self, result: ScoreResult) -> list[str]:
+        return [self.probes[int(i)].id for i in result.probe_indices]
+
+    def _write_probe_rows(self, step: int, result: ScoreResult) -> None:
+        """Append this event's rows to ``ctx_reliance_probes.jsonl``; an OS error is a warning (once)."""
+        output_dir = self.trainer.args.output_dir
+        if not output_dir:
+            return
+        rows = probe_rows(step, self._probe_ids(result), [self.probes[int(i)].family for i in result.probe_indices],
+                          result.scores, result.variants, result.mode, result.generations)
+        try:
+            ProbeLog(os.path.join(output_dir, PROBES_FILE)).append(rows)
+        except OSError as err:
+            if not self._probe_log_failed:
+                logger.warning("ctx_callback: could not append to %s (%s: %s); training is unaffected.",
+                               os.path.join(output_dir, PROBES_FILE), type(err).__name__, err)
+            self._probe_log_failed = True
+
+    def _report_flips(self, step: int, result: ScoreResult, preferred: list[str | None]) -> None:
+        """Send the probes that flipped since the peak, and were not sent before, to the trackers' tables: a W&B
+        table in ``INCREMENTAL`` mode (only the new rows are uploaded) and TensorBoard text."""
+        peak = self._peak_event
+        if peak is None or self._peak_preferred is None or len(self._peak_preferred) != len(preferred):
+            return
+        ids = self._probe_ids(result)
+        col = result.variants.index("context")
+        rows = []
+        for r, (before, after) in enumerate(zip(self._peak_preferred, preferred)):
+            key = (ids[r], before, after)
+            if before == after or after is None or before is None or key in self._reported_flips:
+                continue
+            self._reported_flips.add(key)
+            cf, par = (float(x) for x in result.scores[r, col])
+            rows.append([step, peak.step, ids[r], self.probes[int(result.probe_indices[r])].family, before, after,
+                         round(cf, 4), round(par, 4)])
+        if rows:
+            self._send_flip_table(step, rows)
+
+    def _send_flip_table(self, step: int, rows: list[list[Any]]) -> None:
+        from transformers.integrations import TensorBoardCallback, WandbCallback
+
+        for callback in self.trainer.callback_handler.callbacks:
+            try:
+                if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+                    lines = ["| " + " | ".join(FLIP_COLUMNS) + " |", "|" + "---|" * len(FLIP_COLUMNS)]
+                    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+                    callback.tb_writer.add_text(f"{METRIC_PREFIX}/flips_since_peak", "\n".join(lines), step)
+                    callback.tb_writer.flush()
+                elif isinstance(callback, WandbCallback) and getattr(callback, "_initialized", False):
+                    wandb = callback._wandb
+                    if self._wandb_flip_table is None:
+                        self._wandb_flip_table = wandb.Table(columns=FLIP_COLUMNS, log_mode="INCREMENTAL")
+                    for row in rows:
+                        self._wandb_flip_table.add_data(*row)
+                    wandb.log({f"{METRIC_PREFIX}/flips_since_peak": self._wandb_flip_table,
+                               "train/global_step": self.trainer.state.global_step})
+            except Exception as err:  # noqa: BLE001 - a tracker failing on our table must not end a run
+                if self.strict:
+                    raise
+                logger.warning("ctx_callback: could not log the flips table to %s (%s: %s).",
+                               type(callback).__name__, type(err).__name__, err)
 
     def _act(self, decision: PeakDecision | None, args: TrainingArguments, state: TrainerState,
              control: TrainerControl, model: torch.nn.Module | None = None) -> None:
@@ -640,6 +997,7 @@ class ContextRelianceCallback(TrainerCallback):
             control.should_training_stop = True
             self.stop_reason = decision.reason
             self.stop_step = step
+            self.stop_rule_name = self._last_stop_rule
             message = f"ctx_callback: stopping training at step {step}: {decision.reason}."
             if self.peak_checkpoint:
                 message += f" Peak checkpoint: {self.peak_checkpoint}."
@@ -774,8 +1132,9 @@ class ContextRelianceCallback(TrainerCallback):
         self.stop_reason = None
         self.stop_step = None
         if state.global_step > 0:
+            self._resume_selection(state)  # first: the paired state is kept for the selected probes
             self._replay_history(state)
-            self._resume_selection(state)
+        self._prepare_probe_log(args, state)
         if self.known_only and self.active_indices is None:
             self.active_indices, self.known_counts = self.scorer.known_probe_indices(model)
             summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(self.known_counts.items()))
@@ -786,6 +1145,10 @@ class ContextRelianceCallback(TrainerCallback):
                     "known_only=True kept no probes: the model prefers the parametric answer closed-book for none of "
                     "them. Use other probes or known_only=False."
                 )
+            if self.informative_band is not None:
+                self._select_informative(model)
+        elif self.informative_band is not None and self.active_indices is None:
+            self._select_informative(model)
         self._export_state(state)
         if self.probe_at_start and state.global_step == 0 and self.last_probe_step is None:
             self._act(self._probe(model, state, control), args, state, control, model)
@@ -914,6 +1277,14 @@ class ContextRelianceCallback(TrainerCallback):
         the current peak has no checkpoint when saving it failed (then ``peak_checkpoint`` is ``None``).
         """
         values = [(row["step"], row.get(self.monitor_key)) for row in self.history if self.monitor_key in row]
+        rows = {row["step"]: row for row in self.history if self.monitor_key in row}
+
+        def interval(step: Any, low: str, high: str) -> list[float] | None:
+            row = rows.get(step, {})
+            return [row[low], row[high]] if low in row and high in row else None
+
+        peak_step, final_step = self.peak_tracker.peak_step, values[-1][0] if values else None
+        final_row = rows.get(final_step, {})
         end_step = None
         if self.trainer is not None and self.train_start_step is not None:
             end_step = int(self.trainer.state.global_step)
@@ -928,6 +1299,13 @@ class ContextRelianceCallback(TrainerCallback):
             "peak_raw": next((v for s, v in values if s == self.peak_tracker.peak_step), None),
             "stop_step": self.stop_step,
             "stop_reason": self.stop_reason,
+            "stop_rule": self.stop_rule_name,
+            "peak_interval": interval(peak_step, self.monitor_key + CI_LOW_SUFFIX, self.monitor_key + CI_HIGH_SUFFIX),
+            "final_interval": interval(final_step, self.monitor_key + CI_LOW_SUFFIX,
+                                       self.monitor_key + CI_HIGH_SUFFIX),
+            "final_decline_from_peak": final_row.get(KEY_DECLINE),
+            "final_decline_interval": interval(final_step, KEY_DECLINE_LOW, KEY_DECLINE_HIGH),
+            "final_decline_p_value": final_row.get(KEY_DECLINE_P),
             "peak_checkpoint": self.peak_checkpoint,
             "peak_save_error": self.peak_save_error,
             "restored_peak": restored,

@@ -7,9 +7,11 @@ Every probe gives up to three *variants* (rows of the score table):
 - ``"aligned"``: a context that states the true fact + question.
 
 Each variant has one prompt and its candidate answers: the counterfactual and the parametric answer for a
-two-answer probe (``answer_ids[0]`` and ``answer_ids[1]``); engines score any number of answers per item (N-way
-multiple choice, or a single target when auditing training data). Every answer is scored after the *same* prompt
-tokens, which lets the scoring engine share the prompt between them.
+two-answer probe (``answer_ids[0]`` and ``answer_ids[1]``), every option in the probe's order for a multiple-choice
+probe (:attr:`~ctx_callback.probes.Probe.answers`; its prompt lists the options under the question only when the
+probe sets ``list_options``, see :attr:`~ctx_callback.probes.Probe.prompt_question`); engines score any number of
+answers per item. Every answer is scored after the *same* prompt tokens, which lets the scoring engine share the
+prompt between them.
 
 Token boundary rule, as ``SFTTrainer`` splits prompt-completion data: the prompt's tokens are the longest prefix of
 ``tokenize(prompt)`` that ``tokenize(prompt + continuation)`` shares, for both answers; each answer's tokens are the
@@ -46,7 +48,8 @@ class EncodedItem:
         prompt_text: The rendered prompt.
         prompt_ids: The prompt's tokens (see the module's token boundary rule).
         answer_ids: Every candidate answer's tokens, each non-empty and each continuing ``prompt_ids``. A two-answer
-            probe has ``(counterfactual, parametric)``; engines score every entry.
+            probe has ``(counterfactual, parametric)``, a multiple-choice probe one entry per option, in the order of
+            :attr:`~ctx_callback.probes.Probe.answers`; engines score every entry.
     """
 
     probe_index: int
@@ -57,7 +60,8 @@ class EncodedItem:
 
     @property
     def counterfactual_ids(self) -> tuple[int, ...]:
-        """The first answer: the counterfactual answer of a two-answer probe."""
+        """The first answer: the counterfactual answer of a two-answer probe (the first option of a multiple-choice
+        one)."""
         return self.answer_ids[0]
 
     @property
@@ -186,9 +190,10 @@ def encode_probes(
             if variant == "aligned" and contexts["aligned"] is None:
                 continue
             context = contexts[variant]
-            prompt = prompt_format.prompt(context, probe.question)
-            pair = (probe.counterfactual_answer, probe.parametric_answer)
-            continuations = [prompt_format.continuation(context, probe.question, a, prompt=prompt) for a in pair]
+            question = probe.prompt_question  # a multiple-choice probe lists its options under the question
+            prompt = prompt_format.prompt(context, question)
+            pair = probe.answers
+            continuations = [prompt_format.continuation(context, question, a, prompt=prompt) for a in pair]
             prompt_ids, answer_ids = _split_prompt_and_answers(tokenizer, prompt, continuations, add_special)
             if not prompt_ids:
                 raise ProbeFormatError(

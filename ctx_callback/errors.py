@@ -13,6 +13,7 @@ keep their own types.
 from __future__ import annotations
 
 __all__ = [
+    "AuditDataError",
     "CheckpointMismatchError",
     "ConfigurationError",
     "ConfigurationTypeError",
@@ -76,6 +77,11 @@ class UnsafeFileError(CtxCallbackError):
     ctx_callback loads weights from safetensors first and from ``.bin`` pickles only with ``weights_only=True``, and
     never passes ``trust_remote_code``.
     """
+
+
+class AuditDataError(CtxCallbackError):
+    """A training dataset given to the data audit is unusable: missing or misnamed columns, an empty target, a split
+    callable that returns the wrong shape. The message names the example index and the field."""
 
 
 class UsageError(CtxCallbackError):

@@ -5,6 +5,10 @@ longer answer first and does not count the words it covered for the shorter one:
 "New York" only, "York is nice" for "York" only, and "New York and York" for both. Aliases take part like the main
 answers; an answer text shared by both groups hits both. Loading probes warns about such pairs
 (:func:`answers_overlap`, used by :func:`ctx_callback.load_probes`).
+
+Multiple-choice probes in generation mode: every option is one answer group (see :func:`match_answers`); when the
+prompt lists the options as ``A. ...``, ``B. ...`` (``list_options``), an output that starts with an option's letter
+(``"B"``, ``"B."``, ``"(B)"``, ``"B) the moon"``; see :func:`option_label`) names that option too.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-__all__ = ["answers_overlap", "contains_answer", "match_answers", "normalize_answer"]
+__all__ = ["answers_overlap", "contains_answer", "match_answers", "normalize_answer", "option_label"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s]")
+#: An output that opens with an option letter: ``B``, ``B.``, ``B)``, ``(B)``, ``B:`` (alone or before the text).
+_LABEL = re.compile(r"^\s*\(?([A-Z])(?:\)|[.:](?!\w))?(?:\s|$)")
 
 
 def normalize_answer(text: str) -> str:
@@ -89,3 +95,27 @@ def answers_overlap(first: Sequence[str], second: Sequence[str]) -> bool:
     a = {normalize_answer(x) for x in first} - {""}
     b = {normalize_answer(x) for x in second} - {""}
     return any(f" {x} " in f" {y} " or f" {y} " in f" {x} " for x in a for y in b)
+
+
+def option_label(output: str, count: int) -> int | None:
+    """The option an output names by its letter, as the first thing it says (``"B"``, ``"(B)"``, ``"B. Paris"``).
+
+    A bare capital letter followed by a space and more words ("A dog") is not read as a label; a letter past the
+    last option is ignored.
+
+    Args:
+        output: The generated text.
+        count: How many options the probe has (letters ``A`` .. the ``count``-th letter).
+
+    Returns:
+        The option's position, or ``None``.
+    """
+    match = _LABEL.match(output)
+    if match is None:
+        return None
+    rest = output[match.end():].strip()
+    bare = match.group(0).strip() == match.group(1)
+    if bare and rest:  # "A dog ...": an article, not a label
+        return None
+    index = ord(match.group(1)) - ord("A")
+    return index if index < count else None

@@ -30,7 +30,9 @@ def plot_reliance(
 
     Plots every metric of :data:`~ctx_callback.metrics.METRICS` that has a ``plot_label`` (counterfactual,
     parametric and closed-book accuracy) against the global step, marks the peak of ``monitor_key`` (from the logged
-    ``ctx_reliance/peak_step``) and the stop step, and the training loss on a second axis.
+    ``ctx_reliance/peak_step``) and the stop step, and the training loss on a second axis. Where the rows hold the
+    monitored metric's interval (``<monitor_key>_ci_low``/``_ci_high``, logged by the callback), it is drawn as a
+    band.
 
     Args:
         log_history: ``trainer_state.json``'s ``log_history`` (or rows in its shape, e.g. from scan results).
@@ -56,6 +58,12 @@ def plot_reliance(
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    band = [(r["step"], r[monitor_key + "_ci_low"], r[monitor_key + "_ci_high"]) for r in rows
+            if monitor_key + "_ci_low" in r and monitor_key + "_ci_high" in r]
+    if band and not monitor_key.endswith(("logprob_margin", "context_lift")):  # nats: off this axis
+        steps, low, high = zip(*band)
+        ax.fill_between(steps, low, high, color="C0", alpha=0.15, linewidth=0,
+                        label=f"{monitor_key.split('/')[-1]} 95% interval")
     smoothed = [(r["step"], r[f"{METRIC_PREFIX}/monitor_smoothed"]) for r in rows
                 if f"{METRIC_PREFIX}/monitor_smoothed" in r]
     if smoothed:

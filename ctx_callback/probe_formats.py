@@ -13,9 +13,10 @@ To add a format, add one decorated converter at the end of this file (see "Exten
         return {"context": record["passage"], "question": record["q"],
                 "counterfactual_answer": record["fake"], "parametric_answer": record["true"]}
 
-The native record is validated afterwards (missing or empty fields, identical answers), so a converter only maps
-fields and raises :class:`~ctx_callback.errors.ProbeFormatError` (with ``where`` in the message) for what only it can
-check. Pure Python, no torch.
+The native record is validated afterwards (missing or empty fields, identical answers; for a multiple-choice record
+with ``options``: empty or duplicate options, an answer that is not an option), so a converter only maps fields and
+raises :class:`~ctx_callback.errors.ProbeFormatError` (with ``where`` in the message) for what only it can check. Pure
+Python, no torch.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def convert_record(record: Any, fmt: str, where: str, column_mapping: Mapping[st
 
 @register_probe_format(
     "ctx_callback",
-    detect=lambda keys: {"counterfactual_answer", "parametric_answer"} <= keys,
-    description="native: id, family, context, question, counterfactual_answer, parametric_answer, ...",
+    detect=lambda keys: "counterfactual_answer" in keys and bool({"parametric_answer", "options"} & keys),
+    description="native: id, family, context, question, counterfactual_answer, parametric_answer, options, ...",
 )
 def _from_native(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> Mapping[str, Any]:
     return record
@@ -241,3 +242,161 @@ def _from_columns(record: Mapping[str, Any], where: str, mapping: Mapping[str, s
         if key not in out and key in record:
             out[key] = record[key]
     return out
+
+
+# -- multiple choice -----------------------------------------------------------------------------------------------
+
+
+def _require_fields(record: Mapping[str, Any], keys: tuple[str, ...], dataset: str, where: str) -> None:
+    for key in keys:
+        if key not in record or record[key] is None:
+            raise ProbeFormatError(
+                f"{where}: missing required {dataset} field {key!r} (fields present: {sorted(record)})."
+            )
+
+
+def _json_value(value: Any, key: str, where: str) -> Any:
+    """A list/dict column that a CSV or JSON export stored as a JSON string."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ProbeFormatError(f"{where}: field {key!r} is not valid JSON: {value!r}.") from err
+    return value
+
+
+@register_probe_format(
+    "faitheval",
+    detect=lambda keys: {"choices", "answerKey", "context", "question"} <= keys,
+    description="FaithEval: id, question, context, choices {label, text}, answerKey (multiple choice, no parametric "
+                "answer)",
+)
+def _from_faitheval(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    _require_fields(record, ("question", "context", "choices", "answerKey"), "FaithEval", where)
+    choices = _json_value(record["choices"], "choices", where)
+    if not isinstance(choices, Mapping) or "label" not in choices or "text" not in choices:
+        raise ProbeFormatError(
+            f"{where}: field 'choices' must be an object with 'label' and 'text' lists, got {choices!r}."
+        )
+    labels, texts = list(choices["label"] or []), list(choices["text"] or [])
+    if not texts:
+        raise ProbeFormatError(f"{where}: field 'choices' has no options (empty 'text' list).")
+    if len(labels) != len(texts):
+        raise ProbeFormatError(
+            f"{where}: field 'choices' has {len(labels)} labels for {len(texts)} texts; they must pair up."
+        )
+    key = str(record["answerKey"]).strip()
+    labels = [str(label).strip() for label in labels]
+    if key not in labels:
+        raise ProbeFormatError(f"{where}: 'answerKey' {key!r} is not one of the choice labels {labels}.")
+    return {
+        "id": record.get("id"),
+        "family": "faitheval_counterfactual",
+        "context": record["context"],
+        "question": record["question"],
+        "counterfactual_answer": texts[labels.index(key)],
+        "parametric_answer": None,
+        "options": texts,
+        "metadata": {"answerKey": key, "labels": labels},
+    }
+
+
+_OPTION_PREFIX = re.compile(r"^\(?([A-Z])[.):]\s+")
+
+
+def _strip_option_labels(options: list[Any]) -> list[Any]:
+    """``["A. Paris", "B. Lyon"]`` -> ``["Paris", "Lyon"]`` when every option carries its own letter, in order."""
+    matches = [_OPTION_PREFIX.match(o) if isinstance(o, str) else None for o in options]
+    if all(m is not None and m.group(1) == chr(ord("A") + i) for i, m in enumerate(matches)):
+        return [o[m.end():] for o, m in zip(options, matches) if m is not None]
+    return options
+
+
+def _pick_option(value: Any, options: list[str], key: str, where: str) -> str:
+    """An option named by an index, a letter (``"B"``, ``"B."``, ``"(B)"``), a labelled text or the text itself."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(options):
+            return options[value]
+    elif isinstance(value, str):
+        text = value.strip()
+        letter = text.strip("().: ")
+        if len(letter) == 1 and "A" <= letter.upper() < chr(ord("A") + len(options)):
+            return options[ord(letter.upper()) - ord("A")]
+        match = _OPTION_PREFIX.match(text)
+        if match is not None:
+            text = text[match.end():]
+        for option in options:
+            if isinstance(option, str) and " ".join(option.lower().split()) == " ".join(text.lower().split()):
+                return option
+    raise ProbeFormatError(
+        f"{where}: field {key!r} ({value!r}) names none of the options {options} (expected an index, a letter or an "
+        "option's text)."
+    )
+
+
+def _evidence(record: Mapping[str, Any], kind: str, where: str) -> Any:
+    """The ``<kind>_conflict_*`` evidence column (one whose name contains ``evidence`` preferred)."""
+    prefix = f"{kind}_conflict"
+    columns = [key for key in record if str(key).startswith(prefix)]
+    preferred = [key for key in columns if "evidence" in str(key)] or columns
+    if not preferred:
+        raise ProbeFormatError(
+            f"{where}: no {kind}-conflict evidence column ({prefix}_*) among {sorted(record)}; pick the evidence kind "
+            "with format='conflictbank' (misinformation), 'conflictbank_temporal' or 'conflictbank_semantic'."
+        )
+    value = _json_value(record[preferred[0]], preferred[0], where)
+    if isinstance(value, (list, tuple)):
+        value = "\n\n".join(str(v) for v in value if v)
+    return value
+
+
+def _from_conflictbank(record: Mapping[str, Any], where: str, kind: str, family: str) -> dict[str, Any]:
+    _require_fields(record, ("question", "options", "correct_option", "replaced_option"), "ConflictBank", where)
+    options = _json_value(record["options"], "options", where)
+    if isinstance(options, Mapping):
+        options = [options[k] for k in sorted(options)]
+    if not isinstance(options, (list, tuple)):
+        raise ProbeFormatError(f"{where}: field 'options' must be a list of answer strings, got {options!r}.")
+    if not options:
+        raise ProbeFormatError(f"{where}: field 'options' is empty.")
+    options = _strip_option_labels(list(options))
+    return {
+        "id": record.get("id"),
+        "family": family,
+        "context": _evidence(record, kind, where),
+        "question": record["question"],
+        "counterfactual_answer": _pick_option(record["replaced_option"], options, "replaced_option", where),
+        "parametric_answer": _pick_option(record["correct_option"], options, "correct_option", where),
+        "options": options,
+        "metadata": {"conflict": kind},
+    }
+
+
+_CB_KEYS = {"question", "options", "correct_option", "replaced_option"}
+
+
+@register_probe_format(
+    "conflictbank",
+    detect=lambda keys: _CB_KEYS <= keys,
+    description="ConflictBank QA: question, options, correct_option, replaced_option; context = the "
+                "misinformation_conflict_* evidence (multiple choice)",
+)
+def _from_conflictbank_misinformation(record: Mapping[str, Any], where: str,
+                                      mapping: Mapping[str, str]) -> dict[str, Any]:
+    return _from_conflictbank(record, where, "misinformation", "conflictbank")
+
+
+@register_probe_format(
+    "conflictbank_temporal",
+    description="ConflictBank QA with the temporal_conflict_* evidence as context",
+)
+def _from_conflictbank_temporal(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    return _from_conflictbank(record, where, "temporal", "conflictbank_temporal")
+
+
+@register_probe_format(
+    "conflictbank_semantic",
+    description="ConflictBank QA with the semantic_conflict_* evidence as context",
+)
+def _from_conflictbank_semantic(record: Mapping[str, Any], where: str, mapping: Mapping[str, str]) -> dict[str, Any]:
+    return _from_conflictbank(record, where, "semantic", "conflictbank_semantic")

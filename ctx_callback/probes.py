@@ -5,6 +5,11 @@ a ``question`` about that fact, the ``counterfactual_answer`` the context states
 ``parametric_answer`` the model knows. Each probe also yields two controls: a *closed-book* variant
 (no context: does the model know the fact?) and an *aligned* variant (the context states the true fact).
 
+A *multiple-choice* probe also carries ``options`` (two or more answer texts, FaithEval and ConflictBank style): the
+counterfactual (context-supported) answer is one of them, the parametric answer is another one or unknown (``None``).
+Every option's text is scored as the answer (by default the options are not shown in the prompt; ``list_options``
+lists them under the question, see :attr:`Probe.prompt_question`); see "Multiple-choice probes" in the README.
+
 Everything that can be wrong with a probe is checked when it is loaded, so a bad file fails before any
 training starts, with the file, the line (or probe id) and the field in the message.
 """
@@ -22,10 +27,12 @@ from typing import Any
 
 from .errors import ConfigurationError, ProbeFormatError, ProbeSourceError
 from .matching import answers_overlap
+from .presets import PRESET_DIR_ENV, PROBE_PRESETS, preset_location
 from .probe_formats import PROBE_FORMATS, convert_record, detect_format
 
 __all__ = [
     "BUILTIN_SUITES",
+    "OPTION_LABELS",
     "Probe",
     "ProbeFormatError",
     "load_probes",
@@ -39,24 +46,35 @@ _SUITE_GROUPS = {"all": BUILTIN_SUITES, "default": BUILTIN_SUITES}
 
 _REQUIRED_FIELDS = ("context", "question", "counterfactual_answer", "parametric_answer")
 
+#: Labels of multiple-choice options in the prompt, by position (a probe has at most this many options).
+OPTION_LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
 
 @dataclass(frozen=True)
 class Probe:
-    """One counterfactual probe.
+    """One counterfactual probe: two answers, or N-way multiple choice.
 
     Attributes:
         id: Unique identifier within a probe set.
         family: Group used for per-family metrics (``world_facts``, ``biographies``, ``quotes``, ...).
         context: Passage (or instruction) that states the counterfactual answer.
         question: The question, or the text the model must continue.
-        counterfactual_answer: The answer stated by ``context``.
-        parametric_answer: The answer the model knows from pre-training.
+        counterfactual_answer: The answer stated by ``context`` (for a multiple-choice probe: one of ``options``).
+        parametric_answer: The answer the model knows from pre-training. For a multiple-choice probe: one of
+            ``options``, or ``None`` when the dataset does not say which option is the true fact (FaithEval); then the
+            metrics that need it (``parametric_accuracy``, ``closed_book_accuracy``, ``aligned_accuracy``,
+            ``memorization_ratio``) skip the probe. Always a string for a two-answer probe.
         counterfactual_aliases: Other surface forms of the counterfactual answer (generation mode matching).
         parametric_aliases: Other surface forms of the parametric answer.
         aligned_context: The context rewritten to state the true fact. When ``None`` it is derived by replacing
             the counterfactual answer with the parametric one in ``context``; when that is impossible the aligned
             control is skipped for this probe.
         metadata: Free-form, JSON-serializable metadata.
+        options: Multiple choice: every answer option, in the dataset's order (two or more, distinct after
+            normalization); empty for a two-answer probe. Each option's text is scored as the answer.
+        list_options: Multiple choice: show the options in the prompt, one lettered line each under the question
+            (``A. ...``, ``B. ...``); ``False`` (default): the prompt is the question alone, as for two answers (see
+            :attr:`prompt_question` for why).
     """
 
     id: str
@@ -64,26 +82,78 @@ class Probe:
     context: str
     question: str
     counterfactual_answer: str
-    parametric_answer: str
+    parametric_answer: str | None
     counterfactual_aliases: tuple[str, ...] = ()
     parametric_aliases: tuple[str, ...] = ()
     aligned_context: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+    list_options: bool = False
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        """Whether the probe carries answer options."""
+        return bool(self.options)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The answers that are scored, in score order: the options, or ``(counterfactual, parametric)``."""
+        if self.options:
+            return self.options
+        assert self.parametric_answer is not None  # validated: a two-answer probe has both answers
+        return (self.counterfactual_answer, self.parametric_answer)
+
+    @property
+    def counterfactual_index(self) -> int:
+        """Position of the counterfactual answer in :attr:`answers` (0 for a two-answer probe)."""
+        return self.options.index(self.counterfactual_answer) if self.options else 0
+
+    @property
+    def parametric_index(self) -> int | None:
+        """Position of the parametric answer in :attr:`answers` (1 for a two-answer probe), ``None`` when unknown."""
+        if not self.options:
+            return 1
+        if self.parametric_answer is None:
+            return None
+        return self.options.index(self.parametric_answer)
+
+    @property
+    def prompt_question(self) -> str:
+        """The question as the prompt shows it: :attr:`question`, followed by one lettered line per option when
+        :attr:`list_options` is set (``"Which gas do plants absorb?\nA. oxygen\nB. carbon dioxide"``).
+
+        Either way each option's *text* (never its letter) is scored as the answer. Not listing them is the default
+        because a model that sees lettered options expects to answer with a letter, and the likelihood of the texts
+        turns into noise for small models: on the ConflictBank fixture (tests/test_presets.py) SmolLM2-135M-Instruct
+        preferred the true option closed-book for 4 of 5 questions unlisted, 1 of 5 listed (chance: 1.25).
+        """
+        if not self.options or not self.list_options:
+            return self.question
+        lines = [f"{OPTION_LABELS[i]}. {option}" for i, option in enumerate(self.options)]
+        return "\n".join([self.question, *lines])
 
     def aligned(self) -> str | None:
-        """The context stating the true fact, or ``None`` if it cannot be built."""
+        """The context stating the true fact, or ``None`` if it cannot be built (also when the parametric answer is
+        unknown)."""
         if self.aligned_context is not None:
             return self.aligned_context
+        if self.parametric_answer is None:
+            return None
         if self.counterfactual_answer in self.context:
             return self.context.replace(self.counterfactual_answer, self.parametric_answer)
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict in the native ``ctx_callback`` format."""
+        """A JSON-serializable dict in the native ``ctx_callback`` format (``options`` only for multiple choice)."""
         record = asdict(self)
         record["counterfactual_aliases"] = list(self.counterfactual_aliases)
         record["parametric_aliases"] = list(self.parametric_aliases)
         record["metadata"] = dict(self.metadata)
+        if self.options:
+            record["options"] = list(self.options)
+        else:
+            del record["options"]
+            del record["list_options"]
         return record
 
 
@@ -134,6 +204,67 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _options(record: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """The validated ``options`` of a multiple-choice record; ``()`` when the field is absent or ``None``."""
+    value = record.get("options")
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ProbeFormatError(
+            f"{where}: field 'options' must be a list of answer strings, got {type(value).__name__} ({value!r})."
+        )
+    if len(value) == 0:
+        raise ProbeFormatError(
+            f"{where}: field 'options' is empty; list the answer options (two or more, the counterfactual answer "
+            "among them), or drop the field for a two-answer probe."
+        )
+    options = []
+    for position, option in enumerate(value):
+        if not isinstance(option, str) or not option.strip():
+            raise ProbeFormatError(
+                f"{where}: field 'options' must hold non-empty strings; option {position} is {option!r}."
+            )
+        options.append(option.strip())
+    if len(options) < 2:
+        raise ProbeFormatError(
+            f"{where}: field 'options' has one option ({options[0]!r}); a multiple-choice probe needs two or more."
+        )
+    if len(options) > len(OPTION_LABELS):
+        raise ProbeFormatError(f"{where}: field 'options' has {len(options)} options; at most {len(OPTION_LABELS)}.")
+    seen: dict[str, int] = {}
+    for position, option in enumerate(options):
+        key = _normalize(option)
+        if key in seen:
+            raise ProbeFormatError(
+                f"{where}: field 'options' repeats {option!r} (options {seen[key]} and {position} are identical "
+                "after normalization); each option must be a different answer."
+            )
+        seen[key] = position
+    return tuple(options)
+
+
+def _list_options(record: Mapping[str, Any], options: Sequence[str], where: str) -> bool:
+    value = record.get("list_options", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProbeFormatError(f"{where}: field 'list_options' must be true or false, got {value!r}.")
+    if value and not options:
+        raise ProbeFormatError(f"{where}: field 'list_options' is true but the probe has no 'options' to list.")
+    return value
+
+
+def _option_named(options: Sequence[str], answer: str, key: str, where: str) -> str:
+    """The option that ``answer`` names (case and spacing ignored), as the option is written."""
+    for option in options:
+        if _normalize(option) == _normalize(answer):
+            return option
+    raise ProbeFormatError(
+        f"{where}: field {key!r} ({answer!r}) is not one of the options {list(options)}; a multiple-choice probe's "
+        "answers must be options (fix the answer or the options)."
+    )
+
+
 def _validated_probe(record: Mapping[str, Any], *, source: str, line: int | None, default_id: str) -> Probe:
     if not isinstance(record, Mapping):
         raise ProbeFormatError(f"{_where(source, line, None)}: expected a JSON object, got {type(record).__name__}.")
@@ -150,12 +281,21 @@ def _validated_probe(record: Mapping[str, Any], *, source: str, line: int | None
     context = _require_str(record, "context", where)
     question = _require_str(record, "question", where)
     cf = _require_str(record, "counterfactual_answer", where)
-    par = _require_str(record, "parametric_answer", where)
-    if _normalize(cf) == _normalize(par):
+    options = _options(record, where)
+    par: str | None
+    if options and record.get("parametric_answer") is None:
+        par = None  # multiple choice without a known true option (FaithEval)
+    else:
+        par = _require_str(record, "parametric_answer", where)
+    if par is not None and _normalize(cf) == _normalize(par):
         raise ProbeFormatError(
             f"{where}: 'counterfactual_answer' and 'parametric_answer' are identical ({cf!r}); "
             "a probe needs two different answers to measure a conflict."
         )
+    if options:
+        cf = _option_named(options, cf, "counterfactual_answer", where)
+        if par is not None:
+            par = _option_named(options, par, "parametric_answer", where)
     aligned = record.get("aligned_context")
     if aligned is not None:
         aligned = _require_str(record, "aligned_context", where)
@@ -173,6 +313,8 @@ def _validated_probe(record: Mapping[str, Any], *, source: str, line: int | None
         parametric_aliases=_aliases(record, "parametric_aliases", where),
         aligned_context=aligned,
         metadata=dict(metadata),
+        options=options,
+        list_options=_list_options(record, options, where),
     )
 
 
@@ -209,11 +351,12 @@ def probes_from_records(
             raise ConfigurationError("format='columns' needs column_mapping={native_field: column_name}.")
         unknown = set(column_mapping) - {
             "id", "family", "context", "question", "counterfactual_answer", "parametric_answer", "aligned_context",
-            "counterfactual_aliases", "parametric_aliases",
+            "counterfactual_aliases", "parametric_aliases", "options", "list_options",
         }
         if unknown:
             raise ConfigurationError(f"column_mapping has unknown target fields {sorted(unknown)}.")
-        missing = [key for key in _REQUIRED_FIELDS if key not in column_mapping]
+        required = [key for key in _REQUIRED_FIELDS if key != "parametric_answer" or "options" not in column_mapping]
+        missing = [key for key in required if key not in column_mapping]
         if missing:
             raise ConfigurationError(f"column_mapping must map the required fields {missing}.")
         format = "columns"
@@ -282,6 +425,13 @@ def _read_json_file(path: Path) -> tuple[list[Any], list[int] | None]:
     return records, lines
 
 
+def _is_dataset_folder(path: Path) -> bool:
+    """Whether a folder without JSON files holds a dataset ``datasets.load_dataset`` reads (a Hub snapshot)."""
+    if (path / "README.md").is_file():
+        return True
+    return any(path.rglob(f"*.{ext}") for ext in ("parquet", "csv", "arrow"))
+
+
 def _builtin_path(name: str) -> Path:
     return Path(str(resources.files("ctx_callback") / "data" / f"{name}.jsonl"))
 
@@ -303,6 +453,31 @@ def _hub_probes(text: str, format: str | None, column_mapping: Mapping[str, str]
         ) from err
     prefix = text.rstrip("/").split("/")[-1]
     return probes_from_records(records, format=format, column_mapping=column_mapping, source=name, id_prefix=prefix)
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_preset(name: str, split: str | None, config: str | None, kwargs: Mapping[str, Any]) -> list[Probe]:
+    """The probes of the preset ``name`` (see :mod:`ctx_callback.presets`), through ``datasets.load_dataset``."""
+    preset = PROBE_PRESETS[name]
+    location = preset_location(preset)
+    split = split or preset.split
+    config = config if config is not None else preset.config
+    try:
+        records, _ = _load_hub(location, split=split, config=config, **kwargs)
+    except Exception as err:  # noqa: BLE001 - one line saying what failed and how to go on without the Hub
+        raise ProbeSourceError(
+            f"Probe preset {name!r} needs the Hugging Face Hub: datasets.load_dataset({location!r}, split={split!r}) "
+            f"failed ({type(err).__name__}: {_first_line(err)}). Without Hub access, download it elsewhere and use "
+            f"load_probes(PATH, format={preset.format!r}, split={split!r}) on the snapshot folder, or put the snapshot "
+            f"at ${PRESET_DIR_ENV}/{preset.hub_id}."
+        ) from err
+    return probes_from_records(records, format=preset.format, column_mapping=preset.column_mapping,
+                               source=f"{name} ({preset.hub_id}[{split}])", id_prefix=name)
 
 
 def _load_hub(dataset_id: str, *, split: str | None, config: str | None, **kwargs: Any) -> tuple[list[Any], str]:
@@ -331,7 +506,10 @@ def load_probes(
         source: What to load:
 
             - a built-in suite name (``"world_facts"``, ``"biographies"``, ``"quotes"``), ``"all"``/``"default"``
-              for all of them, or a ``"+"``-joined list such as ``"world_facts+quotes"``;
+              for all of them, a preset of a public benchmark (``"nq_swap"``, ``"memotrap"``,
+              ``"faitheval_counterfactual"``, ``"conflictbank"``, ... :data:`~ctx_callback.presets.PROBE_PRESETS`:
+              loaded from the Hub with its own id, split and format; ``split``/``config`` override its defaults), or a
+              ``"+"``-joined list such as ``"world_facts+quotes"`` or ``"nq_swap+all"``;
             - a path to a ``.json`` (array) or ``.jsonl`` file, in the native format or a public one
               (the paper's released files, NQ-Swap, MemoTrap), or a directory of such files;
             - a Hub dataset id (anything ``datasets.load_dataset`` accepts), loaded with ``split``
@@ -359,7 +537,8 @@ def load_probes(
 
     Raises:
         ProbeFormatError: A record is invalid (the message names the file, line or probe id, and field).
-        ProbeSourceError: ``source`` is not a suite name, an existing path or a loadable dataset.
+        ProbeSourceError: ``source`` is not a suite name, an existing path or a loadable dataset; a preset that
+            cannot be loaded (offline: the message says how to use a local copy).
         ConfigurationError: An unknown ``format``, a bad ``column_mapping``, unknown ``families``.
     """
     if "trust_remote_code" in load_dataset_kwargs:
@@ -371,16 +550,30 @@ def load_probes(
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         path = Path(text).expanduser()
-        names = _SUITE_GROUPS.get(text, tuple(text.split("+")))
+        names = tuple(dict.fromkeys(n for part in text.split("+") for n in _SUITE_GROUPS.get(part, (part,))))
         if from_hub:
             probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
-        elif all(name in BUILTIN_SUITES for name in names) and not path.exists():
-            probes = [p for name in names for p in _load_builtin(name)]
+        elif all(name in BUILTIN_SUITES or name in PROBE_PRESETS for name in names) and not path.exists():
+            if format is not None or column_mapping is not None:
+                raise ConfigurationError(
+                    f"{text!r} names built-in suites or presets, which know their own format; drop format= and "
+                    "column_mapping= (they are for files and Hub ids)."
+                )
+            probes = []
+            for name in names:
+                if name in BUILTIN_SUITES:
+                    probes.extend(_load_builtin(name))
+                else:
+                    probes.extend(_load_preset(name, split, config, load_dataset_kwargs))
+            _check_unique(probes, text)
         elif path.is_dir():
             files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
-            if not files:
+            if not files and _is_dataset_folder(path):  # a Hub snapshot (Parquet, CSV, a README with configs)
+                probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
+            elif not files:
                 raise ProbeSourceError(f"Probe directory {path} contains no .json or .jsonl files.")
-            probes = []
+            else:
+                probes = []
             for file in files:
                 records, lines = _read_json_file(file)
                 probes.extend(
@@ -399,8 +592,9 @@ def load_probes(
             probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
         else:
             raise ProbeSourceError(
-                f"Unknown probe suite {text!r}. Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); "
-                "or pass a path to a .json/.jsonl file, or a Hub dataset id such as 'org/name'."
+                f"Unknown probe suite {text!r}. Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); presets of public "
+                f"datasets: {list(PROBE_PRESETS)}; or pass a path to a .json/.jsonl file, or a Hub dataset id such as "
+                "'org/name'."
             )
     else:
         rows: Any = source
@@ -437,9 +631,7 @@ def _warn_overlapping_answers(probes: Sequence[Probe], source: Any) -> None:
     (:func:`ctx_callback.matching.match_answers`). But an output that names the longer answer can never count for
     the shorter one there, so the probe measures less than it seems: the warning lets the author check it.
     """
-    ids = [p.id for p in probes
-           if answers_overlap((p.counterfactual_answer, *p.counterfactual_aliases),
-                              (p.parametric_answer, *p.parametric_aliases))]
+    ids = [p.id for p in probes if _answers_overlap(p)]
     if not ids:
         return
     listed = ", ".join(repr(i) for i in ids[:_MAX_LISTED_IDS])
@@ -453,6 +645,19 @@ def _warn_overlapping_answers(probes: Sequence[Probe], source: Any) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def _answers_overlap(probe: Probe) -> bool:
+    """Whether two of the probe's answer groups contain each other (for multiple choice: any two options)."""
+    if probe.options:
+        groups: list[tuple[str, ...]] = [(option,) for option in probe.options]
+        groups[probe.counterfactual_index] += probe.counterfactual_aliases
+        if probe.parametric_index is not None:
+            groups[probe.parametric_index] += probe.parametric_aliases
+    else:
+        groups = [(probe.counterfactual_answer, *probe.counterfactual_aliases),
+                  (probe.parametric_answer or "", *probe.parametric_aliases)]
+    return any(answers_overlap(groups[i], groups[j]) for i in range(len(groups)) for j in range(i + 1, len(groups)))
 
 
 def _check_unique(probes: Sequence[Probe], source: str) -> None:

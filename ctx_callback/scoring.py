@@ -52,8 +52,8 @@ from .engines import (
 from .engines.base import _device_of
 from .errors import ConfigurationError
 from .formatting import resolve_prompt_format
-from .matching import match_answers, normalize_answer
-from .metrics import compute_metrics
+from .matching import match_answers, normalize_answer, option_label
+from .metrics import ScoreTable, compute_metrics
 from .models import max_positions
 from .probes import Probe
 
@@ -202,6 +202,15 @@ class ScoreResult:
         scored: ``[rows, variants]`` bool: which (probe, variant) cells were scored (a probe without an aligned
             context has no ``"aligned"`` row). ``None`` for results built without it: then every ``"context"`` cell
             counts as scored (every probe has one) and so does every infinite value.
+        option_scores: Multiple choice: ``[rows, variants, K]`` float64, the score (log-probability, or 1.0/0.0 hit)
+            of every answer option in the probe's order (:attr:`~ctx_callback.probes.Probe.answers`), NaN-padded past
+            a probe's own count; a two-answer row holds ``(counterfactual, parametric)``. ``None`` when the scorer's
+            probes all have two answers. For a multiple-choice row ``scores[r, c, 0]`` is the counterfactual option
+            and ``scores[r, c, 1]`` its strongest rival (the best other option; in generation mode, whether any other
+            option was named), so ``scores[r, c, 0] > scores[r, c, 1]`` means "the counterfactual answer wins" for
+            every probe.
+        option_roles: With ``option_scores``: ``[rows, 2]`` int64, the position of the counterfactual and of the
+            parametric option in each row's options (``-1``: parametric answer unknown); ``(0, 1)`` for two answers.
     """
 
     probe_indices: np.ndarray
@@ -211,6 +220,8 @@ class ScoreResult:
     mode: str = "loglik"
     seconds: float = 0.0
     scored: np.ndarray | None = None
+    option_scores: np.ndarray | None = None
+    option_roles: np.ndarray | None = None
 
     @property
     def nonfinite_scores(self) -> int:
@@ -240,6 +251,20 @@ class ScoreResult:
         scored = None
         if all(r.scored is not None for r in results):
             scored = np.concatenate([r.scored for r in results])[order]  # type: ignore[misc]
+        option_scores = option_roles = None
+        if any(r.option_scores is not None for r in results):
+            width = max(r.option_scores.shape[2] for r in results if r.option_scores is not None)
+            padded = []
+            for r in results:
+                # A shard without options has two answers per row: (counterfactual, parametric) = its scores.
+                values = r.option_scores if r.option_scores is not None else r.scores
+                extra = np.full(values.shape[:2] + (width - values.shape[2],), np.nan)
+                padded.append(np.concatenate([values, extra], axis=2))
+            option_scores = np.concatenate(padded)[order]
+            option_roles = np.concatenate([
+                r.option_roles if r.option_roles is not None else np.tile(np.array([0, 1]), (len(r.probe_indices), 1))
+                for r in results
+            ]).astype(np.int64)[order]
         return cls(
             probe_indices=indices[order],
             variants=results[0].variants,
@@ -248,6 +273,8 @@ class ScoreResult:
             mode=results[0].mode,
             seconds=max(r.seconds for r in results),
             scored=scored,
+            option_scores=option_scores,
+            option_roles=option_roles,
         )
 
 
@@ -261,8 +288,13 @@ class ScoreReport:
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        """One dict per scored probe: id, family, answers, and the score of each (variant, answer)."""
+        """One dict per scored probe: id, family, answers, and the score of each (variant, answer).
+
+        A multiple-choice probe also has ``options`` and ``<variant>_option_<logprobs|hits>`` (one value per option);
+        its ``<variant>_parametric_<kind>`` is the parametric option's score (``None`` when it is unknown).
+        """
         rows = []
+        kind = "logprob" if self.result.mode == "loglik" else "hit"
         for row, index in enumerate(self.result.probe_indices):
             probe = self.probes[int(index)]
             record: dict[str, Any] = {
@@ -271,11 +303,19 @@ class ScoreReport:
                 "counterfactual_answer": probe.counterfactual_answer,
                 "parametric_answer": probe.parametric_answer,
             }
+            if probe.options:
+                record["options"] = list(probe.options)
             for col, variant in enumerate(self.result.variants):
                 cf, par = self.result.scores[row, col]
-                kind = "logprob" if self.result.mode == "loglik" else "hit"
+                values = None
+                if probe.options and self.result.option_scores is not None:
+                    values = self.result.option_scores[row, col, : len(probe.options)]
+                    par_index = probe.parametric_index
+                    par = values[par_index] if par_index is not None else np.nan
                 record[f"{variant}_counterfactual_{kind}"] = None if np.isnan(cf) else float(cf)
                 record[f"{variant}_parametric_{kind}"] = None if np.isnan(par) else float(par)
+                if values is not None:
+                    record[f"{variant}_option_{kind}s"] = [None if np.isnan(v) else float(v) for v in values]
                 if self.result.generations is not None:
                     record[f"{variant}_generation"] = self.result.generations[row][col]
             rows.append(record)
@@ -401,6 +441,12 @@ class ProbeScorer:
         )
         #: Prompt + longer answer of the longest item: a model with at least this many positions fits every probe.
         self._longest_item = max((item.total_length for item in self.encoded.items), default=0)
+        #: Multiple choice: the most answers of a probe (0 when every probe has two answers: no option columns), and
+        #: each probe's (counterfactual, parametric) answer position (-1: unknown).
+        probes_list = self.encoded.probes
+        self._option_width = max(len(p.answers) for p in probes_list) if any(p.options for p in probes_list) else 0
+        self._roles = [(p.counterfactual_index, -1 if p.parametric_index is None else p.parametric_index)
+                       for p in probes_list]
         #: The budgets forward passes are cut with: the configured ones, or smaller ones that an out-of-memory retry
         #: found to work (see "Out of memory" above; :meth:`reset_budget` restores the configured ones).
         self.batcher = Batcher(max_batch_tokens, max_batch_size)
@@ -461,7 +507,13 @@ class ProbeScorer:
         """Metrics of a (merged) :class:`ScoreResult`: only those its variants can give (a round that scored the
         ``"context"`` variant alone has no ``closed_book_accuracy``, ``aligned_accuracy`` or ``context_lift``)."""
         families = [self.probes[int(i)].family for i in result.probe_indices]
-        return compute_metrics(result.scores, families, result.variants, mode=result.mode, per_family=self.per_family)
+        return compute_metrics(result.scores, families, result.variants, mode=result.mode, per_family=self.per_family,
+                               option_scores=result.option_scores, option_roles=result.option_roles)
+
+    @property
+    def has_multiple_choice(self) -> bool:
+        """Whether any probe carries answer options (then results have :attr:`ScoreResult.option_scores`)."""
+        return self._option_width > 0
 
     def check_model_length(self, model: torch.nn.Module) -> None:
         """Raise :class:`~ctx_callback.errors.ProbeLengthError` when a probe is longer than ``model`` accepts.
@@ -532,41 +584,56 @@ class ProbeScorer:
                 self.batcher.max_batch_tokens, self.batcher.max_batch_size, self.max_batch_tokens,
                 self.max_batch_size,
             )
+        option_scores = option_roles = None
+        if self.has_multiple_choice:
+            scores, option_scores = scores[..., :2].copy(), scores[..., 2:].copy()
+            option_roles = np.array([self._roles[int(i)] for i in indices], dtype=np.int64).reshape(len(indices), 2)
         return ScoreResult(indices, round_variants, scores, generations, self.mode, time.perf_counter() - start,
-                           scored=scored)
+                           scored=scored, option_scores=option_scores, option_roles=option_roles)
 
     def _score_round(
         self, model: torch.nn.Module, indices: np.ndarray, items: list[EncodedItem], variants: tuple[str, ...]
     ) -> tuple[np.ndarray, np.ndarray, list[list[str | None]] | None]:
         """One attempt at a round: ``(scores, scored, generations)`` (see :class:`ScoreResult`), with one column per
-        scored variant, under :func:`probe_mode` and :func:`probe_autocast`."""
+        scored variant, under :func:`probe_mode` and :func:`probe_autocast`. When the probes include multiple choice,
+        ``scores`` is ``[rows, variants, 2 + K]``: the two columns of :attr:`ScoreResult.scores`, then every option's
+        score (:meth:`score_raw` splits them)."""
         row_of = {int(p): r for r, p in enumerate(indices)}
         col_of = {v: c for c, v in enumerate(variants)}
-        scores = np.full((len(indices), len(variants), 2), np.nan)
+        width = self._option_width
+        scores = np.full((len(indices), len(variants), 2 + width), np.nan)
         scored = np.zeros((len(indices), len(variants)), dtype=bool)
         generations: list[list[str | None]] | None = None
         with probe_mode(model), probe_autocast(model, self.probe_dtype):
             if self.mode == "loglik":
                 for item, values in zip(items, self._loglik(model, items)):
                     r, c = row_of[item.probe_index], col_of[item.variant]
-                    scores[r, c] = values
+                    scores[r, c] = self._row(item.probe_index, values, width)
                     scored[r, c] = True
             else:
                 generations = [[None for _ in variants] for _ in indices]
                 texts = self.generation_engine.generate(model, items, synced_gpus=self.synced_gpus)
                 for item, text in zip(items, texts):
                     r, c = row_of[item.probe_index], col_of[item.variant]
-                    probe = self.probes[item.probe_index]
                     generations[r][c] = text
-                    # The longer answer first: "New York" is no hit for "York" (see ctx_callback.matching).
-                    cf_hit, par_hit = match_answers(text, [
-                        (probe.counterfactual_answer, *probe.counterfactual_aliases),
-                        (probe.parametric_answer, *probe.parametric_aliases),
-                    ])
-                    scores[r, c, 0] = float(cf_hit)
-                    scores[r, c, 1] = float(par_hit)
+                    hits = _answer_hits(self.probes[item.probe_index], text)
+                    scores[r, c] = self._row(item.probe_index, [float(hit) for hit in hits], width)
                     scored[r, c] = True
         return scores, scored, generations
+
+    def _row(self, probe_index: int, values: Sequence[float], width: int) -> np.ndarray:
+        """One cell's scores: ``(counterfactual, strongest rival)`` followed by ``width`` option columns (the
+        answers' scores, NaN-padded). A two-answer probe's rival is its parametric answer."""
+        probe = self.probes[probe_index]
+        values = np.asarray(values, dtype=np.float64)
+        out = np.full(2 + width, np.nan)
+        cf = probe.counterfactual_index
+        out[0] = values[cf]
+        # max() of the other answers; NaN (non-finite logits) propagates and is counted by nonfinite_scores.
+        out[1] = np.max(np.delete(values, cf))
+        if width:
+            out[2:2 + len(values)] = values
+        return out
 
     def _smaller_budget(self, err: BaseException, items: list[EncodedItem]) -> Batcher | None:
         """The budget to retry a round that ran out of memory with, or ``None`` (after a warning) when a retry
@@ -611,7 +678,8 @@ class ProbeScorer:
         self.generation_engine.set_batcher(batcher)
 
     def known_probe_indices(self, model: torch.nn.Module) -> tuple[list[int], dict[str, dict[str, int]]]:
-        """Knowledge verification: probes whose parametric answer the model prefers closed-book.
+        """Knowledge verification: probes whose parametric answer the model prefers closed-book (multiple choice: over
+        every other option; a probe whose parametric option is unknown is never kept).
 
         Returns:
             ``(indices, counts)`` where counts maps each family to ``{"kept": k, "total": n}``.
@@ -619,11 +687,12 @@ class ProbeScorer:
         if "closed_book" not in self.variants:
             raise ValueError("knowledge verification needs the 'closed_book' variant.")
         result = self.score_raw(model)
-        col = self.variants.index("closed_book")
+        table = ScoreTable(result.scores, {v: c for c, v in enumerate(result.variants)}, result.mode,
+                           result.option_scores, result.option_roles)
         if result.mode == "loglik":
-            known = result.scores[:, col, 1] > result.scores[:, col, 0]
+            known = table.parametric_wins("closed_book") == 1  # multiple choice: over every other option
         else:
-            known = (result.scores[:, col, 1] == 1) & (result.scores[:, col, 0] == 0)
+            known = (table.parametric("closed_book") == 1) & (table.counterfactual("closed_book") == 0)
         counts: dict[str, dict[str, int]] = {}
         kept = []
         for row, index in enumerate(result.probe_indices):
@@ -648,6 +717,26 @@ class ProbeScorer:
         if self.loglik_engine.applicable(items):
             return self.loglik_engine
         return self._fallback_engine
+
+
+def _answer_hits(probe: Probe, text: str) -> list[bool]:
+    """Generation mode: which of the probe's answers (:attr:`~ctx_callback.probes.Probe.answers`) ``text`` names.
+
+    The longer answer is matched first: "New York" is no hit for "York" (see :mod:`ctx_callback.matching`). A
+    multiple-choice probe's options are one group each (its counterfactual and parametric options with their
+    aliases); when its prompt lists them (``list_options``), an output that opens with an option's letter ("B",
+    "(B)", "B. ...") names that option as well.
+    """
+    groups: list[tuple[str, ...]] = [(answer,) for answer in probe.answers]
+    groups[probe.counterfactual_index] += probe.counterfactual_aliases
+    if probe.parametric_index is not None:
+        groups[probe.parametric_index] += probe.parametric_aliases
+    hits = match_answers(text, groups)
+    if probe.list_options:  # the prompt showed the lettered options: "B" names option B
+        label = option_label(text, len(probe.options))
+        if label is not None:
+            hits[label] = True
+    return hits
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:

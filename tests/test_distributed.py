@@ -37,12 +37,12 @@ def launch(tmp_path, smollm2_dir, mode, sharded="replicated"):
     return ranks
 
 
-def assert_rows_equal_one_process(ranks):
+def assert_rows_equal_one_process(ranks, num_probes=7):
     for rank in ranks:
         assert rank["rows"], "no probe rows logged"
         for row in rank["rows"]:
             single = rank["rescored"][str(row["step"])]
-            assert row["ctx_reliance/num_probes"] == 7  # all probes, although each rank scored 4 or 3 of them
+            assert row["ctx_reliance/num_probes"] == num_probes  # all probes, although each rank scored its share
             for key, value in single.items():
                 assert row[key] == pytest.approx(value, abs=1e-5, nan_ok=True), (rank["rank"], row["step"], key)
     # Both ranks logged identical numbers at identical steps.
@@ -57,6 +57,17 @@ def test_two_process_ddp_loglik_sharded_probing_and_early_stop(tmp_path, smollm2
     assert [r["stop_step"] for r in ranks] == [4, 4]
     assert [r["global_step"] for r in ranks] == [4, 4]
     assert [row["step"] for row in ranks[0]["rows"]] == [0, 2, 4]
+
+
+def test_two_process_ddp_mixed_multiple_choice_and_two_answer_round(tmp_path, smollm2_dir):
+    """7 two-answer + 4 four-way multiple-choice probes split 6/5 over the ranks: the same metrics as one process."""
+    ranks = launch(tmp_path, smollm2_dir, "mixed")
+    assert_rows_equal_one_process(ranks, num_probes=11)
+    row = ranks[0]["rows"][0]
+    assert row["ctx_reliance/mc/num_probes"] == 4 and row["ctx_reliance/capitals/num_probes"] == 7
+    for key in ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy", "logprob_margin"):
+        assert row[f"ctx_reliance/mc/{key}"] == row[f"ctx_reliance/mc/{key}"], key  # not NaN
+    assert [r["global_step"] for r in ranks] == [8, 8]
 
 
 def test_two_process_ddp_generation_mode(tmp_path, smollm2_dir):

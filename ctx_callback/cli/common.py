@@ -183,7 +183,9 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("probe options (as in ContextRelianceCallback)")
     g.add_argument("--probes", default="all", metavar="SUITE|PATH",
                    help="built-in suite (world_facts, biographies, quotes, all, or a '+'-joined list such as "
-                        "world_facts+quotes), a .json/.jsonl probe file or directory, or a Hub dataset id")
+                        "world_facts+quotes), a public benchmark preset (nq_swap, memotrap, faitheval_counterfactual, "
+                        "conflictbank, ...; needs the Hub or CTX_CALLBACK_PRESET_DIR), a .json/.jsonl probe file or "
+                        "directory, or a Hub dataset id")
     g.add_argument("--limit-per-family", type=positive_int, default=None, metavar="N",
                    help="use at most N probes per family (spread evenly); default: all")
     g.add_argument("--prompt-format", default="chat", metavar="FORMAT",

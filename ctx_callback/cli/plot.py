@@ -121,7 +121,7 @@ def scan_to_log_history(scan: dict[str, Any], monitor_key: str | None = None) ->
         peak = find_peak(rows, monitor.key, monitor.greater_is_better)
     history: list[dict[str, Any]] = []
     for row in rows:
-        entry = {"step": row["step"], **row["metrics"]}
+        entry = {"step": row["step"], **row["metrics"], **row.get("intervals", {})}  # intervals: the plot's band
         if peak is not None:
             entry[f"{PREFIX}/peak_step"] = float(peak["step"])
         history.append(entry)

@@ -120,10 +120,10 @@ def _fingerprint(scorer: Any, args: argparse.Namespace) -> tuple[str, dict[str, 
     digest.update(json.dumps(exact, sort_keys=True).encode())
     for probe in encoded.probes:
         digest.update(json.dumps([probe.id, probe.family, probe.counterfactual_answer, probe.parametric_answer,
-                                  list(probe.counterfactual_aliases), list(probe.parametric_aliases)]).encode())
-    for item in encoded.items:
-        digest.update(json.dumps([item.probe_index, item.variant, item.prompt_ids, item.counterfactual_ids,
-                                  item.parametric_ids]).encode())
+                                  list(probe.counterfactual_aliases), list(probe.parametric_aliases)]
+                                 + ([list(probe.options)] if probe.options else [])).encode())
+    for item in encoded.items:  # every answer (all options of a multiple-choice probe); two answers hash as before
+        digest.update(json.dumps([item.probe_index, item.variant, item.prompt_ids, *item.answer_ids]).encode())
     return digest.hexdigest()[:16], settings
 
 
@@ -200,6 +200,18 @@ def _write_results(json_path: Path, csv_path: Path, data: dict[str, Any], scans:
 # ----------------------------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _intervals(report: Any, monitor: Any) -> dict[str, float]:
+    """Standard errors and 95% intervals (Wilson / t) of the monitored metric and the overall accuracies."""
+    from ..outcomes import uncertainty
+
+    targets = [(monitor.key, monitor.metric, monitor.family)]
+    targets += [(f"ctx_reliance/{m}", m, None) for m in ("counterfactual_accuracy", "parametric_accuracy",
+                                                          "closed_book_accuracy") if f"ctx_reliance/{m}" != monitor.key]
+    result = report.result
+    families = [report.probes[int(i)].family for i in result.probe_indices]
+    return uncertainty(result.scores, families, result.variants, result.mode, targets)
 
 
 def _table_metrics(metrics_rows: Iterable[dict[str, float]], monitor_key: str) -> list[str]:
@@ -349,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
         cache[ckpt.name] = {
             "checkpoint": ckpt.name, "step": ckpt.step, "kind": kind, "weights": signature,
             "seconds": round(seconds, 3), "metrics": report.metrics,
+            "intervals": _intervals(report, monitor),
         }
         scored += 1
         eprint(f"{prefix} ... {seconds:.1f}s")

@@ -2,7 +2,8 @@
 
 Trains a tiny Llama with SFTTrainer under DDP on CPU (gloo) with ContextRelianceCallback, and writes what this rank
 saw to OUT/rank{N}.json: the logged probe rows, a full one-process re-score of the same weights at every probe step,
-the stop step and the final global step.
+the stop step and the final global step. Mode ``mixed``: log-likelihood mode on the two-answer capital probes plus
+four-way multiple-choice probes (one without a parametric answer), shared round-robin over the ranks.
 """
 
 import json
@@ -23,6 +24,20 @@ from tests.helpers import (  # noqa: E402
     make_trainer,
 )
 
+#: Multiple-choice probes for mode "mixed": (country, true capital, counterfactual city, two more options).
+MC_CAPITALS = [("France", "Paris", "Lyon", "Nice", "Lille"), ("Japan", "Tokyo", "Osaka", "Kyoto", "Kobe"),
+               ("Italy", "Rome", "Milan", "Turin", "Naples"), ("Spain", "Madrid", "Seville", "Bilbao", "Malaga")]
+
+
+def mc_probes():
+    rows = []
+    for i, (country, true, fake, a, b) in enumerate(MC_CAPITALS):
+        options = [true, fake, a, b][i:] + [true, fake, a, b][:i]
+        rows.append({"id": f"mc/{country.lower()}", "family": "mc", "context": f"The capital of {country} is {fake}.",
+                     "question": f"What is the capital of {country}?", "counterfactual_answer": fake,
+                     "parametric_answer": true if i < 3 else None, "options": options, "list_options": i % 2 == 0})
+    return rows
+
 
 class Rescore(TrainerCallback):
     """After the callback under test: score all probes on this rank alone, as a one-process run would."""
@@ -42,6 +57,9 @@ class Rescore(TrainerCallback):
 
 
 def main(tokenizer_dir, out_dir, mode, sharded):
+    probes = PROBES
+    if mode == "mixed":  # multiple choice + two answers in one log-likelihood round
+        probes, mode = PROBES + mc_probes(), "loglik"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = make_tiny_llama(tokenizer)
     if sharded == "sharded":
@@ -61,12 +79,12 @@ def main(tokenizer_dir, out_dir, mode, sharded):
 
         model.model.register_forward_pre_hook(fail_in_eval)
     kwargs = dict(eval_steps=2, variants=("context", "closed_book"), mode=mode, max_new_tokens=3)
-    if mode == "loglik":  # a stop that does not depend on the training dynamics: no event can improve on the first
+    if mode == "loglik" and probes is PROBES:  # a stop independent of the training dynamics: no event can improve
         kwargs.update(patience=1, min_delta=10.0, warmup_steps=4)
     if sharded == "fail_on_rank1":
         kwargs["engine"] = "batched"
-    callback = ContextRelianceCallback(trainer, PROBES, **kwargs)
-    rescore = Rescore(ProbeScorer(probes_from_records(PROBES), tokenizer, mode=mode, max_new_tokens=3,
+    callback = ContextRelianceCallback(trainer, probes, **kwargs)
+    rescore = Rescore(ProbeScorer(probes_from_records(probes), tokenizer, mode=mode, max_new_tokens=3,
                                   variants=("context", "closed_book")), callback)
     trainer.add_callback(callback)
     trainer.add_callback(rescore)

@@ -1,0 +1,461 @@
+"""Stop rules: when has context reliance declined enough, and surely enough, to stop training? Pure (numpy, scipy).
+
+A run is a sequence of probe events (:class:`ProbeEvent`): the global step, the monitored metric's value and,
+when available, the per-probe outcomes behind it (``bool`` hit/miss per probe for accuracies, a ``float`` per probe
+for probabilities and margins), always in the same probe order. A :class:`StopRule` is fed the events in order and
+answers each with a :class:`StopDecision`. Rules hold their own state (peak, patience, the peak event's per-probe
+outcomes); :meth:`StopRule.reset` forgets it, and feeding the same events again (a resume replaying
+``state.log_history`` plus the stored per-probe outcomes of the peak) rebuilds it exactly.
+
+The rules (:func:`make_stop_rules` builds them from the callback's options):
+
+- ``patience`` (:class:`PatienceRule`): today's rule, unchanged: stop after ``patience`` events without a new peak
+  of the smoothed metric (:class:`~ctx_callback.peak.PeakTracker`).
+- ``significant_decline`` (:class:`SignificantDeclineRule`): stop when the metric is at least ``min_decline``
+  below its value at the peak event *and* a paired test on the same probes (exact McNemar for binary outcomes, the
+  sign test otherwise) rejects "no change" at level ``alpha``, corrected for the number of events compared
+  (:data:`CORRECTIONS`).
+- ``divergence_threshold`` (:class:`DivergenceRule`): stop once the metric is this far below its peak value.
+- ``stopping_threshold`` (:class:`StoppingThresholdRule`): stop once the metric is below this absolute floor
+  (above it for metrics where lower is better).
+
+Shared conventions: the peak is the peak of the *smoothed* metric (the same :class:`~ctx_callback.peak.PeakTracker`
+as the callback's, so the peak a rule compares against is the checkpoint the callback saves and restores); the
+decline is measured on the *raw* values, peak event minus current event, in the metric's own units (0.05 = 5 points
+of accuracy), positive when the metric got worse (direction-aware: for ``greater_is_better=False`` a rise is a
+decline). No rule stops before global step ``warmup``. An event whose value is NaN (a failed or flagged probe
+round) changes no state and never stops.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigurationError
+from .peak import PeakTracker
+from .stats import mcnemar_exact, mean_interval, sign_test
+
+__all__ = [
+    "CORRECTIONS",
+    "DEFAULT_ALPHA",
+    "DEFAULT_MIN_DECLINE",
+    "STOP_RULES",
+    "Comparison",
+    "DivergenceRule",
+    "PatienceRule",
+    "ProbeEvent",
+    "SignificantDeclineRule",
+    "StopDecision",
+    "StopRule",
+    "StoppingThresholdRule",
+    "compare_events",
+    "first_stop",
+    "make_stop_rules",
+]
+
+#: Values ``stop_rule=`` accepts besides ``None``.
+STOP_RULES: tuple[str, ...] = ("significant_decline",)
+#: Default smallest decline (metric units) ``significant_decline`` stops for. Why 0.02 (2 points of accuracy): the
+#: paired test is what guards against noise; this threshold guards against declines that are real but too small to
+#: be worth stopping a run for, which a test on many probes (400+) would call significant. It sits below one
+#: standard error of an accuracy near 0.9 at 90 probes (3 points), so at the usual probe counts the test decides, and
+#: far below the falls the paper and our example show (10-30 points).
+DEFAULT_MIN_DECLINE = 0.02
+#: Default significance level of ``significant_decline``, for the whole run, not per look: the conventional 0.05.
+#: It is meant as the rate of false stops on a run whose reliance does not decline, which is why the per-look level
+#: is corrected (:data:`CORRECTIONS`): without a correction, comparing each event with a peak *selected* as the best
+#: of the events so far, again at every event, stopped 20-48% of flat simulated runs at a nominal 0.05.
+DEFAULT_ALPHA = 0.05
+#: Multiple-comparison corrections of ``significant_decline``. ``"pairs"`` (default): at the t-th valid event the
+#: test's p-value is compared with ``alpha / (t (t - 1) / 2)``, a Bonferroni correction over every pair of the events
+#: so far (the peak is one of the t - 1 earlier events, chosen because it was high, and the rule looks once per
+#: event). ``"none"``: ``alpha`` at every look (for comparisons; its false-stop rate exceeds ``alpha``).
+CORRECTIONS: tuple[str, ...] = ("pairs", "none")
+
+
+@dataclass(frozen=True)
+class ProbeEvent:
+    """One probe event, as the stop rules see it.
+
+    Attributes:
+        step: Global optimizer step of the event.
+        value: The monitored metric (NaN for a failed or flagged round).
+        outcomes: Per-probe outcomes behind ``value`` in a fixed probe order (``bool`` for accuracies, ``float``
+            otherwise; NaN = probe not scored), or ``None`` when unknown (events replayed from logs).
+    """
+
+    step: int
+    value: float
+    outcomes: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """A rule's answer to one event.
+
+    Attributes:
+        stop: Whether the rule advises stopping now.
+        rule: The rule's name (``"patience"``, ``"significant_decline"``, ``"divergence_threshold"``,
+            ``"stopping_threshold"``).
+        message: Why (or why not); the stop message when ``stop``.
+        decline: Decline from the peak event in metric units (positive = worse), when the rule measures one.
+        interval: Confidence interval of the decline (paired, over probes), when per-probe outcomes allow it.
+        p_value: Two-sided p-value of the paired test "now vs peak", when per-probe outcomes allow it.
+    """
+
+    stop: bool
+    rule: str
+    message: str
+    decline: float | None = None
+    interval: tuple[float, float] | None = None
+    p_value: float | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The paired comparison of an event with the peak event (:func:`compare_events`).
+
+    Attributes:
+        decline: ``peak.value - now.value`` (negated when lower is better): positive when the metric got worse.
+        interval: t interval of the mean per-probe decline (``None`` without paired outcomes).
+        p_value: Two-sided exact McNemar (binary outcomes) or sign test (otherwise) p-value, ``None`` without
+            paired outcomes.
+        test: ``"mcnemar"``, ``"sign"`` or ``None``.
+        lost: Probes that were a hit at the peak and are not now (binary outcomes), or that got worse (otherwise).
+        gained: The reverse.
+    """
+
+    decline: float
+    interval: tuple[float, float] | None
+    p_value: float | None
+    test: str | None
+    lost: int | None = None
+    gained: int | None = None
+
+
+def _is_binary(outcomes: np.ndarray) -> bool:
+    if outcomes.dtype == np.bool_:
+        return True
+    finite = outcomes[~np.isnan(outcomes)]
+    return bool(np.isin(finite, (0.0, 1.0)).all())
+
+
+def compare_events(peak: ProbeEvent, now: ProbeEvent, greater_is_better: bool = True,
+                   confidence: float = 0.95) -> Comparison:
+    """Compare ``now`` with ``peak`` on the same probes.
+
+    The decline is the difference of the two events' values. When both events carry per-probe outcomes of the
+    same length, the paired test and the decline's interval come from them: an exact McNemar test when both are
+    binary (bool, or 0/1 with NaN for unscored probes), a sign test otherwise (ties dropped), and a t interval of the
+    per-probe differences. Probes unscored at either event are dropped pairwise.
+    """
+    sign = 1.0 if greater_is_better else -1.0
+    decline = sign * (float(peak.value) - float(now.value))
+    a, b = peak.outcomes, now.outcomes
+    if a is None or b is None or np.asarray(a).shape != np.asarray(b).shape or np.asarray(a).size == 0:
+        return Comparison(decline=decline, interval=None, p_value=None, test=None)
+    a_f = np.asarray(a, dtype=np.float64)
+    b_f = np.asarray(b, dtype=np.float64)
+    low, high = mean_interval(sign * (a_f - b_f), confidence)
+    interval = None if math.isnan(low) else (low, high)
+    diff = sign * (b_f - a_f)
+    valid = ~np.isnan(diff)
+    lost = int(np.count_nonzero(diff[valid] < 0))
+    gained = int(np.count_nonzero(diff[valid] > 0))
+    if _is_binary(np.asarray(a)) and _is_binary(np.asarray(b)):
+        if greater_is_better:
+            result = mcnemar_exact(a_f, b_f)
+        else:
+            result = mcnemar_exact(1.0 - a_f, 1.0 - b_f)
+        return Comparison(decline=decline, interval=interval, p_value=result.p_value, test="mcnemar",
+                          lost=result.b, gained=result.c)
+    return Comparison(decline=decline, interval=interval, p_value=sign_test(a_f, b_f), test="sign", lost=lost,
+                      gained=gained)
+
+
+class StopRule(ABC):
+    """A stop rule, fed probe events in order (see the module docstring).
+
+    Attributes:
+        name: The rule's name, as :attr:`StopDecision.rule`.
+    """
+
+    name: str = "rule"
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget every event (a fresh run, or before replaying events on resume)."""
+
+    @abstractmethod
+    def update(self, event: ProbeEvent) -> StopDecision:
+        """Feed the next event; the decision for it."""
+
+
+class _PeakRule(StopRule):
+    """A rule that compares each event with the peak event of the smoothed metric."""
+
+    def __init__(self, *, greater_is_better: bool = True, smoothing: str = "ema", ema: float = 0.5,
+                 window: int = 3, min_delta: float = 0.0, warmup: int = 0, metric: str = "the monitored metric",
+                 confidence: float = 0.95) -> None:
+        self.greater_is_better = bool(greater_is_better)
+        self.warmup = int(warmup)
+        self.metric = metric
+        self.confidence = float(confidence)
+        self.tracker = PeakTracker(mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema,
+                                   window=window, min_delta=min_delta, patience=None, warmup_steps=warmup)
+        self.peak_event: ProbeEvent | None = None
+        self.previous_event: ProbeEvent | None = None
+        #: Events with a value (NaN events excluded) fed since the last reset, this one included.
+        self.num_valid_events = 0
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        self.peak_event = None
+        self.previous_event = None
+        self.num_valid_events = 0
+
+    def update(self, event: ProbeEvent) -> StopDecision:
+        value = float(event.value)
+        if math.isnan(value):
+            return StopDecision(False, self.name, f"step {event.step}: no value (failed or flagged probe round)")
+        self.num_valid_events += 1
+        peak = self.tracker.update(int(event.step), value)
+        if peak.is_new_peak:
+            self.peak_event = event
+        assert self.peak_event is not None
+        comparison = compare_events(self.peak_event, event, self.greater_is_better, self.confidence)
+        decision = self._decide(event, comparison)
+        self.previous_event = event
+        if decision.stop and event.step < self.warmup:
+            return StopDecision(False, self.name, f"{decision.message} (not stopping before warmup step "
+                                f"{self.warmup})", comparison.decline, comparison.interval, comparison.p_value)
+        return decision
+
+    def _head(self, event: ProbeEvent, comparison: Comparison) -> str:
+        assert self.peak_event is not None
+        return (f"{self.metric} declined {comparison.decline:.4f} from the peak event at step {self.peak_event.step} "
+                f"({self.peak_event.value:.4f} -> {event.value:.4f} at step {event.step})")
+
+    @abstractmethod
+    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
+        """The decision for ``event`` given its comparison with the peak event."""
+
+
+def _interval_text(comparison: Comparison, confidence: float) -> str:
+    if comparison.interval is None:
+        return ""
+    low, high = comparison.interval
+    return f"; {confidence:.0%} interval of the decline [{low:.4f}, {high:.4f}]"
+
+
+class SignificantDeclineRule(_PeakRule):
+    """Stop when the decline from the peak event is at least ``min_decline`` and significant at ``alpha``.
+
+    The test is paired, on the same probes: exact McNemar on binary outcomes (accuracies), the sign test otherwise;
+    it is two-sided, and a stop also needs the decline to be positive (the metric got worse). Events without
+    per-probe outcomes (or whose outcomes are not paired with the peak's: another probe count) never stop.
+
+    Args:
+        min_decline: Smallest decline, in the metric's units, that may stop (default :data:`DEFAULT_MIN_DECLINE`).
+        alpha: Significance level of the two-sided paired test over the run (default :data:`DEFAULT_ALPHA`).
+        correction: ``"pairs"`` (default) or ``"none"``, see :data:`CORRECTIONS`.
+        **kwargs: Smoothing of the peak and ``warmup``, as :func:`make_stop_rules`.
+    """
+
+    name = "significant_decline"
+
+    def __init__(self, *, min_decline: float = DEFAULT_MIN_DECLINE, alpha: float = DEFAULT_ALPHA,
+                 correction: str = "pairs", **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.min_decline = float(min_decline)
+        self.alpha = float(alpha)
+        self.correction = correction
+
+    def level(self) -> float:
+        """The per-look significance level at the current event (``alpha`` after the correction)."""
+        t = self.num_valid_events
+        if self.correction == "none" or t < 2:
+            return self.alpha
+        return self.alpha / (t * (t - 1) / 2)
+
+    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
+        head = self._head(event, comparison)
+        p = comparison.p_value
+        if p is None:
+            return StopDecision(False, self.name, f"{head}; no paired per-probe outcomes to test",
+                                comparison.decline, None, None)
+        test = "exact McNemar" if comparison.test == "mcnemar" else "sign test"
+        detail = (f"{_interval_text(comparison, self.confidence)}; paired {test} p = {p:.3g} "
+                  f"({comparison.lost} probes worse, {comparison.gained} better)")
+        level = self.level()
+        stop = comparison.decline >= self.min_decline and comparison.decline > 0 and p < level
+        corrected = ("" if level == self.alpha
+                     else f" (alpha {self.alpha:g} corrected for {self.num_valid_events} events)")
+        verdict = (f": at least min_decline {self.min_decline:g} and p < {level:.3g}{corrected}" if stop
+                   else f"; stops at a decline >= {self.min_decline:g} with p < {level:.3g}{corrected}")
+        return StopDecision(stop, self.name, head + detail + verdict, comparison.decline, comparison.interval, p)
+
+
+class DivergenceRule(_PeakRule):
+    """Stop once the metric is at least ``threshold`` (metric units) worse than at the peak event."""
+
+    name = "divergence_threshold"
+
+    def __init__(self, *, threshold: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.threshold = float(threshold)
+
+    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
+        stop = comparison.decline >= self.threshold
+        message = (self._head(event, comparison) + _interval_text(comparison, self.confidence)
+                   + (f", at least divergence_threshold {self.threshold:g}" if stop else ""))
+        return StopDecision(stop, self.name, message, comparison.decline, comparison.interval, comparison.p_value)
+
+
+class StoppingThresholdRule(_PeakRule):
+    """Stop once the metric's raw value is below ``threshold`` (above it when lower is better): an absolute floor."""
+
+    name = "stopping_threshold"
+
+    def __init__(self, *, threshold: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.threshold = float(threshold)
+
+    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
+        value = float(event.value)
+        stop = value < self.threshold if self.greater_is_better else value > self.threshold
+        side = "below the floor" if self.greater_is_better else "above the ceiling"
+        message = (f"{self.metric} is {value:.4f} at step {event.step}, "
+                   f"{side if stop else 'within the bound'} stopping_threshold {self.threshold:g}")
+        return StopDecision(stop, self.name, message, comparison.decline, comparison.interval, comparison.p_value)
+
+
+class PatienceRule(StopRule):
+    """Today's rule: stop after ``patience`` events without a new peak of the smoothed metric (after ``warmup``).
+
+    A thin wrapper of :class:`~ctx_callback.peak.PeakTracker`; its stop message is the tracker's reason, unchanged.
+    """
+
+    name = "patience"
+
+    def __init__(self, *, patience: int, greater_is_better: bool = True, smoothing: str = "ema", ema: float = 0.5,
+                 window: int = 3, min_delta: float = 0.0, warmup: int = 0) -> None:
+        self.greater_is_better = bool(greater_is_better)
+        self.tracker = PeakTracker(mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema,
+                                   window=window, min_delta=min_delta, patience=patience, warmup_steps=warmup)
+
+    def reset(self) -> None:
+        self.tracker.reset()
+
+    def update(self, event: ProbeEvent) -> StopDecision:
+        decision = self.tracker.update(int(event.step), float(event.value))
+        sign = 1.0 if self.greater_is_better else -1.0
+        decline = None if math.isnan(decision.peak_value) else sign * (decision.peak_value - decision.smoothed)
+        if decision.should_stop:
+            return StopDecision(True, self.name, decision.reason or "", decline)
+        return StopDecision(False, self.name, f"{decision.events_since_peak} events since the peak", decline)
+
+
+def _check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False, allowed: str) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        if low is not None and (v < low or (low_open and v == low)):
+            ok = False
+        if high is not None and (v > high or (high_open and v == high)):
+            ok = False
+    if not ok:
+        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def make_stop_rules(
+    *,
+    patience: int | None = None,
+    ema: float = 0.5,
+    min_delta: float = 0.0,
+    warmup: int = 0,
+    stop_rule: str | None = None,
+    min_decline: float = DEFAULT_MIN_DECLINE,
+    alpha: float = DEFAULT_ALPHA,
+    correction: str = "pairs",
+    divergence_threshold: float | None = None,
+    stopping_threshold: float | None = None,
+    greater_is_better: bool = True,
+    smoothing: str = "ema",
+    window: int = 3,
+    metric: str = "the monitored metric",
+    confidence: float = 0.95,
+) -> list[StopRule]:
+    """Build the stop rules the options ask for (an empty list never stops: the default).
+
+    Args:
+        patience: Events without a new smoothed peak before stopping (:class:`PatienceRule`); ``None``: no such rule.
+        ema: EMA weight of the newest value (``smoothing="ema"``), in (0, 1].
+        min_delta: Smallest smoothed improvement that counts as a new peak (>= 0).
+        warmup: No rule stops before this global step.
+        stop_rule: ``None`` or ``"significant_decline"`` (:class:`SignificantDeclineRule`).
+        min_decline: ``significant_decline``: smallest decline that may stop, metric units, >= 0.
+        alpha: ``significant_decline``: level of the two-sided paired test over the run, in (0, 1).
+        correction: ``significant_decline``: ``"pairs"`` (default) or ``"none"`` (:data:`CORRECTIONS`).
+        divergence_threshold: Stop once this far (metric units, > 0) below the peak event (:class:`DivergenceRule`).
+        stopping_threshold: Stop once below this absolute value, above it when lower is better
+            (:class:`StoppingThresholdRule`).
+        greater_is_better: Direction of the metric.
+        smoothing: ``"ema"``, ``"mean"`` or ``"none"``: smoothing of the peak.
+        window: Moving-average window (``smoothing="mean"``).
+        metric: The metric's name in stop messages.
+        confidence: Coverage of the decline intervals in messages, in (0, 1).
+
+    Returns:
+        The rules, in this order: patience, significant_decline, divergence_threshold, stopping_threshold. When
+        several stop at one event, :func:`first_stop` reports the first.
+
+    Raises:
+        ConfigurationError: A bad value, naming the argument, the value and what is allowed.
+    """
+    if stop_rule is not None and stop_rule not in STOP_RULES:
+        raise ConfigurationError(f"stop_rule must be None or one of {list(STOP_RULES)}, got {stop_rule!r}.")
+    if correction not in CORRECTIONS:
+        raise ConfigurationError(f"correction must be one of {list(CORRECTIONS)}, got {correction!r}.")
+    min_decline = _check_number("min_decline", min_decline, low=0.0, allowed="a finite number >= 0 (metric units)")
+    alpha = _check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True,
+                          allowed="a number in (0, 1) (the significance level of the paired test)")
+    confidence = _check_number("confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True,
+                               allowed="a number in (0, 1)")
+    if divergence_threshold is not None:
+        divergence_threshold = _check_number(
+            "divergence_threshold", divergence_threshold, low=0.0, low_open=True,
+            allowed="None or a finite number > 0 (how far below the peak, in metric units, training stops)")
+    if stopping_threshold is not None:
+        stopping_threshold = _check_number("stopping_threshold", stopping_threshold,
+                                           allowed="None or a finite number (an absolute floor of the metric)")
+    if not isinstance(greater_is_better, bool):
+        raise ConfigurationError(f"greater_is_better must be True or False, got {greater_is_better!r}.")
+    smooth = dict(greater_is_better=greater_is_better, smoothing=smoothing, ema=ema, window=window,
+                  min_delta=min_delta, warmup=warmup)
+    # PeakTracker validates smoothing, ema, window, min_delta, patience and warmup (and raises ConfigurationError).
+    rules: list[StopRule] = []
+    if patience is not None:
+        rules.append(PatienceRule(patience=patience, **smooth))  # type: ignore[arg-type]
+    else:
+        PeakTracker(smoothing=smoothing, ema_alpha=ema, window=window, min_delta=min_delta, warmup_steps=warmup)
+    extra = dict(smooth, metric=metric, confidence=confidence)
+    if stop_rule == "significant_decline":
+        rules.append(SignificantDeclineRule(min_decline=min_decline, alpha=alpha, correction=correction, **extra))
+    if divergence_threshold is not None:
+        rules.append(DivergenceRule(threshold=divergence_threshold, **extra))
+    if stopping_threshold is not None:
+        rules.append(StoppingThresholdRule(threshold=stopping_threshold, **extra))
+    return rules
+
+
+def first_stop(rules: list[StopRule], event: ProbeEvent) -> tuple[StopDecision | None, list[StopDecision]]:
+    """Feed ``event`` to every rule (each must see every event); the first stopping decision (or ``None``) and all."""
+    decisions = [rule.update(event) for rule in rules]
+    return next((d for d in decisions if d.stop), None), decisions

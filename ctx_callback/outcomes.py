@@ -1,0 +1,428 @@
+"""Per-probe outcomes: what each probe did at each probe event, the ``ctx_reliance_probes.jsonl`` log, and flips.
+
+Pure numpy (no torch), so the command line reads the log fast. Three parts:
+
+- :func:`metric_outcomes`: the per-probe outcomes behind a metric of :data:`~ctx_callback.metrics.METRICS` (hit/miss
+  for the accuracies and rates, a float per probe for ``counterfactual_probability``, ``logprob_margin`` and
+  ``context_lift``), from a score table (``[probes, variants, 2]``; ``scores[r, c, 0] > scores[r, c, 1]`` means the
+  counterfactual, i.e. the context's, answer wins). Their NaN-mean is the metric (tested), which is what makes the
+  paired tests of :mod:`ctx_callback.decisions` tests *of the logged metric*.
+- :class:`ProbeLog`: ``OUTPUT_DIR/ctx_reliance_probes.jsonl``, one compact JSON row per probe per event, appended
+  by the main process; :meth:`ProbeLog.truncate_after` drops the rows a resumed run will write again.
+- :func:`compute_flips`: the probes whose preferred answer changed between two events, for the trackers' tables and
+  ``ctx-callback flips``.
+
+A row of the log (keys in this order; absent keys are omitted)::
+
+    {"step": 20, "id": "world_facts/france-capital", "family": "world_facts", "cf": -1.73, "par": -4.02,
+     "preferred": "context", "known": true, "generation": "Lyon"}
+
+``cf``/``par``: the counterfactual and parametric answers' summed log-probabilities under the counterfactual context
+(log-likelihood mode; rounded to 5 decimals) or 1/0 hits (generation mode). ``preferred``: ``"context"`` (the
+counterfactual answer wins), ``"memory"`` (the parametric answer wins), ``"tie"``; generation mode also ``"both"``
+and ``"neither"``; ``null`` when not scored. ``known``: whether the model prefers the parametric answer closed-book
+(the knowledge check of ``known_only``), only on events that scored the ``closed_book`` variant.
+``generation``: the generated text under the counterfactual context (generation mode only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PER_PROBE_METRICS",
+    "PROBES_FILE",
+    "Flip",
+    "FlipReport",
+    "ProbeLog",
+    "compute_flips",
+    "event_steps",
+    "known_vector",
+    "metric_outcomes",
+    "preferred_vector",
+    "probe_rows",
+    "read_probe_rows",
+    "uncertainty",
+]
+
+#: The per-probe log's file name, in the trainer's ``output_dir``.
+PROBES_FILE = "ctx_reliance_probes.jsonl"
+
+CONTEXT, MEMORY = "context", "memory"
+
+
+def _better(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = (a > b).astype(np.float64)
+    out[np.isnan(a) | np.isnan(b)] = np.nan
+    return out
+
+
+def _hit(a: np.ndarray) -> np.ndarray:
+    out = (a == 1).astype(np.float64)
+    out[np.isnan(a)] = np.nan
+    return out
+
+
+def _column(scores: np.ndarray, variants: Sequence[str], variant: str, answer: int) -> np.ndarray | None:
+    if variant not in variants:
+        return None
+    return np.asarray(scores, dtype=np.float64)[:, list(variants).index(variant), answer]
+
+
+def _binary(name: str, mode: str, s: np.ndarray, v: Sequence[str]) -> np.ndarray | None:
+    generate = mode == "generate"
+    if name in ("counterfactual_accuracy", "parametric_accuracy"):
+        cf, par = _column(s, v, "context", 0), _column(s, v, "context", 1)
+        assert cf is not None and par is not None
+        if name == "counterfactual_accuracy":
+            return _hit(cf) if generate else _better(cf, par)
+        return _hit(par) if generate else _better(par, cf)
+    if name in ("closed_book_accuracy", "aligned_accuracy"):
+        variant = "closed_book" if name == "closed_book_accuracy" else "aligned"
+        cf, par = _column(s, v, variant, 0), _column(s, v, variant, 1)
+        if cf is None or par is None:
+            return None
+        return _hit(par) if generate else _better(par, cf)
+    if name in ("both_rate", "neither_rate") and generate:
+        cf, par = _column(s, v, "context", 0), _column(s, v, "context", 1)
+        assert cf is not None and par is not None
+        target = 1.0 if name == "both_rate" else 0.0
+        out = ((cf == target) & (par == target)).astype(np.float64)
+        out[np.isnan(cf) | np.isnan(par)] = np.nan
+        return out
+    return None
+
+
+def _continuous(name: str, mode: str, s: np.ndarray, v: Sequence[str]) -> np.ndarray | None:
+    if mode != "loglik":
+        return None
+    cf, par = _column(s, v, "context", 0), _column(s, v, "context", 1)
+    assert cf is not None and par is not None
+    if name == "counterfactual_probability":
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-(cf - par)))
+    if name == "logprob_margin":
+        return cf - par
+    if name == "context_lift":
+        cb = _column(s, v, "closed_book", 0)
+        return None if cb is None else cf - cb
+    return None
+
+
+#: Metrics with per-probe outcomes (whose mean over probes is the metric): the ones a paired test, an interval from
+#: the outcomes and ``stop_rule="significant_decline"`` can use. ``memorization_ratio`` (a ratio of sums) and
+#: ``num_probes`` have none. Binary ones (hit/miss per probe) get Wilson intervals and McNemar tests.
+PER_PROBE_METRICS: dict[str, bool] = {
+    "counterfactual_accuracy": True,
+    "parametric_accuracy": True,
+    "closed_book_accuracy": True,
+    "aligned_accuracy": True,
+    "both_rate": True,
+    "neither_rate": True,
+    "counterfactual_probability": False,
+    "logprob_margin": False,
+    "context_lift": False,
+}
+
+
+def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metric: str) -> np.ndarray | None:
+    """Per-probe outcomes of ``metric`` (one per row of ``scores``), or ``None`` when it has none in ``mode``.
+
+    Args:
+        scores: ``[probes, variants, 2]`` scores (``ScoreResult.scores``): log-probabilities or 1/0 hits.
+        variants: Column names of ``scores``.
+        mode: ``"loglik"`` or ``"generate"``.
+        metric: A metric name of :data:`~ctx_callback.metrics.METRICS` (without prefix or family).
+
+    Returns:
+        For a binary metric of :data:`PER_PROBE_METRICS`: a ``bool`` array when every probe has an outcome, else
+        floats 1.0/0.0/NaN (NaN = not scored). For the others: floats (NaN = not scored). ``None`` for a metric
+        without per-probe outcomes, or whose variant was not scored.
+    """
+    if metric not in PER_PROBE_METRICS:
+        return None
+    scores = np.asarray(scores, dtype=np.float64)
+    out = _binary(metric, mode, scores, variants) if PER_PROBE_METRICS[metric] else \
+        _continuous(metric, mode, scores, variants)
+    if out is None:
+        return None
+    if PER_PROBE_METRICS[metric] and not np.isnan(out).any():
+        return out.astype(bool)
+    return out
+
+
+def preferred_vector(scores: np.ndarray, variants: Sequence[str], mode: str) -> list[str | None]:
+    """Which answer each probe prefers under the counterfactual context (see the module docstring)."""
+    cf = _column(scores, variants, "context", 0)
+    par = _column(scores, variants, "context", 1)
+    assert cf is not None and par is not None
+    out: list[str | None] = []
+    for a, b in zip(cf.tolist(), par.tolist()):
+        if math.isnan(a) or math.isnan(b):
+            out.append(None)
+        elif mode == "generate":
+            out.append({(1.0, 0.0): CONTEXT, (0.0, 1.0): MEMORY, (1.0, 1.0): "both"}.get((a, b), "neither"))
+        else:
+            out.append(CONTEXT if a > b else MEMORY if b > a else "tie")
+    return out
+
+
+def known_vector(scores: np.ndarray, variants: Sequence[str], mode: str) -> list[bool | None] | None:
+    """Closed-book knowledge per probe (parametric answer preferred, or alone generated, without context); ``None``
+    when the ``closed_book`` variant was not scored (an entry is ``None`` where its probe was not)."""
+    cf = _column(scores, variants, "closed_book", 0)
+    par = _column(scores, variants, "closed_book", 1)
+    if cf is None or par is None:
+        return None
+    out: list[bool | None] = []
+    for a, b in zip(cf.tolist(), par.tolist()):
+        if math.isnan(a) or math.isnan(b):
+            out.append(None)
+        else:
+            out.append(bool(b == 1 and a == 0) if mode == "generate" else bool(b > a))
+    return out
+
+
+def _number(x: float, mode: str) -> float | int | None:
+    if math.isnan(x):
+        return None
+    if mode == "generate":
+        return int(x)
+    return round(x, 5) if math.isfinite(x) else None
+
+
+def probe_rows(step: int, ids: Sequence[str], families: Sequence[str], scores: np.ndarray,
+               variants: Sequence[str], mode: str,
+               generations: Sequence[Sequence[str | None]] | None = None) -> list[dict[str, Any]]:
+    """The log rows of one probe event: one per probe (row of ``scores``), in row order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    cf = _column(scores, variants, "context", 0)
+    par = _column(scores, variants, "context", 1)
+    assert cf is not None and par is not None
+    preferred = preferred_vector(scores, variants, mode)
+    known = known_vector(scores, variants, mode)
+    context_col = list(variants).index("context")
+    rows: list[dict[str, Any]] = []
+    for r, (probe_id, family) in enumerate(zip(ids, families)):
+        row: dict[str, Any] = {"step": int(step), "id": probe_id, "family": family,
+                               "cf": _number(float(cf[r]), mode), "par": _number(float(par[r]), mode),
+                               "preferred": preferred[r]}
+        if known is not None and known[r] is not None:
+            row["known"] = known[r]
+        if generations is not None and mode == "generate":
+            row["generation"] = generations[r][context_col]
+        rows.append(row)
+    return rows
+
+
+class ProbeLog:
+    """``ctx_reliance_probes.jsonl``: append-only, one row per probe per event (write it from the main process).
+
+    Args:
+        path: The file (created on the first append, with its folder).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append ``rows`` (one compact JSON line each) and flush."""
+        text = "".join(json.dumps(dict(row), separators=(",", ":")) + "\n" for row in rows)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def truncate_after(self, step: int | None) -> int:
+        """Keep only the rows with ``step <= step`` (all rows removed when ``step`` is ``None``): what a run resumed
+        at ``step`` (or started afresh) must not duplicate. The file is replaced atomically.
+
+        Returns:
+            The number of rows removed.
+        """
+        if not self.path.exists():
+            return 0
+        kept: list[str] = []
+        removed = 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row_step = json.loads(line).get("step")
+                except json.JSONDecodeError:  # a line cut short by a killed process: never kept
+                    removed += 1
+                    continue
+                if step is not None and isinstance(row_step, int) and row_step <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    removed += 1
+        if removed == 0:
+            return 0
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ctx_reliance_probes.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        return removed
+
+
+def read_probe_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every row of a probe log (a truncated last line, from a killed process, is skipped)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return rows
+
+
+@dataclass(frozen=True)
+class Flip:
+    """One probe whose preferred answer changed between two events.
+
+    Attributes:
+        id: Probe id.
+        family: Probe family.
+        before: Preferred answer at the first event (``"context"``, ``"memory"``, ...).
+        after: Preferred answer at the second event.
+        known: Closed-book knowledge at the latest event up to the second one that measured it (``None``: never).
+        cf_before, par_before, cf_after, par_after: The scores (log-probabilities or hits), when logged.
+    """
+
+    id: str
+    family: str
+    before: str | None
+    after: str | None
+    known: bool | None = None
+    cf_before: float | None = None
+    par_before: float | None = None
+    cf_after: float | None = None
+    par_after: float | None = None
+
+    @property
+    def direction(self) -> str:
+        """``"to_memory"`` (context's answer before, memorised after), ``"to_context"``, or ``"other"``."""
+        if self.before == CONTEXT and self.after == MEMORY:
+            return "to_memory"
+        if self.before == MEMORY and self.after == CONTEXT:
+            return "to_context"
+        return "other"
+
+
+@dataclass
+class FlipReport:
+    """The flips between event ``from_step`` and event ``to_step`` (:func:`compute_flips`)."""
+
+    from_step: int
+    to_step: int
+    num_probes: int
+    flips: list[Flip] = field(default_factory=list)
+
+    def by_direction(self, direction: str) -> list[Flip]:
+        """The flips of one direction (:attr:`Flip.direction`), sorted by family and id."""
+        return sorted((f for f in self.flips if f.direction == direction), key=lambda f: (f.family, f.id))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: steps, counts per direction and family, and every flip."""
+        families: dict[str, dict[str, int]] = {}
+        for f in self.flips:
+            entry = families.setdefault(f.family, {"to_memory": 0, "to_context": 0, "other": 0})
+            entry[f.direction] += 1
+        return {
+            "from_step": self.from_step, "to_step": self.to_step, "num_probes": self.num_probes,
+            "to_memory": len(self.by_direction("to_memory")), "to_context": len(self.by_direction("to_context")),
+            "other": len(self.by_direction("other")), "families": dict(sorted(families.items())),
+            "flips": [{**f.__dict__, "direction": f.direction}
+                      for f in sorted(self.flips, key=lambda f: (f.direction, f.family, f.id))],
+        }
+
+
+def event_steps(rows: Iterable[Mapping[str, Any]]) -> list[int]:
+    """The steps the log has rows for, ascending."""
+    return sorted({int(row["step"]) for row in rows if isinstance(row.get("step"), int)})
+
+
+def compute_flips(rows: Sequence[Mapping[str, Any]], from_step: int, to_step: int) -> FlipReport:
+    """The probes whose preferred answer differs between the events at ``from_step`` and ``to_step``.
+
+    Args:
+        rows: Probe log rows (:func:`read_probe_rows`).
+        from_step: The earlier event's step (must be in the log).
+        to_step: The later event's step (must be in the log).
+
+    Raises:
+        KeyError: A step with no rows in the log (the message lists the logged steps).
+    """
+    steps = event_steps(rows)
+    for step in (from_step, to_step):
+        if step not in steps:
+            raise KeyError(f"no probe event at step {step} in the log; logged steps: {steps}")
+    before = {r["id"]: r for r in rows if r.get("step") == from_step}
+    after = {r["id"]: r for r in rows if r.get("step") == to_step}
+    known: dict[str, bool] = {}
+    for r in sorted((r for r in rows if isinstance(r.get("step"), int) and r["step"] <= to_step),
+                    key=lambda r: r["step"]):
+        if isinstance(r.get("known"), bool):
+            known[r["id"]] = r["known"]
+    flips = []
+    for probe_id, b in before.items():
+        a = after.get(probe_id)
+        if a is None or a.get("preferred") == b.get("preferred"):
+            continue
+        flips.append(Flip(id=probe_id, family=str(a.get("family", b.get("family", ""))), before=b.get("preferred"),
+                          after=a.get("preferred"), known=known.get(probe_id), cf_before=b.get("cf"),
+                          par_before=b.get("par"), cf_after=a.get("cf"), par_after=a.get("par")))
+    return FlipReport(from_step=from_step, to_step=to_step, num_probes=len(set(before) & set(after)), flips=flips)
+
+
+def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[str], mode: str,
+                targets: Sequence[tuple[str, str, str | None]], confidence: float = 0.95) -> dict[str, float]:
+    """Standard error and interval of metrics from their per-probe outcomes.
+
+    Args:
+        scores: ``[probes, variants, 2]`` scores.
+        families: Family of each row.
+        variants: Column names of ``scores``.
+        mode: ``"loglik"`` or ``"generate"``.
+        targets: ``(key, metric, family)`` triples: the logged key, the metric's name, and the family whose probes
+            it is computed on (``None`` = all).
+        confidence: Coverage of the intervals.
+
+    Returns:
+        ``{key + "_se": ..., key + "_ci_low": ..., key + "_ci_high": ...}`` for every target with per-probe outcomes:
+        Wilson interval and ``sqrt(p (1 - p) / n)`` for hit/miss metrics, Student's t and ``s / sqrt(n)`` for means.
+    """
+    from .stats import mean_interval, proportion_standard_error, standard_error, wilson_interval
+
+    scores = np.asarray(scores, dtype=np.float64)
+    fam = np.asarray(list(families), dtype=object)
+    out: dict[str, float] = {}
+    for key, metric, family in targets:
+        mask = np.ones(len(fam), dtype=bool) if family is None else fam == family
+        values = metric_outcomes(scores[mask], variants, mode, metric)
+        if values is None:
+            continue
+        valid = np.asarray(values, dtype=np.float64)
+        valid = valid[np.isfinite(valid)]
+        if PER_PROBE_METRICS[metric]:
+            hits = int(valid.sum())
+            low, high = wilson_interval(hits, valid.size, confidence)
+            se = proportion_standard_error(hits, valid.size)
+        else:
+            low, high = mean_interval(valid, confidence)
+            se = standard_error(valid)
+        out[key + "_se"] = float(se)
+        out[key + "_ci_low"] = float(low)
+        out[key + "_ci_high"] = float(high)
+    return out
