@@ -723,7 +723,8 @@ class ContextRelianceCallback(TrainerCallback):
         assert self.scorer is not None and self.informative_band is not None
         indices = self.active_indices if self.active_indices is not None else list(range(len(self.probes)))
         result = self.scorer.score_raw(model, indices, variants=("context",))
-        p_cf = metric_outcomes(result.scores, result.variants, result.mode, "counterfactual_probability")
+        p_cf = metric_outcomes(result.scores, result.variants, result.mode, "counterfactual_probability",
+                               **_option_kwargs(result))
         assert p_cf is not None
         low, high = self.informative_band
         counts: dict[str, dict[str, int]] = {}
@@ -883,8 +884,9 @@ class ContextRelianceCallback(TrainerCallback):
     def _round_outcomes(self, result: ScoreResult) -> tuple[np.ndarray | None, list[str | None]]:
         """The monitored metric's per-probe outcomes and every probe's preferred answer, in probe order."""
         mask = self._rows_of(result, self.monitor_family)
-        outcomes = metric_outcomes(result.scores[mask], result.variants, result.mode, self.monitor_metric)
-        return outcomes, preferred_vector(result.scores, result.variants, result.mode)
+        outcomes = metric_outcomes(result.scores[mask], result.variants, result.mode, self.monitor_metric,
+                                   **_option_kwargs(result, mask))
+        return outcomes, preferred_vector(result.scores, result.variants, result.mode, **_option_kwargs(result))
 
     def _uncertainty(self, result: ScoreResult) -> dict[str, float]:
         """Standard error and 95% interval of the monitored metric and the overall accuracies: Wilson for hit/miss
@@ -892,7 +894,8 @@ class ContextRelianceCallback(TrainerCallback):
         targets = [(self.monitor_key, self.monitor_metric, self.monitor_family)]
         targets += [(metric_key(m), m, None) for m in INTERVAL_METRICS if metric_key(m) != self.monitor_key]
         families = [self.probes[int(i)].family for i in result.probe_indices]
-        return uncertainty(result.scores, families, result.variants, result.mode, targets, CONFIDENCE)
+        return uncertainty(result.scores, families, result.variants, result.mode, targets, CONFIDENCE,
+                           **_option_kwargs(result))
 
     def _paired_row(self, event: ProbeEvent, preferred: list[str | None], new_peak: bool,
                     state: TrainerState) -> dict[str, float]:
@@ -930,7 +933,7 @@ class ContextRelianceCallback(TrainerCallback):
         if not output_dir:
             return
         rows = probe_rows(step, self._probe_ids(result), [self.probes[int(i)].family for i in result.probe_indices],
-                          result.scores, result.variants, result.mode, result.generations)
+                          result.scores, result.variants, result.mode, result.generations, **_option_kwargs(result))
         try:
             ProbeLog(os.path.join(output_dir, PROBES_FILE)).append(rows)
         except OSError as err:
@@ -1377,3 +1380,14 @@ class ContextRelianceCallback(TrainerCallback):
         except OSError as err:
             logger.warning("ctx_callback: could not write the plot %s (%s: %s); training is unaffected.", path,
                            type(err).__name__, err)
+
+
+def _option_kwargs(result: ScoreResult, mask: np.ndarray | None = None) -> dict[str, Any]:
+    """``options=`` / ``option_roles=`` of a round's multiple-choice scores (rows selected by ``mask``), for the
+    per-probe outcome functions of :mod:`ctx_callback.outcomes`."""
+    options, roles = result.option_scores, result.option_roles
+    if options is None or roles is None:
+        return {}
+    if mask is not None:
+        options, roles = options[mask], roles[mask]
+    return {"options": options, "option_roles": roles}

@@ -20,8 +20,11 @@ A row of the log (keys in this order; absent keys are omitted)::
 ``cf``/``par``: the counterfactual and parametric answers' summed log-probabilities under the counterfactual context
 (log-likelihood mode; rounded to 5 decimals) or 1/0 hits (generation mode). ``preferred``: ``"context"`` (the
 counterfactual answer wins), ``"memory"`` (the parametric answer wins), ``"tie"``; generation mode also ``"both"``
-and ``"neither"``; ``null`` when not scored. ``known``: whether the model prefers the parametric answer closed-book
-(the knowledge check of ``known_only``), only on events that scored the ``closed_book`` variant.
+and ``"neither"``; ``"other"`` when a multiple-choice probe's winner is neither of the two; ``null`` when not scored.
+Multiple choice: ``par`` is the parametric option's score (``null`` when unknown), and every outcome is read with the
+option scores (``ScoreResult.option_scores``), exactly as the metrics read them. ``known``: whether the model
+prefers the parametric answer closed-book (the knowledge check of ``known_only``), only on events that scored the
+``closed_book`` variant.
 ``generation``: the generated text under the counterfactual context (generation mode only).
 """
 
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .metrics import ScoreTable
 
 __all__ = [
     "PER_PROBE_METRICS",
@@ -57,7 +62,7 @@ __all__ = [
 #: The per-probe log's file name, in the trainer's ``output_dir``.
 PROBES_FILE = "ctx_reliance_probes.jsonl"
 
-CONTEXT, MEMORY = "context", "memory"
+CONTEXT, MEMORY, OTHER = "context", "memory", "other"
 
 
 def _better(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,26 +83,32 @@ def _column(scores: np.ndarray, variants: Sequence[str], variant: str, answer: i
     return np.asarray(scores, dtype=np.float64)[:, list(variants).index(variant), answer]
 
 
-def _binary(name: str, mode: str, s: np.ndarray, v: Sequence[str]) -> np.ndarray | None:
+def _table(scores: np.ndarray, variants: Sequence[str], mode: str, options: np.ndarray | None,
+           option_roles: np.ndarray | None) -> ScoreTable:
+    """The metrics' view of the scores, so that a per-probe outcome is exactly what the metric averages (multiple
+    choice included: the parametric option is read from ``options`` / ``option_roles``)."""
+    return ScoreTable(np.asarray(scores, dtype=np.float64), {v: i for i, v in enumerate(variants)}, mode,
+                      options=None if options is None else np.asarray(options, dtype=np.float64),
+                      option_roles=option_roles)
+
+
+def _binary(name: str, mode: str, s: np.ndarray, v: Sequence[str], options: np.ndarray | None = None,
+            option_roles: np.ndarray | None = None) -> np.ndarray | None:
     generate = mode == "generate"
-    if name in ("counterfactual_accuracy", "parametric_accuracy"):
-        cf, par = _column(s, v, "context", 0), _column(s, v, "context", 1)
-        assert cf is not None and par is not None
-        if name == "counterfactual_accuracy":
-            return _hit(cf) if generate else _better(cf, par)
-        return _hit(par) if generate else _better(par, cf)
-    if name in ("closed_book_accuracy", "aligned_accuracy"):
-        variant = "closed_book" if name == "closed_book_accuracy" else "aligned"
-        cf, par = _column(s, v, variant, 0), _column(s, v, variant, 1)
-        if cf is None or par is None:
+    table = _table(s, v, mode, options, option_roles)
+    if name == "counterfactual_accuracy":
+        return _hit(table.counterfactual()) if generate else _better(table.counterfactual(), table.rival())
+    variant = {"parametric_accuracy": "context", "closed_book_accuracy": "closed_book",
+               "aligned_accuracy": "aligned"}.get(name)
+    if variant is not None:
+        if variant not in v:
             return None
-        return _hit(par) if generate else _better(par, cf)
+        return _hit(table.parametric(variant)) if generate else table.parametric_wins(variant)
     if name in ("both_rate", "neither_rate") and generate:
-        cf, par = _column(s, v, "context", 0), _column(s, v, "context", 1)
-        assert cf is not None and par is not None
+        cf, rival = table.counterfactual(), table.rival()
         target = 1.0 if name == "both_rate" else 0.0
-        out = ((cf == target) & (par == target)).astype(np.float64)
-        out[np.isnan(cf) | np.isnan(par)] = np.nan
+        out = ((cf == target) & (rival == target)).astype(np.float64)
+        out[np.isnan(cf) | np.isnan(rival)] = np.nan
         return out
     return None
 
@@ -134,7 +145,8 @@ PER_PROBE_METRICS: dict[str, bool] = {
 }
 
 
-def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metric: str) -> np.ndarray | None:
+def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metric: str, *,
+                    options: np.ndarray | None = None, option_roles: np.ndarray | None = None) -> np.ndarray | None:
     """Per-probe outcomes of ``metric`` (one per row of ``scores``), or ``None`` when it has none in ``mode``.
 
     Args:
@@ -142,6 +154,9 @@ def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metr
         variants: Column names of ``scores``.
         mode: ``"loglik"`` or ``"generate"``.
         metric: A metric name of :data:`~ctx_callback.metrics.METRICS` (without prefix or family).
+        options: Multiple choice: ``ScoreResult.option_scores`` of the same rows (the parametric option's outcomes
+            need it); ``None`` when every probe has two answers.
+        option_roles: With ``options``: ``ScoreResult.option_roles`` of the same rows.
 
     Returns:
         For a binary metric of :data:`PER_PROBE_METRICS`: a ``bool`` array when every probe has an outcome, else
@@ -151,7 +166,7 @@ def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metr
     if metric not in PER_PROBE_METRICS:
         return None
     scores = np.asarray(scores, dtype=np.float64)
-    out = _binary(metric, mode, scores, variants) if PER_PROBE_METRICS[metric] else \
+    out = _binary(metric, mode, scores, variants, options, option_roles) if PER_PROBE_METRICS[metric] else \
         _continuous(metric, mode, scores, variants)
     if out is None:
         return None
@@ -160,36 +175,47 @@ def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metr
     return out
 
 
-def preferred_vector(scores: np.ndarray, variants: Sequence[str], mode: str) -> list[str | None]:
-    """Which answer each probe prefers under the counterfactual context (see the module docstring)."""
-    cf = _column(scores, variants, "context", 0)
-    par = _column(scores, variants, "context", 1)
-    assert cf is not None and par is not None
+def preferred_vector(scores: np.ndarray, variants: Sequence[str], mode: str, *, options: np.ndarray | None = None,
+                     option_roles: np.ndarray | None = None) -> list[str | None]:
+    """Which answer each probe prefers under the counterfactual context (see the module docstring).
+
+    ``"context"`` (the counterfactual answer wins), ``"memory"`` (the parametric answer wins), ``"tie"``; generation
+    mode also ``"both"`` / ``"neither"``; a multiple-choice probe whose winner is another option: ``"other"``.
+    """
+    table = _table(scores, variants, mode, options, option_roles)
+    cf, rival, par = table.counterfactual(), table.rival(), table.parametric()
+    par_wins = par if mode == "generate" else table.parametric_wins()
     out: list[str | None] = []
-    for a, b in zip(cf.tolist(), par.tolist()):
+    for a, b, p in zip(cf.tolist(), rival.tolist(), par_wins.tolist()):
         if math.isnan(a) or math.isnan(b):
             out.append(None)
         elif mode == "generate":
-            out.append({(1.0, 0.0): CONTEXT, (0.0, 1.0): MEMORY, (1.0, 1.0): "both"}.get((a, b), "neither"))
+            label = {(1.0, 0.0): CONTEXT, (0.0, 1.0): MEMORY, (1.0, 1.0): "both"}.get((a, b), "neither")
+            out.append(OTHER if label == MEMORY and p != 1.0 else label)
+        elif a > b:
+            out.append(CONTEXT)
+        elif b > a:
+            out.append(MEMORY if p == 1.0 else OTHER)
         else:
-            out.append(CONTEXT if a > b else MEMORY if b > a else "tie")
+            out.append("tie")
     return out
 
 
-def known_vector(scores: np.ndarray, variants: Sequence[str], mode: str) -> list[bool | None] | None:
+def known_vector(scores: np.ndarray, variants: Sequence[str], mode: str, *, options: np.ndarray | None = None,
+                 option_roles: np.ndarray | None = None) -> list[bool | None] | None:
     """Closed-book knowledge per probe (parametric answer preferred, or alone generated, without context); ``None``
-    when the ``closed_book`` variant was not scored (an entry is ``None`` where its probe was not)."""
-    cf = _column(scores, variants, "closed_book", 0)
-    par = _column(scores, variants, "closed_book", 1)
-    if cf is None or par is None:
+    when the ``closed_book`` variant was not scored (an entry is ``None`` where its probe was not, or where its
+    parametric answer is unknown)."""
+    if "closed_book" not in variants:
         return None
-    out: list[bool | None] = []
-    for a, b in zip(cf.tolist(), par.tolist()):
-        if math.isnan(a) or math.isnan(b):
-            out.append(None)
-        else:
-            out.append(bool(b == 1 and a == 0) if mode == "generate" else bool(b > a))
-    return out
+    table = _table(scores, variants, mode, options, option_roles)
+    rival = table.rival("closed_book")
+    if mode == "generate":
+        known = np.where(np.isnan(table.parametric("closed_book")) | np.isnan(rival), np.nan,
+                         (table.parametric("closed_book") == 1) & (table.counterfactual("closed_book") == 0))
+    else:
+        known = table.parametric_wins("closed_book")
+    return [None if math.isnan(k) else bool(k) for k in known.tolist()]
 
 
 def _number(x: float, mode: str) -> float | int | None:
@@ -202,14 +228,17 @@ def _number(x: float, mode: str) -> float | int | None:
 
 def probe_rows(step: int, ids: Sequence[str], families: Sequence[str], scores: np.ndarray,
                variants: Sequence[str], mode: str,
-               generations: Sequence[Sequence[str | None]] | None = None) -> list[dict[str, Any]]:
-    """The log rows of one probe event: one per probe (row of ``scores``), in row order."""
+               generations: Sequence[Sequence[str | None]] | None = None, *, options: np.ndarray | None = None,
+               option_roles: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The log rows of one probe event: one per probe (row of ``scores``), in row order.
+
+    ``cf`` and ``par`` are the counterfactual and the parametric answer's scores under the counterfactual context
+    (``par`` is ``None`` for a multiple-choice probe without a known parametric option)."""
     scores = np.asarray(scores, dtype=np.float64)
-    cf = _column(scores, variants, "context", 0)
-    par = _column(scores, variants, "context", 1)
-    assert cf is not None and par is not None
-    preferred = preferred_vector(scores, variants, mode)
-    known = known_vector(scores, variants, mode)
+    table = _table(scores, variants, mode, options, option_roles)
+    cf, par = table.counterfactual(), table.parametric()
+    preferred = preferred_vector(scores, variants, mode, options=options, option_roles=option_roles)
+    known = known_vector(scores, variants, mode, options=options, option_roles=option_roles)
     context_col = list(variants).index("context")
     rows: list[dict[str, Any]] = []
     for r, (probe_id, family) in enumerate(zip(ids, families)):
@@ -387,7 +416,8 @@ def compute_flips(rows: Sequence[Mapping[str, Any]], from_step: int, to_step: in
 
 
 def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[str], mode: str,
-                targets: Sequence[tuple[str, str, str | None]], confidence: float = 0.95) -> dict[str, float]:
+                targets: Sequence[tuple[str, str, str | None]], confidence: float = 0.95, *,
+                options: np.ndarray | None = None, option_roles: np.ndarray | None = None) -> dict[str, float]:
     """Standard error and interval of metrics from their per-probe outcomes.
 
     Args:
@@ -398,6 +428,8 @@ def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[
         targets: ``(key, metric, family)`` triples: the logged key, the metric's name, and the family whose probes
             it is computed on (``None`` = all).
         confidence: Coverage of the intervals.
+        options: Multiple choice: ``ScoreResult.option_scores`` (see :func:`metric_outcomes`).
+        option_roles: With ``options``: ``ScoreResult.option_roles``.
 
     Returns:
         ``{key + "_se": ..., key + "_ci_low": ..., key + "_ci_high": ...}`` for every target with per-probe outcomes:
@@ -410,7 +442,9 @@ def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[
     out: dict[str, float] = {}
     for key, metric, family in targets:
         mask = np.ones(len(fam), dtype=bool) if family is None else fam == family
-        values = metric_outcomes(scores[mask], variants, mode, metric)
+        values = metric_outcomes(scores[mask], variants, mode, metric,
+                                 options=None if options is None else np.asarray(options)[mask],
+                                 option_roles=None if option_roles is None else np.asarray(option_roles)[mask])
         if values is None:
             continue
         valid = np.asarray(values, dtype=np.float64)

@@ -363,3 +363,45 @@ def test_compute_metrics_reads_the_parametric_option_and_counts_ties_as_no_win()
         compute_metrics(scores, ["f"] * 4, ["context"], option_scores=options)
     with pytest.raises(ConfigurationError, match=r"option_roles must have shape \[probes, 2\]"):
         compute_metrics(scores, ["f"] * 4, ["context"], option_scores=options, option_roles=roles[:2])
+
+
+# -- per-probe outcomes (the paired tests, the probe log) read the options as the metrics do ---------------------------
+
+
+@pytest.mark.parametrize("seed", [6, 11])
+def test_per_probe_outcomes_of_a_mixed_round_average_to_the_logged_metrics(tokenizer, seed):
+    from ctx_callback.metrics import METRICS
+    from ctx_callback.outcomes import metric_outcomes, preferred_vector, probe_rows
+
+    model = make_tiny_llama(tokenizer, seed=seed)
+    probes = mixed_probes()
+    report = ProbeScorer(probes, tokenizer).score(model)
+    result, metrics = report.result, report.metrics
+    options = {"options": result.option_scores, "option_roles": result.option_roles}
+    checked = 0
+    for spec in METRICS:
+        outcomes = metric_outcomes(result.scores, result.variants, result.mode, spec.name, **options)
+        key = f"ctx_reliance/{spec.name}"
+        if outcomes is None or key not in metrics:
+            continue
+        assert np.nanmean(np.asarray(outcomes, dtype=float)) == pytest.approx(metrics[key], abs=1e-9), spec.name
+        checked += 1
+    assert checked >= 6
+    # Without the options, the parametric outcomes of the MC probes would be read from their strongest rival.
+    par_with = metric_outcomes(result.scores, result.variants, result.mode, "parametric_accuracy", **options)
+    assert np.isnan(np.asarray(par_with, dtype=float)[[i for i, p in enumerate(probes) if p.family == "mc_nopar"]]).all()
+    preferred = preferred_vector(result.scores, result.variants, result.mode, **options)
+    rows = probe_rows(10, [p.id for p in probes], [p.family for p in probes], result.scores, result.variants,
+                      result.mode, **options)
+    for probe, row, label, r in zip(probes, rows, preferred, range(len(probes))):
+        assert row["preferred"] == label
+        opts = result.option_scores[r, result.variants.index("context")]
+        cf_pos, par_pos = result.option_roles[r]
+        assert row["cf"] == pytest.approx(opts[cf_pos], abs=1e-5)
+        if par_pos < 0:
+            assert row["par"] is None
+            assert label in ("context", "other")
+        else:
+            assert row["par"] == pytest.approx(opts[par_pos], abs=1e-5)
+            winner = int(np.nanargmax(opts))
+            assert label == ("context" if winner == cf_pos else "memory" if winner == par_pos else "other")

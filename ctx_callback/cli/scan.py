@@ -211,7 +211,9 @@ def _intervals(report: Any, monitor: Any) -> dict[str, float]:
                                                           "closed_book_accuracy") if f"ctx_reliance/{m}" != monitor.key]
     result = report.result
     families = [report.probes[int(i)].family for i in result.probe_indices]
-    return uncertainty(result.scores, families, result.variants, result.mode, targets)
+    options = {} if result.option_scores is None else {"options": result.option_scores,
+                                                         "option_roles": result.option_roles}
+    return uncertainty(result.scores, families, result.variants, result.mode, targets, **options)
 
 
 def _table_metrics(metrics_rows: Iterable[dict[str, float]], monitor_key: str) -> list[str]:
