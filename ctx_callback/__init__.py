@@ -17,10 +17,20 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it (imported on first access).
 _EXPORTS = {
+    "AuditResult": "audit",
+    "audit_dataset": "audit",
+    "augment_dataset": "audit",
+    "filter_dataset": "audit",
+    "probes_from_qa": "audit",
     "ContextRelianceCallback": "callback",
+    "ProbeEvent": "decisions",
+    "StopDecision": "decisions",
+    "StopRule": "decisions",
+    "make_stop_rules": "decisions",
     "ALL_VARIANTS": "encoding",
     "EncodedProbes": "encoding",
     "encode_probes": "encoding",
+    "AuditDataError": "errors",
     "CheckpointMismatchError": "errors",
     "ConfigurationError": "errors",
     "ConfigurationTypeError": "errors",
@@ -37,10 +47,16 @@ _EXPORTS = {
     "MetricSpec": "metrics",
     "compute_metrics": "metrics",
     "metric_key": "metrics",
+    "ProbeLog": "outcomes",
+    "compute_flips": "outcomes",
+    "metric_outcomes": "outcomes",
     "PeakDecision": "peak",
     "PeakTracker": "peak",
     "PROBE_FORMATS": "probe_formats",
     "register_probe_format": "probe_formats",
+    "PROBE_PRESETS": "presets",
+    "ProbePreset": "presets",
+    "register_probe_preset": "presets",
     "BUILTIN_SUITES": "probes",
     "Probe": "probes",
     "load_probes": "probes",
@@ -52,6 +68,8 @@ _EXPORTS = {
 
 __all__ = [
     "ALL_VARIANTS",
+    "AuditDataError",
+    "AuditResult",
     "BUILTIN_SUITES",
     "CheckpointMismatchError",
     "ConfigurationError",
@@ -63,31 +81,47 @@ __all__ = [
     "METRIC_DESCRIPTIONS",
     "MetricSpec",
     "PROBE_FORMATS",
+    "PROBE_PRESETS",
     "PROMPT_PRESETS",
     "PeakDecision",
     "PeakTracker",
     "Probe",
+    "ProbeEvent",
     "ProbeFormatError",
     "ProbeLengthError",
+    "ProbeLog",
+    "ProbePreset",
     "ProbeScorer",
     "ProbeSourceError",
     "PromptFormat",
     "ScoreReport",
     "ScoreResult",
+    "StopDecision",
+    "StopRule",
     "TrainerWiringError",
     "UnsafeFileError",
+    "audit_dataset",
+    "augment_dataset",
+    "compute_flips",
     "compute_metrics",
     "encode_probes",
+    "filter_dataset",
     "load_probes",
+    "make_stop_rules",
     "metric_key",
+    "metric_outcomes",
+    "probes_from_qa",
     "probes_from_records",
     "register_probe_format",
+    "register_probe_preset",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .audit import AuditResult, audit_dataset, augment_dataset, filter_dataset, probes_from_qa
     from .callback import ContextRelianceCallback
     from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
     from .errors import (
+        AuditDataError,
         CheckpointMismatchError,
         ConfigurationError,
         ConfigurationTypeError,
@@ -101,6 +135,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .formatting import PROMPT_PRESETS, PromptFormat
     from .metrics import METRIC_DESCRIPTIONS, METRICS, MetricSpec, compute_metrics, metric_key
     from .peak import PeakDecision, PeakTracker
+    from .presets import PROBE_PRESETS, ProbePreset, register_probe_preset
     from .probe_formats import PROBE_FORMATS, register_probe_format
     from .probes import BUILTIN_SUITES, Probe, load_probes, probes_from_records
     from .scoring import ProbeScorer, ScoreReport, ScoreResult

@@ -56,6 +56,7 @@ from .monitor import parse_monitor
 from .outcomes import (
     PER_PROBE_METRICS,
     PROBES_FILE,
+    SUMMARY_FILE,
     ProbeLog,
     metric_outcomes,
     preferred_vector,
@@ -71,7 +72,6 @@ __all__ = ["ContextRelianceCallback"]
 logger = logging.getLogger(__name__)
 
 _PROBE_ON = ("steps", "evaluate")
-SUMMARY_FILE = "ctx_reliance_summary.json"
 #: ``restored_from`` in the summary when the peak was the baseline (step 0), restored from its in-memory copy.
 RESTORED_FROM_BASELINE = "baseline (in memory)"
 #: Where the callback's resume state lives: an entry of ``TrainerState.stateful_callbacks`` (``trainer_state.json`` in
@@ -141,8 +141,10 @@ class ContextRelianceCallback(TrainerCallback):
         limit_per_family: Use at most this many probes per family (spread evenly) to keep probing cheap.
         known_only: Before the baseline, keep only probes whose parametric answer the model prefers closed-book
             (no conflict exists where the model does not know the fact). Needs the ``closed_book`` variant.
-        monitor: Metric that defines the peak, e.g. ``"counterfactual_accuracy"`` (default) or
-            ``"world_facts/counterfactual_accuracy"``.
+        monitor: Metric that defines the peak, e.g. ``"counterfactual_probability"`` or
+            ``"world_facts/counterfactual_accuracy"``. Default (``None``): ``"counterfactual_probability"`` in
+            log-likelihood mode, ``"counterfactual_accuracy"`` in generation mode, chosen by measurement (README,
+            "Which monitor?"; :data:`~ctx_callback.monitor.DEFAULT_MONITORS`).
         greater_is_better: Direction of ``monitor``; default inferred (``parametric_accuracy`` and
             ``memorization_ratio`` are better when lower).
         smoothing: ``"ema"`` (default), ``"mean"`` or ``"none"`` over probe events.
@@ -296,7 +298,7 @@ class ContextRelianceCallback(TrainerCallback):
         variants: Sequence[str] = ALL_VARIANTS,
         limit_per_family: int | None = None,
         known_only: bool = False,
-        monitor: str = "counterfactual_accuracy",
+        monitor: str | None = None,
         greater_is_better: bool | None = None,
         smoothing: str = "ema",
         ema_alpha: float = 0.5,

@@ -46,6 +46,7 @@ from .metrics import ScoreTable
 __all__ = [
     "PER_PROBE_METRICS",
     "PROBES_FILE",
+    "SUMMARY_FILE",
     "Flip",
     "FlipReport",
     "ProbeLog",
@@ -61,6 +62,9 @@ __all__ = [
 
 #: The per-probe log's file name, in the trainer's ``output_dir``.
 PROBES_FILE = "ctx_reliance_probes.jsonl"
+#: The run summary's file name, in the trainer's ``output_dir`` (written by the callback at train end; read by the
+#: command line's ``flips`` and ``plot``).
+SUMMARY_FILE = "ctx_reliance_summary.json"
 
 CONTEXT, MEMORY, OTHER = "context", "memory", "other"
 

@@ -95,22 +95,30 @@ def parse_args(argv=None):
     parser.add_argument("--probe-dtype", default=None, choices=["bfloat16", "float16"],
                         help="probe under autocast in this dtype (default: as the training step runs, here fp32)")
     parser.add_argument("--controls-every", type=int, default=1, help="score the closed-book control every K events")
+    parser.add_argument("--save-steps", type=int, default=0,
+                        help="also save a weights-only checkpoint every N steps, none rotated (for `ctx-callback scan` "
+                             "afterwards); 0 = only the callback's peak checkpoints")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, train_dataset=None) -> dict:
+    """Run the example; ``train_dataset`` replaces the demo mixture (``examples/mitigation_smollm2.py`` passes a
+    filtered or augmented one)."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
 
     probed, train_facts = split_probes(load_probes("all"))
-    train = demo_dataset(train_facts, copy_examples=args.copy_steps * args.batch_size,
-                         memory_examples=(args.max_steps - args.copy_steps) * args.batch_size, seed=args.seed)
+    train = train_dataset if train_dataset is not None else demo_dataset(
+        train_facts, copy_examples=args.copy_steps * args.batch_size,
+        memory_examples=(args.max_steps - args.copy_steps) * args.batch_size, seed=args.seed)
     report_to = [r for r in args.report_to.split(",") if r] or "none"
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=5,
-        save_strategy="no", report_to=report_to, seed=args.seed, bf16=False, activation_checkpointing=False,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        save_only_model=bool(args.save_steps), report_to=report_to, seed=args.seed, bf16=False,
+        activation_checkpointing=False,
         train_sampling_strategy="sequential",  # the phases are consumed in order
         max_length=256, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )

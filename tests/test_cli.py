@@ -21,7 +21,7 @@ from ctx_callback.cli import SCAN_CSV, SCAN_JSON, main
 from tests.helpers import PROBES, make_tiny_llama, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-MONITOR = "ctx_reliance/counterfactual_accuracy"
+MONITOR = "ctx_reliance/counterfactual_probability"  # the scan's default monitor in loglik mode
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 

@@ -20,7 +20,7 @@ from ctx_callback.cli import COMMANDS, EXIT_USAGE, SCAN_JSON, CliError, build_pa
 from ctx_callback.cli.common import SCAN_FORMAT, max_positions_of
 from ctx_callback.encoding import ALL_VARIANTS
 from ctx_callback.metrics import METRICS, MetricSpec, metric_key
-from ctx_callback.monitor import parse_monitor
+from ctx_callback.monitor import default_monitor, parse_monitor
 from tests.helpers import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def _minimal_argv(subparser: argparse.ArgumentParser, name: str) -> list[str]:
 
 def test_every_registered_command_has_a_subparser_and_the_interface():
     names = [command.NAME for command in COMMANDS]
-    assert names == ["scan", "plot", "probe"]
+    assert names == ["scan", "plot", "probe", "audit", "flips"]
     assert list(_subparsers(build_parser())) == names
     for command in COMMANDS:
         assert callable(command.add_parser) and callable(command.run)
@@ -302,7 +302,8 @@ def test_probe_table_has_a_column_for_every_metric_in_the_json(extra, model_dir,
         for spec, cell in zip((s for s in present if s.name != "num_probes"), cells[2:]):
             value = metrics[metric_key(spec.name, group)]
             assert cell == ("-" if value != value else f"{value:.3f}"), (family, spec.name)
-    assert lines[-1].startswith(f"{CF} = ")
+    mode = "generate" if "generate" in extra else "loglik"
+    assert lines[-1].startswith(f"{metric_key(default_monitor(mode))} = ")  # the default monitor of the mode
 
 
 def test_probe_table_picks_up_a_new_metric(monkeypatch):

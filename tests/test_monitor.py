@@ -67,3 +67,32 @@ def test_monitorable_metrics_per_mode():
     assert "num_probes" not in loglik + generate
     assert set(loglik) | set(generate) == {s.name for s in monitorable_metrics(None)}
     assert metric_spec("parametric_accuracy") in monitorable_metrics("generate")
+
+
+def test_the_default_monitor_depends_on_the_mode():
+    from ctx_callback.monitor import DEFAULT_MONITORS, default_monitor
+
+    assert parse_monitor(None, "loglik", ALL).key == "ctx_reliance/counterfactual_probability"
+    assert parse_monitor(None, "generate", ALL).key == "ctx_reliance/counterfactual_accuracy"
+    assert parse_monitor(None, None, None).key == "ctx_reliance/counterfactual_accuracy"  # exists in both modes
+    for mode, name in DEFAULT_MONITORS.items():
+        assert mode in metric_spec(name).modes and metric_spec(name).monitorable
+        assert default_monitor(mode) == name
+    with pytest.raises(ConfigurationError, match="mode must be one of"):
+        default_monitor("beam")
+    with pytest.raises(ConfigurationError, match="monitor must be a metric name"):
+        parse_monitor(3, "loglik", ALL)
+
+
+def test_the_callback_and_the_cli_use_the_default_monitor(tokenizer, tiny_model):
+    from ctx_callback import ContextRelianceCallback
+    from ctx_callback.cli import build_parser
+    from ctx_callback.cli.common import parse_monitor_option
+    from tests.helpers import PROBES
+
+    assert ContextRelianceCallback(probes=PROBES).monitor_key == "ctx_reliance/counterfactual_probability"
+    generate = ContextRelianceCallback(probes=PROBES, mode="generate")
+    assert generate.monitor_key == "ctx_reliance/counterfactual_accuracy"
+    args = build_parser().parse_args(["probe", "some-model"])
+    assert args.monitor is None
+    assert parse_monitor_option(args.monitor, args.mode, args.variants).key == "ctx_reliance/counterfactual_probability"

@@ -389,11 +389,12 @@ def test_per_probe_outcomes_of_a_mixed_round_average_to_the_logged_metrics(token
     assert checked >= 6
     # Without the options, the parametric outcomes of the MC probes would be read from their strongest rival.
     par_with = metric_outcomes(result.scores, result.variants, result.mode, "parametric_accuracy", **options)
-    assert np.isnan(np.asarray(par_with, dtype=float)[[i for i, p in enumerate(probes) if p.family == "mc_nopar"]]).all()
+    nopar = [i for i, p in enumerate(probes) if p.family == "mc_nopar"]
+    assert np.isnan(np.asarray(par_with, dtype=float)[nopar]).all()
     preferred = preferred_vector(result.scores, result.variants, result.mode, **options)
     rows = probe_rows(10, [p.id for p in probes], [p.family for p in probes], result.scores, result.variants,
                       result.mode, **options)
-    for probe, row, label, r in zip(probes, rows, preferred, range(len(probes))):
+    for r, (row, label) in enumerate(zip(rows, preferred)):
         assert row["preferred"] == label
         opts = result.option_scores[r, result.variants.index("context")]
         cf_pos, par_pos = result.option_roles[r]

@@ -84,6 +84,9 @@ def tracked(tokenizer, tmp_path_factory):
     mp.setenv("WANDB_DIR", str(root))
     mp.setenv("WANDB_PROJECT", "ctx_callback_test")
     mp.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # settings cached by an earlier run in this process would send this run elsewhere
     try:
         trainer, callback = run(tokenizer, root / "out", trainer_kwargs=dict(report_to=["tensorboard", "wandb"]))
         import wandb

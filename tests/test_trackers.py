@@ -58,6 +58,9 @@ def tracked_run(tokenizer, tmp_path_factory):
     mp.setenv("WANDB_DIR", str(root))
     mp.setenv("WANDB_PROJECT", "ctx_callback_test")
     mp.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # settings cached by an earlier run in this process would send this run elsewhere
     try:
         model = make_tiny_llama(tokenizer)
         trainer = make_trainer(model, tokenizer, root / "out", max_steps=4,
@@ -67,6 +70,7 @@ def tracked_run(tokenizer, tmp_path_factory):
         import wandb
 
         wandb.finish()
+        wandb.teardown()  # wandb keeps its settings (WANDB_DIR) per process: a later run must read them afresh
     finally:
         mp.undo()
     expected = {row["step"]: row for row in trainer.state.log_history if KEYS[0] in row}

@@ -196,9 +196,10 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
                    help="log-likelihood comparison of the two answers, or greedy generation + answer matching")
     g.add_argument("--variants", type=_variants, default=",".join(ALL_VARIANTS), metavar="LIST",
                    help="comma list of probe rows to score, from " + ",".join(ALL_VARIANTS))
-    g.add_argument("--monitor", default="counterfactual_accuracy", metavar="METRIC",
+    g.add_argument("--monitor", default=None, metavar="METRIC",
                    help="metric that defines the peak, e.g. counterfactual_accuracy or "
-                        "world_facts/counterfactual_accuracy (parametric_accuracy: lower is better)")
+                        "world_facts/counterfactual_accuracy (parametric_accuracy: lower is better); default: "
+                        "counterfactual_probability in loglik mode, counterfactual_accuracy in generate mode")
     g = parser.add_argument_group("model options")
     g.add_argument("--tokenizer", default=None, metavar="PATH|ID",
                    help="tokenizer to render probes with; default: the model's own tokenizer files, else the base "
@@ -215,11 +216,12 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
                    help="padded tokens per forward pass (lower it on out-of-memory errors)")
 
 
-def parse_monitor_option(monitor: str, mode: str | None, variants: Sequence[str] | None) -> Monitor:
+def parse_monitor_option(monitor: str | None, mode: str | None, variants: Sequence[str] | None) -> Monitor:
     """``--monitor`` parsed by the core's :func:`~ctx_callback.monitor.parse_monitor`.
 
     Args:
-        monitor: The option's value (``counterfactual_accuracy``, ``world_facts/parametric_accuracy``, a full key).
+        monitor: The option's value (``counterfactual_accuracy``, ``world_facts/parametric_accuracy``, a full key);
+            ``None``: the default monitor of ``mode`` (:func:`~ctx_callback.monitor.default_monitor`).
         mode: The scoring mode, or ``None`` to accept a metric of either mode (``plot``).
         variants: The scored variants, or ``None`` to skip the variant check (``plot``).
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..outcomes import PROBES_FILE, FlipReport, compute_flips, event_steps, read_probe_rows
+from ..outcomes import PROBES_FILE, SUMMARY_FILE, FlipReport, compute_flips, event_steps, read_probe_rows
 from .common import EXIT_OK, add_debug_option, add_subparser, read_json
 
 __all__ = ["NAME", "add_parser", "format_report", "run"]
 
 NAME = "flips"
-SUMMARY_FILE = "ctx_reliance_summary.json"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

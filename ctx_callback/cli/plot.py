@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..outcomes import SUMMARY_FILE
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -60,8 +61,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("input", metavar="INPUT", help="trainer_state.json | OUTPUT_DIR | scan results .json")
     parser.add_argument("--output", "-o", default=None, metavar="PNG",
                         help=f"PNG to write; default: {PLOT_FILE} next to INPUT (inside it for a directory)")
-    parser.add_argument("--monitor", default="counterfactual_accuracy", metavar="METRIC",
-                        help="monitored metric (labels the smoothed curve; picks the peak of scan results)")
+    parser.add_argument("--monitor", default=None, metavar="METRIC",
+                        help="monitored metric (labels the smoothed curve; picks the peak of scan results); default: "
+                             "the run's or the scan's own monitor")
     parser.add_argument("--title", default="Context reliance during training", help="plot title")
     parser.add_argument("--width", type=positive_float, default=8.0, help="figure width in inches")
     parser.add_argument("--height", type=positive_float, default=4.5, help="figure height in inches")
@@ -130,12 +132,33 @@ def scan_to_log_history(scan: dict[str, Any], monitor_key: str | None = None) ->
     return history
 
 
+def _run_monitor(source: Path, history: list[dict[str, Any]]) -> str:
+    """The monitor the plotted run or scan used: a scan file's ``monitor``, else the run's
+    ``ctx_reliance_summary.json`` ``monitor`` (next to the input), else the log-likelihood default where it was
+    logged, else ``counterfactual_accuracy``."""
+    folder = source if source.is_dir() else source.parent
+    for candidate in ([] if source.is_dir() else [source]) + [folder / SUMMARY_FILE]:
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("monitor"), str):
+            try:
+                return parse_monitor_option(data["monitor"], None, None).key
+            except UsageError:
+                continue
+    default = parse_monitor_option(None, "loglik", None).key
+    if any(isinstance(r, dict) and default in r for r in history):
+        return default
+    return f"{PREFIX}/counterfactual_accuracy"
+
+
 def _stop_step(log_history: list[dict[str, Any]]) -> int | None:
     stops = [r["step"] for r in log_history if isinstance(r, dict) and r.get(f"{PREFIX}/early_stop") and "step" in r]
     return int(stops[-1]) if stops else None
 
 
-def _plot_source(path: Path, monitor_key: str) -> tuple[list[dict[str, Any]], int | None, str]:
+def _plot_source(path: Path, monitor_key: str | None) -> tuple[list[dict[str, Any]], int | None, str]:
     """``(log_history, stop_step, description)`` from a trainer_state.json, scan JSON or output directory."""
     if not path.exists():
         raise UsageError(f"no such file or directory: {path}")
@@ -191,8 +214,10 @@ def run(args: argparse.Namespace) -> int:
         CtxCallbackError: Bad input (bad ``--monitor``, missing input, nothing to plot, missing output directory).
     """
     source = Path(args.input).expanduser()
-    monitor_key = parse_monitor_option(args.monitor, None, None).key
+    monitor_key = None if args.monitor is None else parse_monitor_option(args.monitor, None, None).key
     history, stop_step, description = _plot_source(source, monitor_key)
+    if monitor_key is None:
+        monitor_key = _run_monitor(source, history)
     if args.output:
         output = Path(args.output).expanduser()
     else:

@@ -1,0 +1,224 @@
+"""``ctx-callback audit DATA --model M``: find the training examples that teach a model to ignore its context.
+
+Scores every example of DATA with and without its context (the callback's engines), categorises it
+(:mod:`ctx_callback.audit.rules`), prints a summary table and writes into ``--output-dir``:
+
+- ``audit.jsonl``: one record per example (category, NLL with/without context, context gain, token counts);
+- ``audit_summary.json``: counts and shares per category, the rule, the cut-off, the settings;
+- ``audit_hist.png``: histogram of the rule's statistic by category, the cut-off marked (needs matplotlib);
+- ``audit_scores.jsonl``: the raw scores, appended chunk by chunk: a killed audit run again with the same settings
+  scores only what is missing (``--rescore`` starts over).
+
+``--out FILE`` writes the dataset without the non-context-critical examples (every column kept); ``--augment F``
+writes the dataset plus ``F x rows`` counterfactual copies to ``--augmented-out`` (see
+:mod:`ctx_callback.audit.mitigate`). Bad data (missing columns, empty targets, a bad format) exits 2 before any
+forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .common import (
+    _DTYPES,
+    _PROBE_DTYPES,
+    EXIT_OK,
+    ModelLoader,
+    add_debug_option,
+    add_subparser,
+    eprint,
+    load_model_config,
+    load_tokenizer,
+    one_line,
+    positive_float,
+    positive_int,
+    resolve_device,
+    torch_dtype,
+    warn,
+)
+
+__all__ = ["AUDIT_HIST", "AUDIT_JSONL", "AUDIT_SCORES", "AUDIT_SUMMARY", "NAME", "add_parser", "run"]
+
+NAME = "audit"
+
+AUDIT_JSONL = "audit.jsonl"
+AUDIT_SUMMARY = "audit_summary.json"
+AUDIT_HIST = "audit_hist.png"
+AUDIT_SCORES = "audit_scores.jsonl"
+
+
+def _field(text: str) -> tuple[str, str]:
+    role, sep, column = text.partition("=")
+    if not sep or not role.strip() or not column.strip():
+        raise argparse.ArgumentTypeError(f"expected ROLE=COLUMN (e.g. context=passage), got {text!r}")
+    return role.strip(), column.strip()
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``audit`` and its options.
+
+    Args:
+        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``audit`` subparser.
+    """
+    from ..audit.adapters import AUDIT_FORMATS
+    from ..audit.rules import RULES, STATISTICS
+
+    parser = add_subparser(
+        subparsers, NAME,
+        help="audit SFT data: which examples are non-context-critical; filter or augment it",
+        description="Score every example of DATA with and without its context, categorise it (context_critical, "
+                    "non_context_critical, parametric), print a summary table and write "
+                    f"{AUDIT_JSONL}, {AUDIT_SUMMARY} and {AUDIT_HIST}; optionally the filtered (--out) and the "
+                    "augmented (--augment) dataset. Resumable: a re-run with the same settings scores only the "
+                    f"examples not yet in {AUDIT_SCORES}.",
+    )
+    parser.add_argument("data", metavar="DATA",
+                        help="a .json/.jsonl/.csv/.parquet file, a dataset folder, or a Hub dataset id")
+    parser.add_argument("--model", default=None, metavar="PATH|ID",
+                        help="the model to audit with (a directory, a Hub id or smollm2-135m-instruct); required")
+    g = parser.add_argument_group("data options")
+    g.add_argument("--format", dest="data_format", default="auto",
+                   choices=["auto", *[name for name in AUDIT_FORMATS if name != "split"]],
+                   help="where the context is; auto detects it from the columns")
+    g.add_argument("--field", dest="fields", action="append", type=_field, default=[], metavar="ROLE=COLUMN",
+                   help="a renamed column, e.g. --field context=passage (repeatable)")
+    g.add_argument("--split", dest="data_split", default="train", help="dataset split (folders and Hub ids)")
+    g.add_argument("--skip-invalid", action="store_true",
+                   help="warn about examples with an empty target and audit the rest (default: an error)")
+    g.add_argument("--prompt-format", default=None, metavar="FORMAT",
+                   help="how training renders prompts: chat, alpaca, tulu, plain or a template with {context} and "
+                        "{question}; default: alpaca for Alpaca data, else chat")
+    g.add_argument("--system-prompt", default=None, help="chat format: the system message of your training data")
+    g.add_argument("--max-target-tokens", type=positive_int, default=64, metavar="N",
+                   help="score the first N tokens of each target")
+    g = parser.add_argument_group("rule options")
+    g.add_argument("--rule", choices=list(RULES), default="default",
+                   help="default: lowest 25%% of the summed no-context NLL; paper: lowest 25%% of the mean per-token "
+                        "no-context NLL (perplexity)")
+    g.add_argument("--statistic", choices=list(STATISTICS), default=None, help="override the rule's statistic")
+    g.add_argument("--quantile", type=_share, default=None, metavar="Q",
+                   help="flag the lowest Q of context examples (default 0.25)")
+    g.add_argument("--threshold", type=float, default=None, metavar="X",
+                   help="flag context examples whose statistic is <= X instead of a quantile")
+    g = parser.add_argument_group("outputs")
+    g.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where the audit files go; default: audit_<DATA name> in the current directory")
+    g.add_argument("--out", default=None, metavar="FILE", help="write the filtered dataset (JSONL)")
+    g.add_argument("--augment", type=positive_float, default=None, metavar="F",
+                   help="write the dataset plus F x rows counterfactual copies (e.g. 0.1)")
+    g.add_argument("--augmented-out", default=None, metavar="FILE",
+                   help="where --augment writes; default: DIR/augmented.jsonl")
+    g.add_argument("--seed", type=int, default=0, help="seed of --augment")
+    g.add_argument("--rescore", action="store_true", help=f"ignore {AUDIT_SCORES} and score every example")
+    g.add_argument("--no-plot", action="store_true", help=f"do not draw {AUDIT_HIST}")
+    g = parser.add_argument_group("model options")
+    g.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype")
+    g.add_argument("--probe-dtype", choices=_PROBE_DTYPES, default=None,
+                   help="run the forward passes under torch.autocast in this dtype (weights left in --dtype)")
+    g.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
+    g.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N", help="padded tokens per forward")
+    g.add_argument("--tokenizer", default=None, metavar="PATH|ID", help="default: the model's")
+    add_debug_option(parser)
+    return parser
+
+
+def _write_jsonl(path: Path, rows: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for i in range(len(rows)):
+            f.write(json.dumps(dict(rows[i]), default=str) + "\n")
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ctx-callback audit``.
+
+    Args:
+        args: The parsed command line.
+
+    Returns:
+        ``EXIT_OK``.
+
+    Raises:
+        CtxCallbackError: Bad input (missing data, columns, empty targets, an unloadable model, ...).
+    """
+    from ..audit import audit_dataset, augment_dataset, filter_dataset, load_audit_data, prepare_examples
+
+    if not args.model:
+        raise UsageError("audit needs the model to score the data with: --model PATH|ID (the model you fine-tune)")
+    data_name = Path(args.data.rstrip("/")).name or "data"
+    out_dir = Path(args.output_dir).expanduser() if args.output_dir else Path(f"audit_{Path(data_name).stem}")
+    fields = dict(args.fields)
+    rows = load_audit_data(args.data, split=args.data_split)
+    invalid = "skip" if args.skip_invalid else "error"
+    # Bad data is reported before any model is loaded.
+    prepare_examples(rows, data_format=args.data_format, fields=fields, invalid=invalid)
+    device = resolve_device(args.device)
+    load_model_config(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    loader = ModelLoader(torch_dtype(args.dtype), device)
+    start = time.perf_counter()
+    try:
+        model, _ = loader.load(args.model)
+    except OSError as err:
+        raise UsageError(f"could not load model {args.model!r}: {one_line(err)}") from None
+    eprint(f"loaded {args.model} in {time.perf_counter() - start:.1f}s; auditing {len(rows)} examples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores_path = out_dir / AUDIT_SCORES
+    if args.rescore and scores_path.exists():
+        scores_path.unlink()
+    result = audit_dataset(
+        rows, model, tokenizer, data_format=args.data_format, fields=fields, prompt_format=args.prompt_format,
+        system_prompt=args.system_prompt, rule=args.rule, statistic=args.statistic, quantile=args.quantile,
+        threshold=args.threshold, max_target_tokens=args.max_target_tokens, probe_dtype=args.probe_dtype,
+        max_batch_tokens=args.batch_tokens, invalid=invalid, resume_file=scores_path, progress=True,
+    )
+    cached = len(rows) - result.scored_now - result.counts().get("invalid", 0)
+    rate = result.scored_now / result.seconds if result.seconds > 0 else float("nan")
+    eprint(f"scored {result.scored_now} examples in {result.seconds:.1f}s ({rate:.1f} examples/s), {cached} from "
+           f"{scores_path.name}")
+    print(result.table())
+    summary = result.summary
+    summary["data"] = args.data
+    result.to_jsonl(out_dir / AUDIT_JSONL)
+    (out_dir / AUDIT_SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    written = [str(out_dir / AUDIT_JSONL), str(out_dir / AUDIT_SUMMARY)]
+    if not args.no_plot:
+        try:
+            written.append(result.plot_histogram(out_dir / AUDIT_HIST))
+        except ImportError:
+            warn(f"matplotlib is not installed: no {AUDIT_HIST} (pip install 'ctx_callback[plot]')")
+    if summary["too_long"]:
+        warn(f"{summary['too_long']} example(s) do not fit the model and were not scored (category too_long, kept "
+             f"by --out): {summary['too_long_indices']}")
+    if args.out:
+        filtered = filter_dataset(rows, result)
+        _write_jsonl(Path(args.out).expanduser(), filtered)
+        written.append(f"{args.out} ({len(filtered)} of {len(rows)} rows)")
+    if args.augment is not None:
+        augmented = augment_dataset(rows, fraction=args.augment, seed=args.seed, data_format=args.data_format,
+                                    fields=fields)
+        target = Path(args.augmented_out).expanduser() if args.augmented_out else out_dir / "augmented.jsonl"
+        _write_jsonl(target, augmented)
+        written.append(f"{target} ({len(augmented) - len(rows)} counterfactual rows added)")
+    print("wrote " + ", ".join(written))
+    return EXIT_OK
