@@ -14,7 +14,7 @@ The model of a run (per simulated run, ``n`` probes, ``events`` probe events, on
   the real trend, removed), ``sd / sqrt(2)``. With it, probes near the decision boundary flip between events and the
   others do not, as in the real run, and outcomes are correlated over events through ``z_i``;
 - the outcome is ``z_i + e_it > 0`` (counterfactual accuracy, a McNemar-able bool per probe) or
-  ``sigmoid(z_i + e_it)`` (counterfactual probability, a float per probe, sign test);
+  ``sigmoid(z_i + e_it)`` (counterfactual probability, a float per probe, paired t-test);
 - a *flat* run keeps this for all its events: its true reliance never changes, so any stop is a false stop;
 - a *declining* run has the paper's shape: reliance rises (the margins start ``rise`` below, solved for a
   10-point lower expected accuracy, and climb linearly to the peak at event ``decline_event - 1``), then falls at
@@ -91,7 +91,7 @@ def rule_specs(include_extras: bool = True) -> list[RuleSpec]:
                        {"stop_rule": "significant_decline", "alpha": a}) for a in (0.05, 0.01)]
     if include_extras:
         specs += [
-            RuleSpec("significant_decline alpha=0.05 (probability, sign test)",
+            RuleSpec("significant_decline alpha=0.05 (probability, paired t-test)",
                      {"stop_rule": "significant_decline", "alpha": 0.05}, "probability"),
             RuleSpec("significant_decline alpha=0.05, no correction (accuracy)",
                      {"stop_rule": "significant_decline", "alpha": 0.05, "correction": "none"}),

@@ -155,7 +155,7 @@ class ContextRelianceCallback(TrainerCallback):
         warmup_steps: Never stop before this global step (applies to every stop rule).
         stop_rule: ``None`` (default) or ``"significant_decline"``: stop when the monitored metric is at least
             ``min_decline`` below its value at the peak event and a paired test on the same probes (exact McNemar
-            for accuracies, the sign test for probabilities and margins) is significant at ``alpha``, corrected for
+            for accuracies, the paired t-test for probabilities and margins) is significant at ``alpha``, corrected for
             the number of events compared (see :mod:`ctx_callback.decisions` and the README's "How sure is the
             stop?"). The monitor must have per-probe outcomes (not ``memorization_ratio``).
         min_decline: ``significant_decline``: smallest decline that may stop, in the metric's units (default 0.02,
@@ -218,7 +218,7 @@ class ContextRelianceCallback(TrainerCallback):
     Decisions that know about noise (see the README's "How sure is the stop?"): every probe event also logs the
     standard error and 95% interval of the monitored metric and the overall accuracies (Wilson / Student's t), and
     compares itself with the peak event on the same probes (``decline_from_peak``, its interval and a paired
-    p-value: exact McNemar or sign test, from :mod:`ctx_callback.stats`). The stop rules (``patience``,
+    p-value: exact McNemar or paired t-test, from :mod:`ctx_callback.stats`). The stop rules (``patience``,
     ``stop_rule``, ``divergence_threshold``, ``stopping_threshold``) live in :mod:`ctx_callback.decisions`; the
     per-probe outcomes of the peak and previous events are kept in the checkpoints' Trainer state (``paired``), so
     a resumed run takes the same decisions, and are those of the merged result under DDP, identical on every rank.

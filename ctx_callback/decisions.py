@@ -13,7 +13,7 @@ The rules (:func:`make_stop_rules` builds them from the callback's options):
   of the smoothed metric (:class:`~ctx_callback.peak.PeakTracker`).
 - ``significant_decline`` (:class:`SignificantDeclineRule`): stop when the metric is at least ``min_decline``
   below its value at the peak event *and* a paired test on the same probes (exact McNemar for binary outcomes, the
-  sign test otherwise) rejects "no change" at level ``alpha``, corrected for the number of events compared
+  paired t-test otherwise) rejects "no change" at level ``alpha``, corrected for the number of events compared
   (:data:`CORRECTIONS`).
 - ``divergence_threshold`` (:class:`DivergenceRule`): stop once the metric is this far below its peak value.
 - ``stopping_threshold`` (:class:`StoppingThresholdRule`): stop once the metric is below this absolute floor
@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import ConfigurationError
 from .peak import PeakTracker
-from .stats import mcnemar_exact, mean_interval, sign_test
+from .stats import mcnemar_exact, mean_interval, paired_t_test
 
 __all__ = [
     "CORRECTIONS",
@@ -122,9 +122,9 @@ class Comparison:
     Attributes:
         decline: ``peak.value - now.value`` (negated when lower is better): positive when the metric got worse.
         interval: t interval of the mean per-probe decline (``None`` without paired outcomes).
-        p_value: Two-sided exact McNemar (binary outcomes) or sign test (otherwise) p-value, ``None`` without
+        p_value: Two-sided exact McNemar (binary outcomes) or paired t-test (otherwise) p-value, ``None`` without
             paired outcomes.
-        test: ``"mcnemar"``, ``"sign"`` or ``None``.
+        test: ``"mcnemar"``, ``"t"`` or ``None``.
         lost: Probes that were a hit at the peak and are not now (binary outcomes), or that got worse (otherwise).
         gained: The reverse.
     """
@@ -150,7 +150,7 @@ def compare_events(peak: ProbeEvent, now: ProbeEvent, greater_is_better: bool = 
 
     The decline is the difference of the two events' values. When both events carry per-probe outcomes of the
     same length, the paired test and the decline's interval come from them: an exact McNemar test when both are
-    binary (bool, or 0/1 with NaN for unscored probes), a sign test otherwise (ties dropped), and a t interval of the
+    binary (bool, or 0/1 with NaN for unscored probes), a paired t-test otherwise, and a t interval of the
     per-probe differences. Probes unscored at either event are dropped pairwise.
     """
     sign = 1.0 if greater_is_better else -1.0
@@ -173,8 +173,9 @@ def compare_events(peak: ProbeEvent, now: ProbeEvent, greater_is_better: bool = 
             result = mcnemar_exact(1.0 - a_f, 1.0 - b_f)
         return Comparison(decline=decline, interval=interval, p_value=result.p_value, test="mcnemar",
                           lost=result.b, gained=result.c)
-    return Comparison(decline=decline, interval=interval, p_value=sign_test(a_f, b_f), test="sign", lost=lost,
-                      gained=gained)
+    p_value = paired_t_test(a_f, b_f)
+    return Comparison(decline=decline, interval=interval, p_value=None if math.isnan(p_value) else p_value, test="t",
+                      lost=lost, gained=gained)
 
 
 class StopRule(ABC):
@@ -255,7 +256,8 @@ def _interval_text(comparison: Comparison, confidence: float) -> str:
 class SignificantDeclineRule(_PeakRule):
     """Stop when the decline from the peak event is at least ``min_decline`` and significant at ``alpha``.
 
-    The test is paired, on the same probes: exact McNemar on binary outcomes (accuracies), the sign test otherwise;
+    The test is paired, on the same probes: exact McNemar on binary outcomes (accuracies), the paired t-test
+    otherwise;
     it is two-sided, and a stop also needs the decline to be positive (the metric got worse). Events without
     per-probe outcomes (or whose outcomes are not paired with the peak's: another probe count) never stop.
 
@@ -288,7 +290,7 @@ class SignificantDeclineRule(_PeakRule):
         if p is None:
             return StopDecision(False, self.name, f"{head}; no paired per-probe outcomes to test",
                                 comparison.decline, None, None)
-        test = "exact McNemar" if comparison.test == "mcnemar" else "sign test"
+        test = "exact McNemar" if comparison.test == "mcnemar" else "t-test"
         detail = (f"{_interval_text(comparison, self.confidence)}; paired {test} p = {p:.3g} "
                   f"({comparison.lost} probes worse, {comparison.gained} better)")
         level = self.level()

@@ -418,7 +418,7 @@ DERIVED_KEYS: tuple[tuple[str, str], ...] = (
     ("decline_ci_low", "lower end of the 95% t interval of the per-probe decline, paired on the same probes"),
     ("decline_ci_high", "upper end of that interval"),
     ("decline_p_value", "two-sided p-value of the paired test now vs the peak event: exact McNemar for hit/miss "
-                        "metrics, sign test otherwise (not corrected for repeated looks)"),
+                        "metrics, paired t-test otherwise (not corrected for repeated looks)"),
     ("flips_to_memory", "probes that preferred the context's answer at the peak event and prefer the memorised one "
                         "now"),
     ("flips_to_context", "probes that preferred the memorised answer at the peak event and prefer the context's now"),

@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_MONITORS", "Monitor", "default_monitor", "monitorable_metric
 #: The monitor used when none is given, per scoring mode. Log-likelihood mode: ``counterfactual_probability``,
 #: chosen by measurement (README, "Which monitor?"): against a held-out generation reference it ranked the example's
 #: checkpoints better than ``counterfactual_accuracy`` (Spearman 0.89 vs 0.67), does not saturate at the ceiling, and
-#: its paired sign test gave ``stop_rule="significant_decline"`` far more power at 50-100 probes than McNemar on
+#: its paired test gave ``stop_rule="significant_decline"`` far more power at 50-100 probes than McNemar on
 #: accuracy at the same false-stop rate (README, "How many probes do I need?"). Generation mode has no probabilities:
 #: ``counterfactual_accuracy`` (the paper's metric).
 DEFAULT_MONITORS: dict[str, str] = {"loglik": "counterfactual_probability", "generate": "counterfactual_accuracy"}

@@ -149,6 +149,10 @@ PER_PROBE_METRICS: dict[str, bool] = {
 }
 
 
+#: Per-probe metrics that are means of values in [0, 1]: their t intervals are clipped to it.
+_UNIT_INTERVAL_METRICS = frozenset({"counterfactual_probability"})
+
+
 def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metric: str, *,
                     options: np.ndarray | None = None, option_roles: np.ndarray | None = None) -> np.ndarray | None:
     """Per-probe outcomes of ``metric`` (one per row of ``scores``), or ``None`` when it has none in ``mode``.
@@ -437,7 +441,8 @@ def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[
 
     Returns:
         ``{key + "_se": ..., key + "_ci_low": ..., key + "_ci_high": ...}`` for every target with per-probe outcomes:
-        Wilson interval and ``sqrt(p (1 - p) / n)`` for hit/miss metrics, Student's t and ``s / sqrt(n)`` for means.
+        Wilson interval and ``sqrt(p (1 - p) / n)`` for hit/miss metrics, Student's t and ``s / sqrt(n)`` for means
+        (clipped to [0, 1] for ``counterfactual_probability``).
     """
     from .stats import mean_interval, proportion_standard_error, standard_error, wilson_interval
 
@@ -459,6 +464,8 @@ def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[
             se = proportion_standard_error(hits, valid.size)
         else:
             low, high = mean_interval(valid, confidence)
+            if metric in _UNIT_INTERVAL_METRICS:  # a t interval can reach past a bounded metric's range
+                low, high = max(0.0, low), min(1.0, high)
             se = standard_error(valid)
         out[key + "_se"] = float(se)
         out[key + "_ci_low"] = float(low)

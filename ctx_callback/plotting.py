@@ -32,7 +32,8 @@ def plot_reliance(
     parametric and closed-book accuracy) against the global step, marks the peak of ``monitor_key`` (from the logged
     ``ctx_reliance/peak_step``) and the stop step, and the training loss on a second axis. Where the rows hold the
     monitored metric's interval (``<monitor_key>_ci_low``/``_ci_high``, logged by the callback), it is drawn as a
-    band.
+    band. A monitored metric on the same 0-1 scale that is not one of those curves (``counterfactual_probability``, a
+    family's metric) is drawn as well.
 
     Args:
         log_history: ``trainer_state.json``'s ``log_history`` (or rows in its shape, e.g. from scan results).
@@ -58,11 +59,19 @@ def plot_reliance(
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    on_axis = not monitor_key.endswith(("logprob_margin", "context_lift"))  # nats: off this [0, 1] axis
+    curve_keys = [f"{METRIC_PREFIX}/{metric}" for metric, _ in _CURVES]
+    color = f"C{curve_keys.index(monitor_key)}" if monitor_key in curve_keys else f"C{len(curve_keys) + 1}"
+    if on_axis and monitor_key not in curve_keys:  # the monitored metric is not among the curves: draw it too
+        points = [(r["step"], r[monitor_key]) for r in rows if monitor_key in r]
+        if points:
+            ax.plot(*zip(*points), marker="s", markersize=3, color=color,
+                    label=f"{monitor_key.split('/', 1)[-1]} (monitored)")
     band = [(r["step"], r[monitor_key + "_ci_low"], r[monitor_key + "_ci_high"]) for r in rows
             if monitor_key + "_ci_low" in r and monitor_key + "_ci_high" in r]
-    if band and not monitor_key.endswith(("logprob_margin", "context_lift")):  # nats: off this axis
+    if band and on_axis:
         steps, low, high = zip(*band)
-        ax.fill_between(steps, low, high, color="C0", alpha=0.15, linewidth=0,
+        ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0,
                         label=f"{monitor_key.split('/')[-1]} 95% interval")
     smoothed = [(r["step"], r[f"{METRIC_PREFIX}/monitor_smoothed"]) for r in rows
                 if f"{METRIC_PREFIX}/monitor_smoothed" in r]
@@ -75,7 +84,7 @@ def plot_reliance(
     if stop_step is not None:
         ax.axvline(stop_step, color="red", linestyle=":", label=f"stop (step {stop_step})")
     ax.set_xlabel("global step")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy" if monitor_key in curve_keys or not on_axis else "accuracy / probability")
     ax.set_ylim(-0.02, 1.02)
     losses = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
     if losses:

@@ -32,6 +32,7 @@ from .probe_formats import PROBE_FORMATS, convert_record, detect_format
 
 __all__ = [
     "BUILTIN_SUITES",
+    "EXTRA_SUITES",
     "OPTION_LABELS",
     "Probe",
     "ProbeFormatError",
@@ -41,8 +42,13 @@ __all__ = [
 
 #: Names of the suites shipped inside the package (``ctx_callback/data/<name>.jsonl``).
 BUILTIN_SUITES: tuple[str, ...] = ("world_facts", "biographies", "quotes")
+#: Suites shipped inside the package but not part of ``"all"``: ``conflicts_hard`` (harder conflicts: strongly known
+#: facts, distractor sentences, one-step inference; see the README's "Which monitor?"). ``"all"`` stays the three
+#: suites above, so numbers published on it do not move.
+EXTRA_SUITES: tuple[str, ...] = ("conflicts_hard",)
 #: Aliases that expand to several built-in suites.
 _SUITE_GROUPS = {"all": BUILTIN_SUITES, "default": BUILTIN_SUITES}
+_SHIPPED = BUILTIN_SUITES + EXTRA_SUITES
 
 _REQUIRED_FIELDS = ("context", "question", "counterfactual_answer", "parametric_answer")
 
@@ -506,8 +512,9 @@ def load_probes(
         source: What to load:
 
             - a built-in suite name (``"world_facts"``, ``"biographies"``, ``"quotes"``), ``"all"``/``"default"``
-              for all of them, a preset of a public benchmark (``"nq_swap"``, ``"memotrap"``,
-              ``"faitheval_counterfactual"``, ``"conflictbank"``, ... :data:`~ctx_callback.presets.PROBE_PRESETS`:
+              for these three, ``"conflicts_hard"`` (harder, shipped, not in ``"all"``), a preset of a public
+              benchmark (``"nq_swap"``, ``"memotrap"``, ``"faitheval_counterfactual"``, ``"conflictbank"``, ...
+              :data:`~ctx_callback.presets.PROBE_PRESETS`:
               loaded from the Hub with its own id, split and format; ``split``/``config`` override its defaults), or a
               ``"+"``-joined list such as ``"world_facts+quotes"`` or ``"nq_swap+all"``;
             - a path to a ``.json`` (array) or ``.jsonl`` file, in the native format or a public one
@@ -553,7 +560,7 @@ def load_probes(
         names = tuple(dict.fromkeys(n for part in text.split("+") for n in _SUITE_GROUPS.get(part, (part,))))
         if from_hub:
             probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
-        elif all(name in BUILTIN_SUITES or name in PROBE_PRESETS for name in names) and not path.exists():
+        elif all(name in _SHIPPED or name in PROBE_PRESETS for name in names) and not path.exists():
             if format is not None or column_mapping is not None:
                 raise ConfigurationError(
                     f"{text!r} names built-in suites or presets, which know their own format; drop format= and "
@@ -561,7 +568,7 @@ def load_probes(
                 )
             probes = []
             for name in names:
-                if name in BUILTIN_SUITES:
+                if name in _SHIPPED:
                     probes.extend(_load_builtin(name))
                 else:
                     probes.extend(_load_preset(name, split, config, load_dataset_kwargs))
@@ -592,7 +599,8 @@ def load_probes(
             probes = _hub_probes(text, format, column_mapping, split, config, load_dataset_kwargs)
         else:
             raise ProbeSourceError(
-                f"Unknown probe suite {text!r}. Built-in suites: {list(BUILTIN_SUITES)} (or 'all'); presets of public "
+                f"Unknown probe suite {text!r}. Built-in suites: {list(_SHIPPED)} ('all' = {list(BUILTIN_SUITES)}); "
+                f"presets of public "
                 f"datasets: {list(PROBE_PRESETS)}; or pass a path to a .json/.jsonl file, or a Hub dataset id such as "
                 "'org/name'."
             )

@@ -3,7 +3,7 @@
 Nothing here is hand-rolled where scipy has it: Wilson intervals come from
 ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``, the exact McNemar test is the exact binomial test of
 the discordant pairs (``binomtest(b, b + c, 0.5)``), the sign test the same on the signs of the paired differences,
-and the mean interval is Student's t (``scipy.stats.t``).
+the paired t-test is ``scipy.stats.ttest_rel``, and the mean interval is Student's t (``scipy.stats.t``).
 
 Every function accepts what a probe round produces: per-probe outcomes as numpy arrays, ``bool`` for hit/miss
 outcomes (accuracies) and ``float`` otherwise, with NaN for a probe that was not scored (such probes are dropped,
@@ -23,6 +23,7 @@ __all__ = [
     "mcnemar_exact",
     "mean_interval",
     "paired_outcomes",
+    "paired_t_test",
     "proportion_standard_error",
     "sign_test",
     "standard_error",
@@ -150,6 +151,28 @@ def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> McNemarResult:
         return McNemarResult(b=lost, c=gained, p_value=1.0)
     p = float(_scipy_stats.binomtest(lost, lost + gained, 0.5).pvalue)
     return McNemarResult(b=lost, c=gained, p_value=min(1.0, p))
+
+
+def paired_t_test(before: np.ndarray, after: np.ndarray) -> float:
+    """Two-sided paired t-test of per-probe values (``scipy.stats.ttest_rel``; NaN pairs dropped).
+
+    The test of ``stop_rule="significant_decline"`` for probabilities and margins. Unlike the sign test it weighs the
+    size of each probe's change, so a decline carried by some probes falling far while many others rise a little is
+    detected (the sign test sees only the counts); its p-value is below ``1 - confidence`` exactly when
+    :func:`mean_interval` of the differences excludes zero, so the logged interval and p-value agree.
+
+    Returns:
+        The p-value; 1.0 when every difference is zero, NaN with fewer than two pairs.
+    """
+    a, b = paired_outcomes(before, after)
+    diff = b - a
+    if diff.size < 2:
+        return float("nan")
+    if not np.any(diff != 0):
+        return 1.0
+    if np.all(diff == diff[0]):  # constant non-zero differences: no spread, certain
+        return 0.0
+    return float(_scipy_stats.ttest_rel(b, a).pvalue)
 
 
 def sign_test(before: np.ndarray, after: np.ndarray) -> float:

@@ -90,6 +90,9 @@ def parse_args(argv=None):
     parser.add_argument("--patience", type=int, default=3, help="probe events without improvement before stopping")
     parser.add_argument("--probes-per-family", type=int, default=30, help="held-out probes per family")
     parser.add_argument("--report-to", default="tensorboard", help="tracker(s), as in TrainingArguments.report_to")
+    parser.add_argument("--stop-rule", default=None, choices=["significant_decline"],
+                        help="stop on a significant decline from the peak (a paired test on the same probes) instead "
+                             "of on --patience events without a new peak")
     parser.add_argument("--no-stop", action="store_true", help="observe only: never stop early")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-dtype", default=None, choices=["bfloat16", "float16"],
@@ -125,7 +128,9 @@ def main(argv=None, train_dataset=None) -> dict:
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
     callback = ContextRelianceCallback(
         trainer, probed, limit_per_family=args.probes_per_family, variants=("context", "closed_book"),
-        eval_steps=args.eval_steps, patience=None if args.no_stop else args.patience, warmup_steps=args.eval_steps * 3,
+        eval_steps=args.eval_steps, warmup_steps=args.eval_steps * 3,
+        patience=None if args.no_stop or args.stop_rule else args.patience,
+        stop_rule=None if args.no_stop else args.stop_rule,
         save_peak_checkpoint=True, restore_peak_at_end=True, plot=True, probe_dtype=args.probe_dtype,
         controls_every=args.controls_every,
     )

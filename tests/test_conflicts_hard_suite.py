@@ -48,3 +48,11 @@ def test_it_is_not_part_of_all_and_shares_no_question_with_the_built_in_suites()
     assert not any(p.family.startswith("hard_") for p in builtin)  # the example's published numbers are unchanged
     questions = {p.question for p in builtin}
     assert not questions & {p.question for p in load_probes(str(SUITE))}
+
+
+def test_it_loads_by_name_alone_and_joined_with_all():
+    by_path = load_probes(str(SUITE))
+    by_name = load_probes("conflicts_hard")
+    assert [p.id for p in by_name] == [p.id for p in by_path] and len(by_name) == 124
+    joined = load_probes("all+conflicts_hard")
+    assert len(joined) == len(load_probes("all")) + len(by_name)

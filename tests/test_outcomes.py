@@ -110,3 +110,17 @@ def test_readme_derived_keys_table_equals_the_source():
     assert match, "README.md lost its derived-keys markers"
     assert match.group(1) == derived_glossary_markdown(), (
         "README derived-key table is out of date: paste ctx_callback.metrics.derived_glossary_markdown()")
+
+
+def test_probability_intervals_stay_within_zero_and_one():
+    from ctx_callback.outcomes import uncertainty
+
+    scores = np.zeros((30, 1, 2))
+    scores[:, 0, 0] = 12.0  # every probe near p_cf = 1, one far below: the t interval would pass 1
+    scores[0, 0, 0] = -3.0
+    out = uncertainty(scores, ["f"] * 30, ("context",), "loglik",
+                      [("ctx_reliance/counterfactual_probability", "counterfactual_probability", None),
+                       ("ctx_reliance/logprob_margin", "logprob_margin", None)])
+    assert out["ctx_reliance/counterfactual_probability_ci_high"] == 1.0
+    assert 0.0 < out["ctx_reliance/counterfactual_probability_ci_low"] < 1.0
+    assert out["ctx_reliance/logprob_margin_ci_high"] > 1.0  # margins are not bounded: not clipped

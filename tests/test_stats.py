@@ -120,3 +120,22 @@ def test_sign_test_on_margins():
     after = before - np.array([0.5, 0.1, 1.0, 0.3, 0.0, 0.2, 0.4, -0.2])  # 6 down, 1 up, 1 tie
     assert sign_test(before, after) == pytest.approx(binomial_two_sided(6, 1))
     assert sign_test(before, before) == 1.0
+
+
+def test_paired_t_test_matches_scipy_and_agrees_with_the_interval():
+    from scipy import stats as scipy_stats
+
+    from ctx_callback.stats import mean_interval, paired_t_test
+
+    rng = np.random.default_rng(4)
+    before = rng.uniform(0.2, 0.9, 50)
+    after = before - rng.normal(0.03, 0.08, 50)
+    after[[3, 7]] = np.nan  # unscored probes are dropped pairwise
+    keep = ~np.isnan(after)
+    want = scipy_stats.ttest_rel(after[keep], before[keep]).pvalue
+    assert paired_t_test(before, after) == pytest.approx(want, rel=1e-12)
+    low, high = mean_interval((before - after)[keep], 0.95)
+    assert (paired_t_test(before, after) < 0.05) == (low > 0 or high < 0)
+    assert paired_t_test(before, before) == 1.0
+    assert paired_t_test(before, before - 0.1) == 0.0  # the same change on every probe
+    assert np.isnan(paired_t_test(before[:1], after[:1]))

@@ -131,14 +131,34 @@ def test_significant_decline_respects_warmup_and_direction():
     assert step == 30 and decision.decline == pytest.approx(0.2)
 
 
-def test_significant_decline_on_probabilities_uses_the_sign_test():
+def test_significant_decline_on_probabilities_uses_the_paired_t_test():
+    from scipy import stats as scipy_stats
+
     rng = np.random.default_rng(0)
     base = rng.uniform(0.3, 0.9, size=40)
     seq = [base - 0.05, base, base - rng.uniform(-0.01, 0.01, 40), base - rng.uniform(0.02, 0.2, 40)]
     rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
     step, decision = stop_step(rules, events_of([v.mean() for v in seq], seq))
     assert step == 30
-    assert "sign test" in decision.message and decision.p_value == pytest.approx(2 / 2 ** 40)
+    assert "t-test" in decision.message
+    assert decision.p_value == pytest.approx(scipy_stats.ttest_rel(seq[3], seq[1]).pvalue, rel=1e-9)
+
+
+def test_a_decline_carried_by_few_probes_is_caught_where_the_sign_test_is_blind():
+    """Seen on a real run: most probes rise a little while some fall far. The mean falls 6 points; the sign test
+    (counts only) sees 22 up / 18 down, p = 0.64; the t-test weighs the sizes and stops."""
+    from ctx_callback.stats import sign_test
+
+    base = np.full(40, 0.8)
+    fallen = base.copy()
+    fallen[:22] += 0.01
+    fallen[22:] -= np.linspace(0.1, 0.2, 18)
+    seq = [base - 0.05, base, base, fallen]
+    assert sign_test(seq[1], seq[3]) > 0.5
+    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    step, decision = stop_step(rules, events_of([v.mean() for v in seq], seq))
+    assert step == 30 and decision.decline == pytest.approx(base.mean() - fallen.mean(), abs=1e-12)
+    assert decision.decline > 0.06 and decision.interval[0] > 0
 
 
 def test_divergence_threshold_exact_step():

@@ -122,7 +122,7 @@ def test_significant_decline_stops_a_real_run_where_the_rule_says(tracked):
         if 4 <= s < stop and r["ctx_reliance/decline_from_peak"] >= 0.1:
             assert r["ctx_reliance/decline_p_value"] >= 0.05 / 3
     # The message states the decline, its interval and the p-value; the summary carries them.
-    for text in ("declined", "interval of the decline", "paired sign test p =", f"step {peak}"):
+    for text in ("declined", "interval of the decline", "paired t-test p =", f"step {peak}"):
         assert text in callback.stop_reason
     summary = json.loads((root / "out" / "ctx_reliance_summary.json").read_text())["summary"]
     assert summary["stop_rule"] == "significant_decline" and summary["stop_step"] == stop
