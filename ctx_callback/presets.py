@@ -169,41 +169,27 @@ _CB_SOURCE = ("Hub pages of Warrieryes/CB_qa (train split, 513k rows, JSON); Con
 _CB_COUNTERFACTUAL = "`replaced_option`: the substituted object the conflicting evidence states (multiple choice, " \
                      "`options`)"
 
-register_probe_preset(ProbePreset(
-    name="conflictbank",
-    hub_id="Warrieryes/CB_qa",
-    split="train",
-    format="conflictbank",
-    size="513k rows (Hub viewer); slice with `split=\"train[:N]\"`",
-    counterfactual=_CB_COUNTERFACTUAL + "; context: the misinformation-conflict evidence",
-    parametric="`correct_option`: the Wikidata fact",
-    license="not stated on the Hub pages we could read: check the card",
-    source=_CB_SOURCE,
-    description="ConflictBank QA with misinformation conflicts (Su et al., 2024)",
-))
-
-register_probe_preset(ProbePreset(
-    name="conflictbank_temporal",
-    hub_id="Warrieryes/CB_qa",
-    split="train",
-    format="conflictbank_temporal",
-    size="as `conflictbank`",
-    counterfactual=_CB_COUNTERFACTUAL + "; context: the temporal-conflict evidence",
-    parametric="`correct_option`",
-    license="as `conflictbank`",
-    source=_CB_SOURCE,
-    description="ConflictBank QA with temporal conflicts",
-))
-
-register_probe_preset(ProbePreset(
-    name="conflictbank_semantic",
-    hub_id="Warrieryes/CB_qa",
-    split="train",
-    format="conflictbank_semantic",
-    size="as `conflictbank`",
-    counterfactual=_CB_COUNTERFACTUAL + "; context: the semantic-conflict evidence",
-    parametric="`correct_option`",
-    license="as `conflictbank`",
-    source=_CB_SOURCE,
-    description="ConflictBank QA with semantic conflicts",
-))
+#: The three ConflictBank presets differ only in the evidence kind that becomes the context:
+#: (name suffix, evidence kind, size, parametric, license, description).
+_CB_VARIANTS = (
+    ("", "misinformation", "513k rows (Hub viewer); slice with `split=\"train[:N]\"`",
+     "`correct_option`: the Wikidata fact", "not stated on the Hub pages we could read: check the card",
+     "ConflictBank QA with misinformation conflicts (Su et al., 2024)"),
+    ("_temporal", "temporal", "as `conflictbank`", "`correct_option`", "as `conflictbank`",
+     "ConflictBank QA with temporal conflicts"),
+    ("_semantic", "semantic", "as `conflictbank`", "`correct_option`", "as `conflictbank`",
+     "ConflictBank QA with semantic conflicts"),
+)
+for _suffix, _evidence, _size, _parametric, _license, _description in _CB_VARIANTS:
+    register_probe_preset(ProbePreset(
+        name=f"conflictbank{_suffix}",
+        hub_id="Warrieryes/CB_qa",
+        split="train",
+        format=f"conflictbank{_suffix}",
+        size=_size,
+        counterfactual=f"{_CB_COUNTERFACTUAL}; context: the {_evidence}-conflict evidence",
+        parametric=_parametric,
+        license=_license,
+        source=_CB_SOURCE,
+        description=_description,
+    ))
