@@ -142,6 +142,15 @@ def check_lengths(probes: Sequence[Probe], items: Sequence[EncodedItem], max_len
     )
 
 
+def pad_token_id_of(tokenizer: Any) -> int:
+    """The id batched rows are padded with: the tokenizer's pad token, else its EOS token, else 0 (padding is masked
+    out of every forward pass, so any id works; these keep the embedding lookup in range)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)
+
+
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
     if not sequences:
         return ()
@@ -207,13 +216,11 @@ def encode_probes(
                 answers.append(tuple(ids))
             items.append(EncodedItem(index, variant, prompt, tuple(prompt_ids), tuple(answers)))
     check_lengths(probes, items, max_length)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_token_id_of(tokenizer)
     return EncodedProbes(
         probes=list(probes),
         variants=variants,
         items=items,
-        pad_token_id=int(pad),
+        pad_token_id=pad,
         shared_prefix=_common_prefix([item.prompt_ids for item in items]),
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..encoding import pad_token_id_of
 from ..errors import AuditDataError, ConfigurationError
 from ..formatting import PromptFormat, resolve_prompt_format
 from .adapters import AUDIT_FORMATS, AuditExample, detect_audit_format, extract_examples, resolve_columns
@@ -533,9 +534,7 @@ def audit_dataset(
             "%d tokens; they are not scored, categorised 'too_long' and kept by filter_dataset. First: %s",
             len(all_too_long), max_length, max_target_tokens, all_too_long[:10],
         )
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_token_id_of(tokenizer)
 
     scored_records: dict[int, dict[str, Any]] = {}
     for example, key in zip(examples, keys):
