@@ -45,14 +45,23 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, ProbeEvent, compare_events, first_stop, make_stop_rules
+from .decisions import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_DECLINE,
+    RECOMMENDED_PROBES,
+    ProbeEvent,
+    compare_events,
+    first_stop,
+    make_stop_rules,
+    min_probes_for_significance,
+)
 from .distributed import broadcast_from_main, gather_outcomes, params_are_sharded, plan_probes, run_round
 from .encoding import ALL_VARIANTS
 from .engines.base import _device_of
 from .errors import ConfigurationError, TrainerWiringError
 from .metrics import METRIC_PREFIX, metric_key, metric_spec
 from .models import max_positions
-from .monitor import parse_monitor
+from .monitor import NEEDS_PARAMETRIC, parse_monitor
 from .outcomes import (
     PER_PROBE_METRICS,
     PROBES_FILE,
@@ -67,11 +76,14 @@ from .peak import PeakDecision, PeakTracker
 from .probes import Probe, load_probes
 from .scoring import ProbeScorer, ScoreResult, check_probe_dtype_device, resolve_probe_dtype
 
-__all__ = ["ContextRelianceCallback"]
+__all__ = ["ContextRelianceCallback", "probe_set_digest"]
 
 logger = logging.getLogger(__name__)
 
 _PROBE_ON = ("steps", "evaluate")
+#: Values of ``on_probe_set_change``: refuse a resume whose checkpoint was probed with another probe set, or start a
+#: new curve at the resumed step.
+ON_PROBE_SET_CHANGE = ("error", "new_curve")
 #: ``restored_from`` in the summary when the peak was the baseline (step 0), restored from its in-memory copy.
 RESTORED_FROM_BASELINE = "baseline (in memory)"
 #: Where the callback's resume state lives: an entry of ``TrainerState.stateful_callbacks`` (``trainer_state.json`` in
@@ -104,8 +116,12 @@ SE_SUFFIX, CI_LOW_SUFFIX, CI_HIGH_SUFFIX = "_se", "_ci_low", "_ci_high"
 INTERVAL_METRICS = ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy")
 #: Confidence of the logged intervals.
 CONFIDENCE = 0.95
-#: One character per probe for the preferred answers kept in the resume state.
-_PREFERRED_CODES = {"context": "c", "memory": "m", "tie": "t", "both": "b", "neither": "n", None: "-"}
+#: One character per probe for the preferred answers kept in the resume state: every label of
+#: :data:`~ctx_callback.outcomes.PREFERRED_LABELS` (``"other"`` included: a multiple-choice probe whose winner is
+#: neither the counterfactual nor the parametric option), and ``None`` (not scored) as ``"-"``.
+_PREFERRED_CODES: dict[str | None, str] = {
+    "context": "c", "memory": "m", "tie": "t", "both": "b", "neither": "n", "other": "o", None: "-",
+}
 _PREFERRED_NAMES = {code: name for name, code in _PREFERRED_CODES.items()}
 #: Columns of the tracker table of flips since the peak.
 FLIP_COLUMNS = ["step", "peak_step", "probe_id", "family", "from", "to", "cf", "par"]
@@ -214,6 +230,17 @@ class ContextRelianceCallback(TrainerCallback):
             begin) must not name a metric that needs a control variant.
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
+        on_probe_set_change: What a resumed run does when the checkpoint was probed with another probe set than
+            this callback's (other probe ids or texts, another ``limit_per_family``; compared by the digest stored in
+            the checkpoint's ``trainer_state.json``). ``"error"`` (default): refuse at train begin, before any step,
+            with a :class:`~ctx_callback.errors.ConfigurationError` naming both probe sets' sizes and digests: a
+            peak, patience and paired test measured on one probe set cannot be compared with values on another.
+            ``"new_curve"``: start a new reliance curve at the resumed step, with a warning: the old peak, smoothing,
+            patience, stop-rule and paired state are forgotten (the old rows stay in ``state.log_history`` and on
+            the trackers, but no decision reads them), the first probe event after the resumed step is the new
+            curve's first (its baseline), ``known_only`` / ``informative_band`` select again on the current weights,
+            and the summary's ``curve_start_step`` says where the curve began. Later resumes of that run with the new
+            probes continue the new curve.
 
     Decisions that know about noise (see the README's "How sure is the stop?"): every probe event also logs the
     standard error and 95% interval of the monitored metric and the overall accuracies (Wilson / Student's t), and
@@ -273,11 +300,28 @@ class ContextRelianceCallback(TrainerCallback):
       ``state.log_history`` before calling ``on_log``. A tracker that raises on the Trainer's *own* rows (loss,
       eval) still stops training: that is the Trainer's behaviour, outside this callback.
 
+    Stopping at the baseline: the Trainer takes its first optimizer step whatever a callback decides before it, so a
+    stop rule that fires on the baseline (only ``stopping_threshold`` can: the value is already past the floor before
+    any training) cannot stop training "at step 0". The callback then refuses to start instead: a
+    :class:`~ctx_callback.errors.ConfigurationError` from ``trainer.train()`` after the baseline row is logged, before
+    any optimizer step (the model is untouched), naming the value and the floor. Lower the floor, or set
+    ``warmup_steps`` so that it applies later.
+
+    How many probes ``stop_rule="significant_decline"`` needs: with ``n`` monitored probes, even a decline on every
+    probe gives an exact sign test (McNemar on accuracies) ``p = 2^(1 - n)``, so below
+    :func:`~ctx_callback.decisions.min_probes_for_significance` (6 probes at ``alpha=0.05``) the rule could never
+    stop on accuracy and would rest on the normality of a handful of differences on probabilities: refused with a
+    :class:`~ctx_callback.errors.ConfigurationError` (at construction, and at train begin after ``known_only`` /
+    ``informative_band`` selected); below :data:`~ctx_callback.decisions.RECOMMENDED_PROBES` (100 on probabilities,
+    200 on accuracies, from the README's simulation) a warning says how much it misses.
+
     Raises:
         ConfigurationError: On any invalid argument, at construction (a ``ValueError``; probe files are loaded and
             validated here, raising ``ProbeSourceError``/``ProbeFormatError``; a chat template that refuses the
             probe conversation, e.g. one without a system role given ``system_prompt``, is one too). At train
-            begin, when ``save_peak_checkpoint=True`` and ``output_dir`` is not writable.
+            begin: when ``save_peak_checkpoint=True`` and ``output_dir`` is not writable; when a resumed
+            checkpoint was probed with another probe set and ``on_probe_set_change="error"``; when a stop rule
+            fires on the baseline (see above); when ``significant_decline`` is left with too few probes.
         TrainerWiringError: ``trainer`` is not a ``transformers.Trainer``.
     """
 
@@ -324,6 +368,7 @@ class ContextRelianceCallback(TrainerCallback):
         probe_dtype: str | None = None,
         controls_every: int = 1,
         verbose: bool = True,
+        on_probe_set_change: str = "error",
     ) -> None:
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TrainerWiringError(
@@ -336,6 +381,11 @@ class ContextRelianceCallback(TrainerCallback):
             )
         if not isinstance(verbose, bool):
             raise ConfigurationError(f"verbose must be True or False, got {verbose!r}.")
+        if on_probe_set_change not in ON_PROBE_SET_CHANGE:
+            raise ConfigurationError(
+                f"on_probe_set_change must be one of {list(ON_PROBE_SET_CHANGE)} (what a resumed run does when the "
+                f"checkpoint was probed with another probe set), got {on_probe_set_change!r}."
+            )
         if probe_on not in _PROBE_ON:
             raise ConfigurationError(f"probe_on must be one of {list(_PROBE_ON)}, got {probe_on!r}.")
         if mode not in ("loglik", "generate"):
@@ -349,6 +399,7 @@ class ContextRelianceCallback(TrainerCallback):
             raise ConfigurationError("known_only=True needs the 'closed_book' variant in variants=.")
         parsed = parse_monitor(monitor, mode, tuple(variants))
         self.monitor_key, self.monitor_metric, monitor_family = parsed.key, parsed.metric, parsed.family
+        self.monitor_family = monitor_family
         probe_dtype = resolve_probe_dtype(probe_dtype)
         if isinstance(controls_every, bool) or not isinstance(controls_every, int) or controls_every < 1:
             raise ConfigurationError(
@@ -393,6 +444,20 @@ class ContextRelianceCallback(TrainerCallback):
         if monitor_family is not None and monitor_family not in families:
             raise ConfigurationError(f"monitor {monitor!r} names family {monitor_family!r}, which the probes lack; "
                              f"families: {families}.")
+        self._check_parametric_answers(monitor, known_only)
+        self.stop_rule = stop_rule
+        self.alpha = alpha
+        if stop_rule == "significant_decline":  # again at train begin when known_only / informative_band select
+            self._check_significant_probe_count(self._monitored_count(None), "at construction",
+                                                warn=not known_only and informative_band is None)
+        #: Digest of the probe set (ids and everything scored), stored in the checkpoints to detect a resume with
+        #: other probes (``on_probe_set_change``).
+        self._probe_set_sha1 = probe_set_digest(self.probes)
+        self.on_probe_set_change = on_probe_set_change
+        #: The global step a new reliance curve started at (``on_probe_set_change="new_curve"``); ``None``: the
+        #: curve is the run's own, from its first step. Rows logged at or before it are not this curve's.
+        self.curve_start_step: int | None = None
+        self._new_curve_started = False  # this train() call started a new curve (its selection is made afresh)
         self.trainer = trainer
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
@@ -410,7 +475,6 @@ class ContextRelianceCallback(TrainerCallback):
         self.controls_every = controls_every
         self.probe_log = probe_log
         self.mode = mode
-        self.monitor_family = monitor_family
         #: The peak event (step, value, per-probe outcomes of the monitor) and its preferred answers per probe.
         self._peak_event: ProbeEvent | None = None
         self._peak_preferred: list[str | None] | None = None
@@ -461,6 +525,69 @@ class ContextRelianceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------------------------
+    def _check_parametric_answers(self, monitor: str | None, known_only: bool) -> None:
+        """Refuse what cannot work on probes without a parametric answer (multiple choice whose dataset does not say
+        which option is true, e.g. the ``faitheval_counterfactual`` preset), instead of NaN rounds or an empty
+        ``known_only`` selection after the baseline."""
+        without = [p for p in self.probes if p.parametric_answer is None]
+        if not without:
+            return
+        if self.monitor_metric in NEEDS_PARAMETRIC:
+            monitored = [p for p in self.probes if self.monitor_family in (None, p.family)]
+            if all(p.parametric_answer is None for p in monitored):
+                raise ConfigurationError(
+                    f"monitor {monitor!r} needs the parametric answer (the true fact), which none of the "
+                    f"{len(monitored)} monitored probes has (multiple-choice probes without a parametric option, "
+                    "e.g. the faitheval_counterfactual preset): it would be NaN at every probe event. Monitor a "
+                    "context metric (e.g. 'counterfactual_probability'), or add probes with a parametric answer."
+                )
+        if not known_only:
+            return
+        if len(without) == len(self.probes):
+            raise ConfigurationError(
+                "known_only=True keeps the probes whose parametric answer the model prefers closed-book, but none of "
+                f"the {len(self.probes)} probes has a parametric answer (multiple-choice probes without a parametric "
+                "option, e.g. the faitheval_counterfactual preset), so it would keep none. Use known_only=False with "
+                "these probes, or add probes with a parametric answer."
+            )
+        logger.warning(
+            "ctx_callback: known_only=True: %d of the %d probes have no parametric answer (multiple choice without a "
+            "parametric option, e.g. %r), so the knowledge check never keeps them.", len(without), len(self.probes),
+            without[0].id,
+        )
+
+    def _monitored_count(self, indices: Sequence[int] | None) -> int:
+        """How many of the probes ``indices`` (all when ``None``) the monitored metric is computed on."""
+        chosen = range(len(self.probes)) if indices is None else indices
+        return sum(1 for i in chosen if self.monitor_family in (None, self.probes[i].family))
+
+    def _check_significant_probe_count(self, count: int, when: str, warn: bool = True) -> None:
+        """``stop_rule="significant_decline"`` on ``count`` monitored probes: refuse below the fewest probes whose
+        directions alone can be significant (:func:`~ctx_callback.decisions.min_probes_for_significance`), warn below
+        :data:`~ctx_callback.decisions.RECOMMENDED_PROBES`."""
+        binary = PER_PROBE_METRICS.get(self.monitor_metric, False)
+        test, recommended = ("exact McNemar", RECOMMENDED_PROBES["mcnemar"]) if binary else \
+            ("paired t-test", RECOMMENDED_PROBES["t"])
+        minimum = min_probes_for_significance(self.alpha)
+        if count < minimum:
+            raise ConfigurationError(
+                f"stop_rule='significant_decline' needs at least {minimum} monitored probes at alpha={self.alpha:g}, "
+                f"got {count} ({when}; monitor {self.monitor_key}). With n probes, even a decline on every one of "
+                f"them is significant only at p = 2^(1 - n) by the probes' directions alone (the exact sign test; "
+                f"McNemar's smallest p-value on accuracies), {2.0 ** (1 - max(count, 1)):.3g} here, above alpha: "
+                f"the {test} could never stop, or only by trusting the normality of {count} differences. Use at "
+                f"least {recommended} probes (README, 'How many probes do I need?'), or another stop rule "
+                "(patience=, divergence_threshold=)."
+            )
+        if warn and count < recommended:
+            logger.warning(
+                "ctx_callback: stop_rule='significant_decline' on %d monitored probes (%s): in the README's "
+                "simulation ('How many probes do I need?') the rule missed most 5-point falls and many 10-point "
+                "falls below %d probes for this test (it missed 23%% of 10-point falls at 50 probes on "
+                "probabilities, 95%% at 50 and 34%% at 100 on accuracies). Its stops stay rare on flat runs; it is "
+                "its power that is low. Use at least %d probes to rely on it.", count, test, recommended, recommended,
+            )
+
     def _build_scorer(self, tokenizer: Any, model: Any) -> None:
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # multimodal processors carry a tokenizer
         max_length = max_positions(getattr(model, "config", None))
@@ -531,11 +658,16 @@ class ContextRelianceCallback(TrainerCallback):
         self.peak_save_error = None
         self._refresh_state_of = None
         self.probe_seconds_total = 0.0
+        # Only this curve's rows: after the step a new curve started at (on_probe_set_change="new_curve"), if any.
+        first = -1 if self.curve_start_step is None else self.curve_start_step
+
+        def ours(row: dict[str, Any]) -> bool:
+            return "step" in row and first < row["step"] <= state.global_step
+
         # The event index (controls_every): every successful round logged probe_seconds; a failed one did not.
-        self.probe_events = sum(1 for row in state.log_history
-                                if KEY_SECONDS in row and "step" in row and row["step"] <= state.global_step)
+        self.probe_events = sum(1 for row in state.log_history if KEY_SECONDS in row and ours(row))
         for row in state.log_history:
-            if self.monitor_key in row and "step" in row and row["step"] <= state.global_step:
+            if self.monitor_key in row and ours(row):
                 # A round with non-finite scores logged its finite metrics but fed NaN to the tracker: replay that.
                 value = math.nan if row.get(KEY_NONFINITE) else float(row[self.monitor_key])
                 step = int(row["step"])
@@ -563,7 +695,7 @@ class ContextRelianceCallback(TrainerCallback):
         if self._peak_event is not None and self._peak_event.outcomes is None and self.stop_rules:
             logger.warning(
                 "ctx_callback: the checkpoint's %s holds no per-probe outcomes of the peak event (step %s; saved by "
-                "an older ctx_callback, or with another probe set): the paired comparison with the peak (and "
+                "an older ctx_callback, or with another probe selection): the paired comparison with the peak (and "
                 "stop_rule='significant_decline') resumes at the next new peak.", TRAINER_STATE_FILE,
                 self._peak_event.step)
         if self.peak_tracker.num_events:
@@ -591,6 +723,7 @@ class ContextRelianceCallback(TrainerCallback):
         self._baseline_weights = None
         self.active_indices = None  # known_only: re-selected on the model as it is now
         self.known_counts = None
+        self.curve_start_step = None
 
     # ------------------------------------------------------------------------------------------------------------
     # State that survives a resume (what state.log_history cannot rebuild)
@@ -606,7 +739,10 @@ class ContextRelianceCallback(TrainerCallback):
         entries = state.stateful_callbacks.setdefault(STATE_KEY, {})
         selected = self.active_indices if (self.known_only or self.informative_band) else None
         entries[self.monitor_key] = {
-            "version": 1,
+            "version": 2,
+            # The probe set this run measures (on_probe_set_change compares it on resume) and where its curve began.
+            "probe_set": {"num_probes": len(self.probes), "sha1": self._probe_set_sha1},
+            "curve_start_step": self.curve_start_step,
             "known_only_probe_ids": None if selected is None else [self.probes[i].id for i in selected],
             "known_counts": self.known_counts if (self.known_only or self.informative_band) else None,
             "informative_band": None if self.informative_band is None else list(self.informative_band),
@@ -627,7 +763,10 @@ class ContextRelianceCallback(TrainerCallback):
             if event.outcomes is not None:
                 outcomes = [None if math.isnan(x) else x for x in np.asarray(event.outcomes, np.float64).tolist()]
             return {"step": int(event.step), "outcomes": outcomes,
-                    "preferred": None if preferred is None else "".join(_PREFERRED_CODES[p] for p in preferred)}
+                    # A label without a code (none today: a test covers PREFERRED_LABELS) is kept as "not scored"
+                    # rather than failing the export, which runs outside the guard of the probe round.
+                    "preferred": None if preferred is None else "".join(_PREFERRED_CODES.get(p, "-")
+                                                                        for p in preferred)}
 
         if self._peak_event is None:
             return None
@@ -663,9 +802,77 @@ class ContextRelianceCallback(TrainerCallback):
         entry = entries.get(self.monitor_key) if isinstance(entries, dict) else None
         return entry if isinstance(entry, dict) else None
 
+    def _saved_probe_set(self, state: TrainerState) -> tuple[dict[str, Any] | None, int | None]:
+        """The probe set a resumed checkpoint's run measured (from any monitor's entry, this one's first) and the step
+        its curve began at; ``(None, None)`` when the checkpoint does not say (an older ctx_callback, or none)."""
+        entries = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if not isinstance(entries, dict):
+            return None, None
+        ordered = [entries.get(self.monitor_key)] + [v for k, v in entries.items() if k != self.monitor_key]
+        for entry in ordered:
+            if isinstance(entry, dict) and isinstance(entry.get("probe_set"), dict):
+                start = entry.get("curve_start_step")
+                return entry["probe_set"], start if isinstance(start, int) else None
+        return None, None
+
+    def _logged_before(self, state: TrainerState, key: str) -> Any:
+        """The value of ``key`` in the last row up to the resumed step that has it (``None`` if none)."""
+        rows = [row for row in state.log_history if key in row and row.get("step", math.inf) <= state.global_step]
+        return rows[-1][key] if rows else None
+
+    def _check_probe_set(self, state: TrainerState) -> None:
+        """On resume: the checkpoint's run must have measured this callback's probe set. Otherwise refuse
+        (``on_probe_set_change="error"``) or start a new curve at the resumed step (``"new_curve"``)."""
+        saved, start = self._saved_probe_set(state)
+        self.curve_start_step = start
+        self._new_curve_started = False
+        if saved is not None:
+            if saved.get("sha1") == self._probe_set_sha1:
+                return
+            before = f"{saved.get('num_probes')} probes (probe set sha1 {str(saved.get('sha1'))[:12]})"
+        else:
+            # A checkpoint that stored no probe set (an older ctx_callback): the probe count its rows logged, which is
+            # the probe set's size when no selection (known_only / informative_band) was made, then or now.
+            entries = (state.stateful_callbacks or {}).get(STATE_KEY)
+            selected = isinstance(entries, dict) and any(
+                isinstance(e, dict) and e.get("known_only_probe_ids") is not None for e in entries.values())
+            logged = self._logged_before(state, metric_key("num_probes"))
+            if (logged is None or int(logged) == len(self.probes) or selected or self.known_only
+                    or self.informative_band is not None):
+                return
+            before = f"{int(logged)} probes (as its rows logged {metric_key('num_probes')}; it stored no digest)"
+        now = f"{len(self.probes)} probes (probe set sha1 {self._probe_set_sha1[:12]})"
+        step = state.global_step
+        peak = self._logged_before(state, KEY_PEAK_STEP)
+        old_peak = "" if peak is None or math.isnan(float(peak)) else f" (peak at step {int(peak)})"
+        if self.on_probe_set_change == "error":
+            raise ConfigurationError(
+                f"on_probe_set_change='error': resuming at step {step} from a checkpoint whose run was probed with "
+                f"{before}, but this callback has {now}. The run's peak{old_peak}, patience and paired per-probe "
+                "outcomes were measured on its probes; comparing them with values on other probes would mix two "
+                "different curves, so nothing was trained. To resume, pass the probes the run started with (the "
+                f"same probes= and limit_per_family=); or pass on_probe_set_change='new_curve' to start a new "
+                f"reliance curve at step {step} (the old peak and stop-rule state are forgotten)."
+            )
+        self.curve_start_step = step
+        self._new_curve_started = True
+        reselect = (" The known_only / informative_band selection is made again, on the current weights."
+                    if self.known_only or self.informative_band is not None else "")
+        logger.warning(
+            "ctx_callback: on_probe_set_change='new_curve': the checkpoint resumed at step %d was probed with %s; "
+            "this callback has %s. Starting a NEW reliance curve at step %d: the old curve's peak%s, smoothing, "
+            "patience, stop-rule state and paired per-probe outcomes are forgotten, and the first probe event after "
+            "step %d is the new curve's baseline.%s The old rows stay in state.log_history and on your trackers: the "
+            "ctx_reliance/* curves before and after step %d measure different probes and must not be compared.",
+            step, before, now, step, old_peak, step, reselect, step,
+        )
+
     def _resume_selection(self, state: TrainerState) -> None:
         """``known_only`` on resume: monitor the probes selected at the start of the run, not a new selection made
         on the fine-tuned weights. Sets ``active_indices`` to ``None`` (recompute) with a warning when it cannot."""
+        if self._new_curve_started:  # the saved selection is of the old probes: select again (said in the warning)
+            self.active_indices, self.known_counts = None, None
+            return
         saved = self._saved_state(state)
         ids = saved.get("known_only_probe_ids") if saved else None
         if not (self.known_only or self.informative_band is not None):
@@ -869,8 +1076,9 @@ class ContextRelianceCallback(TrainerCallback):
         self.last_probe_step = step
         self.history.append({**{k: v for k, v in row.items()}, "step": step})
         if state.is_world_process_zero and self.probe_log:
-            self._write_probe_rows(step, result)
-            self._report_flips(step, result, preferred)
+            log_rows = self._probe_log_rows(step, result)
+            self._write_probe_rows(log_rows)
+            self._report_flips(step, log_rows, preferred)
         self._export_state(state)  # the paired state (peak and previous outcomes) goes into the next checkpoint
         return decision
 
@@ -929,13 +1137,16 @@ class ContextRelianceCallback(TrainerCallback):
     def _probe_ids(self, result: ScoreResult) -> list[str]:
         return [self.probes[int(i)].id for i in result.probe_indices]
 
-    def _write_probe_rows(self, step: int, result: ScoreResult) -> None:
+    def _probe_log_rows(self, step: int, result: ScoreResult) -> list[dict[str, Any]]:
+        """This event's probe log rows (:func:`~ctx_callback.outcomes.probe_rows`), in the result's probe order."""
+        return probe_rows(step, self._probe_ids(result), [self.probes[int(i)].family for i in result.probe_indices],
+                          result.scores, result.variants, result.mode, result.generations, **_option_kwargs(result))
+
+    def _write_probe_rows(self, rows: list[dict[str, Any]]) -> None:
         """Append this event's rows to ``ctx_reliance_probes.jsonl``; an OS error is a warning (once)."""
         output_dir = self.trainer.args.output_dir
         if not output_dir:
             return
-        rows = probe_rows(step, self._probe_ids(result), [self.probes[int(i)].family for i in result.probe_indices],
-                          result.scores, result.variants, result.mode, result.generations, **_option_kwargs(result))
         try:
             ProbeLog(os.path.join(output_dir, PROBES_FILE)).append(rows)
         except OSError as err:
@@ -944,23 +1155,22 @@ class ContextRelianceCallback(TrainerCallback):
                                os.path.join(output_dir, PROBES_FILE), type(err).__name__, err)
             self._probe_log_failed = True
 
-    def _report_flips(self, step: int, result: ScoreResult, preferred: list[str | None]) -> None:
+    def _report_flips(self, step: int, log_rows: list[dict[str, Any]], preferred: list[str | None]) -> None:
         """Send the probes that flipped since the peak, and were not sent before, to the trackers' tables: a W&B
-        table in ``INCREMENTAL`` mode (only the new rows are uploaded) and TensorBoard text."""
+        table in ``INCREMENTAL`` mode (only the new rows are uploaded) and TensorBoard text. ``cf``/``par`` are the
+        probe log's (``par``: the parametric answer's score; ``None`` for a multiple-choice probe without one)."""
         peak = self._peak_event
         if peak is None or self._peak_preferred is None or len(self._peak_preferred) != len(preferred):
             return
-        ids = self._probe_ids(result)
-        col = result.variants.index("context")
         rows = []
-        for r, (before, after) in enumerate(zip(self._peak_preferred, preferred)):
-            key = (ids[r], before, after)
+        for log_row, before, after in zip(log_rows, self._peak_preferred, preferred):
+            key = (log_row["id"], before, after)
             if before == after or after is None or before is None or key in self._reported_flips:
                 continue
             self._reported_flips.add(key)
-            cf, par = (float(x) for x in result.scores[r, col])
-            rows.append([step, peak.step, ids[r], self.probes[int(result.probe_indices[r])].family, before, after,
-                         round(cf, 4), round(par, 4)])
+            cf, par = log_row["cf"], log_row["par"]
+            rows.append([step, peak.step, log_row["id"], log_row["family"], before, after,
+                         None if cf is None else round(float(cf), 4), None if par is None else round(float(par), 4)])
         if rows:
             self._send_flip_table(step, rows)
 
@@ -998,6 +1208,16 @@ class ContextRelianceCallback(TrainerCallback):
         if decision.is_new_peak and self.save_peak_checkpoint and step > 0:
             self._baseline_weights = None  # a later peak: the baseline copy is no longer the peak's weights
             self._save_peak(args, state, control, step, float(decision.peak_value))
+        if decision.should_stop and step == 0:
+            # The Trainer runs its first optimizer step whatever a callback decides before it: a stop "at step 0"
+            # would train one unprobed step. Refuse to start instead (before any step; the model is untouched).
+            raise ConfigurationError(
+                f"{self._last_stop_rule or 'a stop rule'} fired on the baseline, before any training: "
+                f"{decision.reason}. The Trainer cannot stop before its first optimizer step, so rather than train an "
+                "unprobed step and report a stop at step 0, ctx_callback refuses to start (the model is untouched). "
+                "The floor is already crossed by the model you start from: lower stopping_threshold below the "
+                "baseline value, set warmup_steps=N so that it applies from step N on, or remove it."
+            )
         if decision.should_stop:
             control.should_training_stop = True
             self.stop_reason = decision.reason
@@ -1137,7 +1357,8 @@ class ContextRelianceCallback(TrainerCallback):
         self.stop_reason = None
         self.stop_step = None
         if state.global_step > 0:
-            self._resume_selection(state)  # first: the paired state is kept for the selected probes
+            self._check_probe_set(state)  # first: refuse, or start a new curve, before anything is rebuilt
+            self._resume_selection(state)  # then: the paired state is kept for the selected probes
             self._replay_history(state)
         self._prepare_probe_log(args, state)
         if self.known_only and self.active_indices is None:
@@ -1154,6 +1375,9 @@ class ContextRelianceCallback(TrainerCallback):
                 self._select_informative(model)
         elif self.informative_band is not None and self.active_indices is None:
             self._select_informative(model)
+        if self.stop_rule == "significant_decline" and self.active_indices is not None:  # checked unselected before
+            self._check_significant_probe_count(self._monitored_count(self.active_indices),
+                                                "at train begin after the known_only / informative_band selection")
         self._export_state(state)
         if self.probe_at_start and state.global_step == 0 and self.last_probe_step is None:
             self._act(self._probe(model, state, control), args, state, control, model)
@@ -1280,6 +1504,8 @@ class ContextRelianceCallback(TrainerCallback):
         ``restored_from`` says where restored weights came from: the checkpoint's path, ``"baseline (in memory)"``
         (then ``peak_checkpoint`` is ``None``), or ``None`` when nothing was restored. ``peak_save_error`` says why
         the current peak has no checkpoint when saving it failed (then ``peak_checkpoint`` is ``None``).
+        ``curve_start_step``: the step a new reliance curve began at after a resume with another probe set
+        (``on_probe_set_change="new_curve"``; ``baseline`` is then the new curve's first event), else ``None``.
         """
         values = [(row["step"], row.get(self.monitor_key)) for row in self.history if self.monitor_key in row]
         rows = {row["step"]: row for row in self.history if self.monitor_key in row}
@@ -1320,6 +1546,7 @@ class ContextRelianceCallback(TrainerCallback):
             "probe_events": self.peak_tracker.num_events,
             "probe_seconds_total": self.probe_seconds_total,
             "known_counts": self.known_counts,
+            "curve_start_step": self.curve_start_step,
         }
 
     def summary_text(self, restored: bool = False) -> str:
@@ -1340,6 +1567,9 @@ class ContextRelianceCallback(TrainerCallback):
             else f"  peak checkpoint: {s['peak_checkpoint']}" + (" (restored)" if restored else ""),
             f"  probing took {s['probe_seconds_total']:.1f}s over {s['probe_events']} events",
         ]
+        if s["curve_start_step"] is not None:
+            lines.insert(1, f"  a new curve from step {s['curve_start_step']} (resumed with another probe set; the "
+                            "rows before it measured other probes)")
         return "\n".join(lines)
 
     @staticmethod
@@ -1382,6 +1612,19 @@ class ContextRelianceCallback(TrainerCallback):
         except OSError as err:
             logger.warning("ctx_callback: could not write the plot %s (%s: %s); training is unaffected.", path,
                            type(err).__name__, err)
+
+
+def probe_set_digest(probes: Sequence[Probe]) -> str:
+    """SHA-1 of a probe set, in order: each probe's id and everything that is scored or matched (context, question,
+    answers, aliases, options, their listing, the aligned context); ``metadata`` is not included. Equal digests mean
+    the same probes in the same order (the prompt format, system prompt and model are not part of it)."""
+    digest = hashlib.sha1()
+    for p in probes:
+        fields = [p.id, p.family, p.context, p.question, p.counterfactual_answer, p.parametric_answer,
+                  list(p.counterfactual_aliases), list(p.parametric_aliases), p.aligned_context, list(p.options),
+                  p.list_options]
+        digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def _option_kwargs(result: ScoreResult, mask: np.ndarray | None = None) -> dict[str, Any]:

@@ -48,6 +48,7 @@ __all__ = [
     "DivergenceRule",
     "PatienceRule",
     "ProbeEvent",
+    "RECOMMENDED_PROBES",
     "SignificantDeclineRule",
     "StopDecision",
     "StopRule",
@@ -55,6 +56,7 @@ __all__ = [
     "compare_events",
     "first_stop",
     "make_stop_rules",
+    "min_probes_for_significance",
 ]
 
 #: Values ``stop_rule=`` accepts besides ``None``.
@@ -75,6 +77,30 @@ DEFAULT_ALPHA = 0.05
 #: so far (the peak is one of the t - 1 earlier events, chosen because it was high, and the rule looks once per
 #: event). ``"none"``: ``alpha`` at every look (for comparisons; its false-stop rate exceeds ``alpha``).
 CORRECTIONS: tuple[str, ...] = ("pairs", "none")
+#: Probe counts from which ``significant_decline`` catches most real falls, by paired test (``"t"``: the paired
+#: t-test on probabilities and margins; ``"mcnemar"``: exact McNemar on accuracies). From the README's simulation
+#: ("How many probes do I need?", ``benchmarks/stop_rule_simulation.py``): on probabilities it missed 23% of 10-point
+#: falls at 50 probes and caught them at the first declined event from 100 probes on; on accuracies it missed 95% of
+#: 10-point falls at 50 probes, 34% at 100 and under 1% at 200. Fewer probes are allowed, with a warning.
+RECOMMENDED_PROBES: dict[str, int] = {"t": 100, "mcnemar": 200}
+
+
+def min_probes_for_significance(alpha: float) -> int:
+    """The fewest paired probes whose directions alone can be significant at ``alpha``: the smallest ``n`` with
+    ``2^(1 - n) < alpha``.
+
+    ``2^(1 - n)`` is the two-sided p-value of the exact sign test when all ``n`` probes decline, which on hit/miss
+    outcomes is the exact McNemar test with every probe discordant: the smallest p-value McNemar can give on ``n``
+    probes. ``significant_decline`` compares its first pair of events at ``alpha`` (later ones at a smaller level),
+    so with fewer probes it can never stop on an accuracy, and on probabilities only by trusting the normality of a
+    handful of per-probe differences (a paired t-test with 1-4 degrees of freedom). 6 at ``alpha=0.05``, 8 at 0.01.
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1).
+    """
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
+    return math.floor(1.0 - math.log2(float(alpha))) + 1
 
 
 @dataclass(frozen=True)

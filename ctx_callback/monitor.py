@@ -13,7 +13,14 @@ from . import metrics as _metrics
 from .errors import ConfigurationError
 from .metrics import METRIC_PREFIX, MODES, MetricSpec, metric_key
 
-__all__ = ["DEFAULT_MONITORS", "Monitor", "default_monitor", "monitorable_metrics", "parse_monitor"]
+__all__ = [
+    "DEFAULT_MONITORS",
+    "NEEDS_PARAMETRIC",
+    "Monitor",
+    "default_monitor",
+    "monitorable_metrics",
+    "parse_monitor",
+]
 
 #: The monitor used when none is given, per scoring mode. Log-likelihood mode: ``counterfactual_probability``,
 #: chosen by measurement (README, "Which monitor?"): against a held-out generation reference it ranked the example's
@@ -22,6 +29,13 @@ __all__ = ["DEFAULT_MONITORS", "Monitor", "default_monitor", "monitorable_metric
 #: accuracy at the same false-stop rate (README, "How many probes do I need?"). Generation mode has no probabilities:
 #: ``counterfactual_accuracy`` (the paper's metric).
 DEFAULT_MONITORS: dict[str, str] = {"loglik": "counterfactual_probability", "generate": "counterfactual_accuracy"}
+
+#: Metrics that read the parametric answer (the true fact): a probe without one (a multiple-choice probe whose dataset
+#: does not say which option is true, FaithEval) is skipped by them, so over such probes alone they are NaN at every
+#: event (see :class:`~ctx_callback.probes.Probe`, ``parametric_answer``).
+NEEDS_PARAMETRIC: frozenset[str] = frozenset(
+    {"parametric_accuracy", "closed_book_accuracy", "aligned_accuracy", "memorization_ratio"}
+)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from .metrics import ScoreTable
 
 __all__ = [
     "PER_PROBE_METRICS",
+    "PREFERRED_LABELS",
     "PROBES_FILE",
     "SUMMARY_FILE",
     "Flip",
@@ -67,6 +68,11 @@ PROBES_FILE = "ctx_reliance_probes.jsonl"
 SUMMARY_FILE = "ctx_reliance_summary.json"
 
 CONTEXT, MEMORY, OTHER = "context", "memory", "other"
+#: Every value :func:`preferred_vector` returns besides ``None``: ``"context"`` (the counterfactual answer wins),
+#: ``"memory"`` (the parametric answer wins), ``"tie"``, generation mode's ``"both"`` / ``"neither"``, and ``"other"``
+#: (a multiple-choice probe whose winner is neither of the two, e.g. any winning rival of a probe without a parametric
+#: option). Code that keys on these (the callback's resume state, flip counts) must handle all of them.
+PREFERRED_LABELS: tuple[str, ...] = (CONTEXT, MEMORY, "tie", "both", "neither", OTHER)
 
 
 def _better(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError, ProbeFormatError
+from .matching import normalize_answer
 
 __all__ = ["PROBE_FORMATS", "ProbeRecordFormat", "convert_record", "detect_format", "register_probe_format"]
 
@@ -313,7 +314,9 @@ def _strip_option_labels(options: list[Any]) -> list[Any]:
 
 
 def _pick_option(value: Any, options: list[str], key: str, where: str) -> str:
-    """An option named by an index, a letter (``"B"``, ``"B."``, ``"(B)"``), a labelled text or the text itself."""
+    """An option named by an index, a letter (``"B"``, ``"B."``, ``"(B)"``), a labelled text or the text itself (case
+    and spacing ignored, else equal after :func:`~ctx_callback.matching.normalize_answer`, as probes match answers to
+    options)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if 0 <= value < len(options):
             return options[value]
@@ -327,6 +330,10 @@ def _pick_option(value: Any, options: list[str], key: str, where: str) -> str:
             text = text[match.end():]
         for option in options:
             if isinstance(option, str) and " ".join(option.lower().split()) == " ".join(text.lower().split()):
+                return option
+        normalized = normalize_answer(text)
+        for option in options:
+            if normalized and isinstance(option, str) and normalize_answer(option) == normalized:
                 return option
     raise ProbeFormatError(
         f"{where}: field {key!r} ({value!r}) names none of the options {options} (expected an index, a letter or an "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError, ProbeFormatError, ProbeSourceError
-from .matching import answers_overlap
+from .matching import answers_overlap, normalize_answer
 from .presets import PRESET_DIR_ENV, PROBE_PRESETS, preset_location
 from .probe_formats import PROBE_FORMATS, convert_record, detect_format
 
@@ -77,7 +77,10 @@ class Probe:
             control is skipped for this probe.
         metadata: Free-form, JSON-serializable metadata.
         options: Multiple choice: every answer option, in the dataset's order (two or more, distinct after
-            normalization); empty for a two-answer probe. Each option's text is scored as the answer.
+            :func:`~ctx_callback.matching.normalize_answer`, the normalization generation mode matches answers with:
+            ``oxygen`` and ``oxygen.`` are refused as one answer twice); empty for a two-answer probe. Each option's
+            text is scored as the answer; ``counterfactual_answer`` / ``parametric_answer`` name an option under the
+            same normalization.
         list_options: Multiple choice: show the options in the prompt, one lettered line each under the question
             (``A. ...``, ``B. ...``); ``False`` (default): the prompt is the question alone, as for two answers (see
             :attr:`prompt_question` for why).
@@ -239,11 +242,14 @@ def _options(record: Mapping[str, Any], where: str) -> tuple[str, ...]:
         raise ProbeFormatError(f"{where}: field 'options' has {len(options)} options; at most {len(OPTION_LABELS)}.")
     seen: dict[str, int] = {}
     for position, option in enumerate(options):
-        key = _normalize(option)
+        key = normalize_answer(option)  # the normalization generation mode matches answers with
         if key in seen:
+            earlier = options[seen[key]]
             raise ProbeFormatError(
                 f"{where}: field 'options' repeats {option!r} (options {seen[key]} and {position} are identical "
-                "after normalization); each option must be a different answer."
+                f"after answer normalization: {earlier!r} and {option!r} both read as {key!r}, because case, accents, "
+                "punctuation and articles are ignored when answers are matched); each option must be a different "
+                "answer: remove one of them, or reword it."
             )
         seen[key] = position
     return tuple(options)
@@ -261,9 +267,15 @@ def _list_options(record: Mapping[str, Any], options: Sequence[str], where: str)
 
 
 def _option_named(options: Sequence[str], answer: str, key: str, where: str) -> str:
-    """The option that ``answer`` names (case and spacing ignored), as the option is written."""
+    """The option that ``answer`` names, as the option is written: the one equal to it with case and spacing ignored,
+    else the one equal to it after :func:`~ctx_callback.matching.normalize_answer` (``"Oxygen."`` names ``oxygen``;
+    the options are distinct under it, see :func:`_options`)."""
     for option in options:
         if _normalize(option) == _normalize(answer):
+            return option
+    normalized = normalize_answer(answer)
+    for option in options:
+        if normalized and normalize_answer(option) == normalized:
             return option
     raise ProbeFormatError(
         f"{where}: field {key!r} ({answer!r}) is not one of the options {list(options)}; a multiple-choice probe's "
@@ -299,9 +311,15 @@ def _validated_probe(record: Mapping[str, Any], *, source: str, line: int | None
             "a probe needs two different answers to measure a conflict."
         )
     if options:
-        cf = _option_named(options, cf, "counterfactual_answer", where)
-        if par is not None:
-            par = _option_named(options, par, "parametric_answer", where)
+        named_cf = _option_named(options, cf, "counterfactual_answer", where)
+        named_par = None if par is None else _option_named(options, par, "parametric_answer", where)
+        if named_par is not None and named_cf == named_par:
+            raise ProbeFormatError(
+                f"{where}: 'counterfactual_answer' ({cf!r}) and 'parametric_answer' ({par!r}) name the same option "
+                f"{named_cf!r} (answers are matched to options with case, accents, punctuation and articles "
+                "ignored); a probe needs two different answers to measure a conflict."
+            )
+        cf, par = named_cf, named_par
     aligned = record.get("aligned_context")
     if aligned is not None:
         aligned = _require_str(record, "aligned_context", where)

@@ -159,10 +159,17 @@ def paired_t_test(before: np.ndarray, after: np.ndarray) -> float:
     The test of ``stop_rule="significant_decline"`` for probabilities and margins. Unlike the sign test it weighs the
     size of each probe's change, so a decline carried by some probes falling far while many others rise a little is
     detected (the sign test sees only the counts); its p-value is below ``1 - confidence`` exactly when
-    :func:`mean_interval` of the differences excludes zero, so the logged interval and p-value agree.
+    :func:`mean_interval` of the differences excludes zero, so the logged interval and p-value agree (except for
+    differences without spread, below, whose interval has zero width).
+
+    When every probe changed by the same amount (up to rounding) the differences have no spread: the t statistic is
+    infinite and ``ttest_rel`` undefined (scipy warns of precision loss). That is not certainty: two probes that moved
+    alike would be "significant at p = 0". What such data shows is that all ``n`` probes moved the same way, so the
+    exact sign test's p-value is returned, ``2^(1 - n)`` (0.5 for two probes, 2e-6 for twenty).
 
     Returns:
-        The p-value; 1.0 when every difference is zero, NaN with fewer than two pairs.
+        The p-value; 1.0 when every difference is zero; :func:`sign_test`'s when every difference is the same
+        non-zero value; NaN with fewer than two pairs.
     """
     a, b = paired_outcomes(before, after)
     diff = b - a
@@ -171,7 +178,7 @@ def paired_t_test(before: np.ndarray, after: np.ndarray) -> float:
     if not np.any(diff != 0):
         return 1.0
     if np.ptp(diff) <= 1e-12 * float(np.abs(diff).max()):  # the same change on every probe (up to rounding)
-        return 0.0
+        return sign_test(a, b)
     return float(_scipy_stats.ttest_rel(b, a).pvalue)
 
 

@@ -14,6 +14,18 @@ CAPITALS = [
     ("Canada", "Ottawa", "Toronto"),
 ]
 
+#: Tolerance for answer log-probabilities of the tiny Llama computed two different ways: another engine, batch size,
+#: batch-mates or padding, a shard split, an out-of-memory retry, another process or CPU. A score sums a few float32
+#: per-token log-probabilities near -log|V| = -10.8 (float32 spacing 9.5e-7); another batch shape changes the
+#: summation order inside the matmuls, which moves each token's value by a few spacings. Measured: up to 6.7e-6 per
+#: answer (AVX-512 and AVX2 alike; prefix vs simple engine on chat templates). 5e-5 leaves room for other CPUs and
+#: stays 200x below the 1e-2 and larger errors of a real bug (a shifted position, a wrong mask or cache).
+LOGLIK_ATOL = 5e-5
+#: Tolerance for metrics computed from such scores: means of differences of two scores (logprob_margin, context_lift:
+#: up to twice the score tolerance) or of bounded functions of them (counterfactual_probability). Absolute, because a
+#: metric can be 0 (context_lift). Accuracies are fractions k/n: they move only when a margin within float noise of 0
+#: flips, which no tolerance absorbs.
+METRIC_ATOL = 2 * LOGLIK_ATOL
 
 
 def make_tiny_llama(tokenizer, seed: int = 0, **overrides):

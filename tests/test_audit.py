@@ -214,6 +214,24 @@ def test_an_interrupted_audit_resumes_where_it_stopped(tiny_model, tokenizer, tm
     assert other.scored_now == len(rows)
 
 
+def test_a_chunk_only_partly_in_the_resume_file_is_rescored_with_its_batch_mates(tiny_model, tokenizer, tmp_path):
+    """Resumed == uninterrupted, exactly: an example's float sums depend on its batch-mates (padding, batch shape,
+    the CPU's vector width), so a torn chunk is scored again in full, never its missing rows alone."""
+    rows, _ = qa_rows()
+    resume = tmp_path / "scores.jsonl"
+    settings = dict(data_format="qa", prompt_format=PLAIN, engine="batched", chunk_size=4)
+    uninterrupted = audit_dataset(rows, tiny_model, tokenizer, **settings, resume_file=resume)
+    lines = resume.read_text().splitlines()
+    assert len(lines) == 1 + len(rows)
+    resume.write_text("\n".join(lines[:1 + 6]) + "\n")  # chunk 0 complete, chunk 1 holds 2 of its 4 rows
+    resumed = audit_dataset(rows, tiny_model, tokenizer, **settings, resume_file=resume)
+    assert resumed.scored_now == len(rows) - 4  # chunk 1 in full and every later chunk
+    for a, b in zip(resumed.records, uninterrupted.records):
+        assert a == b  # exact: the same rows in the same forward passes
+    keys = [json.loads(line)["key"] for line in resume.read_text().splitlines()[1:]]
+    assert len(keys) == len(set(keys)) == len(rows)  # the re-scored rows replace the cached ones, no duplicates
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rules and options
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def test_a_rerun_reuses_the_scores_and_rescore_starts_over(model_dir, alpaca_fil
     capsys.readouterr()
     assert main(args) == EXIT_OK
     err = capsys.readouterr().err
-    assert "scored 5 examples" in err and f"16 from {AUDIT_SCORES}" in err
+    # the 21 examples are one chunk: a chunk only partly in the file is scored again in full (same batch-mates)...
+    assert "scored 21 examples" in err and f"0 from {AUDIT_SCORES}" in err
+    # ... so the result equals the uninterrupted one byte for byte, on any CPU
     assert (out / AUDIT_JSONL).read_text() == first
     assert main(args) == EXIT_OK and "scored 0 examples" in capsys.readouterr().err
     assert main(args + ["--rescore"]) == EXIT_OK and "scored 21 examples" in capsys.readouterr().err

@@ -157,9 +157,11 @@ def test_empty_target_names_the_example_and_field_or_is_skipped(counting_model, 
 
 
 def test_wrong_types_and_split_shapes(counting_model, tokenizer):
-    with pytest.raises(AuditDataError, match=r"example 1, field 'answer' \(answer\) must be a string, got int"):
-        audit_dataset([{"context": "c", "question": "q", "answer": "a"}, {"context": "c", "question": "q",
-                                                                          "answer": 3}],
+    # numbers are read as text (a year answer); anything else that is not a string is an error
+    with pytest.raises(AuditDataError, match=r"example 1, field 'answer' \(answer\) must be a string or a number, "
+                                             r"got list"):
+        audit_dataset([{"context": "c", "question": "q", "answer": 3}, {"context": "c", "question": "q",
+                                                                        "answer": ["a"]}],
                       counting_model, tokenizer, data_format="qa")
     with pytest.raises(AuditDataError, match="example 0: the split callable returned a tuple of length 2"):
         audit_dataset([{"t": "x"}], counting_model, tokenizer, split=lambda ex: ("c", "q"))
@@ -168,7 +170,7 @@ def test_wrong_types_and_split_shapes(counting_model, tokenizer):
     with pytest.raises(AuditDataError, match="example 1: the split callable raised KeyError"):
         audit_dataset([{"t": "x"}, {"u": "y"}], counting_model, tokenizer, split=lambda ex: (None, ex["t"], "a"))
     with pytest.raises(AuditDataError, match="example 0, the question the split callable returned must be a string"):
-        audit_dataset([{"t": "x"}], counting_model, tokenizer, split=lambda ex: (None, 5, "a"))
+        audit_dataset([{"t": "x"}], counting_model, tokenizer, split=lambda ex: (None, {"q": 5}, "a"))
     with pytest.raises(AuditDataError, match="has no 'assistant' turn"):
         audit_dataset([{"messages": [{"role": "user", "content": "hi"}]}], counting_model, tokenizer)
     assert counting_model.calls == []

@@ -95,6 +95,8 @@ def test_observer_leaves_weights_and_losses_bit_identical(tokenizer, tmp_path):
     model_a, losses_a, _ = run(False)
     model_b, losses_b, trainer_b = run(True)
     assert len(probe_rows(trainer_b)) == 9  # it did probe, at 0..8
+    # Exact on purpose: a promise of the library (probing touches no weight, gradient or RNG state), and both runs
+    # make the same training computations in the same process.
     assert losses_a == losses_b
     for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
         assert torch.equal(a, b), name

@@ -52,7 +52,7 @@ def test_unwritable_output_dir_does_not_kill_a_finished_run(tokenizer, tmp_path,
     with caplog.at_level(logging.WARNING, logger="ctx_callback.callback"):
         output, trainer = run(True)
     assert output.global_step == without.global_step == 2
-    assert output.training_loss == without.training_loss
+    assert output.training_loss == without.training_loss  # exact: the callback must not change training at all
     assert [r["step"] for r in trainer.state.log_history if CF_ACC in r] == [0, 1, 2]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(SUMMARY in w and "Not a directory" in w for w in warnings), warnings

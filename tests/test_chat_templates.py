@@ -36,7 +36,7 @@ import pytest
 from ctx_callback import ProbeScorer, probes_from_records
 from ctx_callback.errors import ConfigurationError
 from ctx_callback.formatting import PromptFormat
-from tests.helpers import capital_records, make_tiny_llama, sft_config
+from tests.helpers import LOGLIK_ATOL, capital_records, make_tiny_llama, sft_config
 
 SYSTEM = "Answer with one word."
 DATE = {"date_string": "01 Jan 2000"}  # not today: TRL must be given it too
@@ -279,7 +279,9 @@ def test_prefix_engine_matches_simple_engine(case, tokenizer, probes):
         scores[engine] = scorer.score_raw(model).scores
         assert len(scorer.encoded.shared_prefix) >= 2  # the preamble the prefix engine computes once
     assert np.isfinite(scores["simple"]).all()
-    np.testing.assert_allclose(scores["prefix"], scores["simple"], atol=1e-5, rtol=0)
+    # A cached preamble and batched tails against one unbatched pass per answer: equal up to float32 summation order
+    # (measured up to 6.7e-6, on AVX-512 and AVX2); see LOGLIK_ATOL.
+    np.testing.assert_allclose(scores["prefix"], scores["simple"], atol=LOGLIK_ATOL, rtol=0)
 
 
 def test_a_template_without_system_role_refuses_a_system_prompt_clearly(tokenizer, probes, tmp_path):

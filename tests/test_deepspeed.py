@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from tests.helpers import METRIC_ATOL  # noqa: E402
 from tests.test_fsdp2 import free_port, tail  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +46,10 @@ def test_zero3_on_cpu_probes_in_lockstep_and_matches_one_process(tmp_path, smoll
         assert [row["step"] for row in rank["rows"]] == [0, 2, 4]
         for info in rank["partitioned"].values():  # partitioned: nothing visible, half held locally
             assert info["numel_visible"] == 0 and info["numel_local"] * 2 == info["numel_full"]
-        for row in rank["rows"]:
+        for row in rank["rows"]:  # the same batches through ZeRO-3's partitioned modules: see METRIC_ATOL
             for key, value in rank["reference"][str(row["step"])].items():
-                assert row[key] == pytest.approx(value, abs=1e-5, nan_ok=True), (rank["rank"], row["step"], key)
+                assert row[key] == pytest.approx(value, abs=METRIC_ATOL, nan_ok=True), (rank["rank"], row["step"], key)
+    # Exact by construction: both ranks log rank 0's broadcast result.
     timing = "ctx_reliance/probe_seconds"
     strip = [[{k: v for k, v in r.items() if k != timing} for r in rank["rows"]] for rank in ranks]
     assert strip[0] == strip[1]

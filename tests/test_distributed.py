@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import METRIC_ATOL
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "workers" / "ddp_probe.py"
 
@@ -43,9 +45,12 @@ def assert_rows_equal_one_process(ranks, num_probes=7):
         for row in rank["rows"]:
             single = rank["rescored"][str(row["step"])]
             assert row["ctx_reliance/num_probes"] == num_probes  # all probes, although each rank scored its share
+            # Replicated parameters: each rank scored its round-robin share in other batches than the one-process
+            # re-score, so the metrics agree up to float32 summation order (see METRIC_ATOL), not bit for bit.
             for key, value in single.items():
-                assert row[key] == pytest.approx(value, abs=1e-5, nan_ok=True), (rank["rank"], row["step"], key)
-    # Both ranks logged identical numbers at identical steps.
+                assert row[key] == pytest.approx(value, abs=METRIC_ATOL, nan_ok=True), (rank["rank"], row["step"], key)
+    # Both ranks logged identical numbers at identical steps. Exact by construction: every rank computes the metrics
+    # from the same gathered per-probe arrays (sharded path: rank 0's result, broadcast).
     strip = lambda rows: [{k: v for k, v in r.items() if k != "ctx_reliance/probe_seconds"} for r in rows]  # noqa: E731
     assert strip(ranks[0]["rows"]) == strip(ranks[1]["rows"])
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import LOGLIK_ATOL, METRIC_ATOL
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "workers" / "fsdp2_probe.py"
 CONFIGS = ("prefix", "batched", "generate")
@@ -86,9 +88,14 @@ def check_common(config, ranks):
         for row in rank["rows"]:
             assert row["ctx_reliance/num_probes"] == NUM_PROBES  # all probes, on every rank
             reference = rank["reference_metrics"][str(row["step"])]
+            # The same batches as the reference, but through FSDP2's sharded modules and gathered parameters: not
+            # promised bit for bit, so up to float32 summation order (see METRIC_ATOL).
             for key, value in reference.items():
-                assert row[key] == pytest.approx(value, abs=1e-5, nan_ok=True), (config, rank["rank"], row["step"], key)
+                assert row[key] == pytest.approx(value, abs=METRIC_ATOL, nan_ok=True), (
+                    config, rank["rank"], row["step"], key)
     first, second = ranks
+    # Exact by construction: both ranks log rank 0's broadcast result, and compute the same losses (same batch, same
+    # gathered weights, same kernels, one thread each).
     assert strip_seconds(first["rows"]) == strip_seconds(second["rows"])  # identical rows logged on both ranks
     for key in ("forward_calls", "stop_step", "global_step", "losses"):  # and identical decisions and training
         assert first[key] == second[key], key
@@ -108,7 +115,7 @@ def test_fsdp2_loglik_equals_one_process_and_both_ranks_stop_together(ranks, eng
         assert rank["active_engine"] == engine
         for step, ref in rank["reference"].items():
             assert rank["callback"][step]["indices"] == ref["indices"] == list(range(NUM_PROBES))
-        assert max_loglik_difference(rank) <= 1e-5, (engine, rank["rank"], max_loglik_difference(rank))
+        assert max_loglik_difference(rank) <= LOGLIK_ATOL, (engine, rank["rank"], max_loglik_difference(rank))
         # Training changed the weights, so the later comparisons are not the baseline's again.
         first, last = rank["reference"]["0"]["scores"], rank["reference"][str(rank["rows"][-1]["step"])]["scores"]
         assert np.nanmax(np.abs(np.array(first) - np.array(last))) > 0.1

@@ -53,3 +53,24 @@ def test_an_accuracy_monitor_is_not_drawn_twice(monkeypatch, tmp_path):
     lines, fills = _drawn(monkeypatch, tmp_path, A)
     assert not any(label and "(monitored)" in label for label, _, _ in lines)
     assert fills == []  # this history has no interval of the accuracy
+
+
+def test_the_png_records_what_was_drawn(tmp_path):
+    """plot_data is what plot_reliance draws; its summary is stored in the PNG (the peak can be given explicitly)."""
+    import json
+
+    from PIL import Image
+
+    from ctx_callback.plotting import PNG_METADATA_KEY, plot_data
+
+    history = _history() + [{"step": 5, "loss": 2.0}, {"step": 15, "loss": 1.5}]
+    data = plot_data(history, monitor_key=P, stop_step=20, peak_step=0)
+    assert [c.key for c in data.curves] == [A, "ctx_reliance/parametric_accuracy", P]
+    assert [step for step, _, _ in data.band] == [0, 10, 20]
+    assert (data.peak_step, data.stop_step) == (0, 20)
+    assert plot_data(history, monitor_key=P).peak_step == 10.0  # the logged peak when none is given
+    plot_reliance(history, tmp_path / "p.png", monitor_key=P, stop_step=20, peak_step=0)
+    with Image.open(tmp_path / "p.png") as image:
+        stored = json.loads(image.text[PNG_METADATA_KEY])
+    assert stored == data.to_json()
+    assert stored["steps"] == [0, 10, 20] and stored["loss_steps"] == [5, 15] and stored["peak_step"] == 0

@@ -137,5 +137,6 @@ def test_paired_t_test_matches_scipy_and_agrees_with_the_interval():
     low, high = mean_interval((before - after)[keep], 0.95)
     assert (paired_t_test(before, after) < 0.05) == (low > 0 or high < 0)
     assert paired_t_test(before, before) == 1.0
-    assert paired_t_test(before, before - 0.1) == 0.0  # the same change on every probe
+    # the same change on every probe: the exact sign test's p-value, not "p = 0"
+    assert paired_t_test(before, before - 0.1) == pytest.approx(2.0 ** -49, rel=1e-9)
     assert np.isnan(paired_t_test(before[:1], after[:1]))

@@ -234,3 +234,40 @@ def test_bad_configuration_is_an_error_naming_the_argument(kwargs, match):
 
 def test_defaults_are_documented_values():
     assert DEFAULT_MIN_DECLINE == 0.02 and DEFAULT_ALPHA == 0.05
+
+
+# -- issue 20, item 9b: a decline on two probes that moved alike is not "p = 0" ---------------------------------------
+
+
+def test_two_probes_that_moved_alike_are_not_a_certain_decline():
+    """Before the fix: the same change on every probe returned p = 0.0 from the paired t-test whatever the number of
+    probes, so two probes stopped the run. No spread means an infinite t statistic, not certainty: the signs are all
+    the evidence, the exact sign test, p = 2^(1 - n)."""
+    from ctx_callback.stats import paired_t_test, sign_test
+
+    peak, now = np.array([0.9, 0.8]), np.array([0.5, 0.4])  # both fell by 0.4 (up to rounding)
+    assert paired_t_test(peak, now) == pytest.approx(0.5) == pytest.approx(sign_test(peak, now))
+    seq = [np.array([0.5, 0.5]), peak, now]
+    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    assert stop_step(rules, events_of([v.mean() for v in seq], seq)) == (None, None)
+    # Twenty probes moving alike is strong evidence, and still stops.
+    base = np.linspace(0.5, 0.9, 20)
+    assert paired_t_test(base, base - 0.3) == pytest.approx(2.0 ** -19)
+    seq = [base - 0.05, base, base - 0.3]
+    step, decision = stop_step(make_stop_rules(stop_rule="significant_decline", smoothing="none"),
+                               events_of([v.mean() for v in seq], seq))
+    assert step == 20 and decision.p_value == pytest.approx(2.0 ** -19)
+
+
+def test_min_probes_for_significance_is_where_every_probe_declining_can_be_significant():
+    from ctx_callback.decisions import min_probes_for_significance
+    from ctx_callback.stats import mcnemar_exact
+
+    assert min_probes_for_significance(0.05) == 6 and min_probes_for_significance(0.01) == 8
+    for alpha in (0.2, 0.05, 0.03125, 0.01, 0.001):
+        n = min_probes_for_significance(alpha)
+        # McNemar with every probe lost: the smallest p-value n probes can give.
+        assert mcnemar_exact(np.ones(n), np.zeros(n)).p_value < alpha
+        assert mcnemar_exact(np.ones(n - 1), np.zeros(n - 1)).p_value >= alpha
+    with pytest.raises(ValueError, match="alpha must be in"):
+        min_probes_for_significance(0.0)

@@ -115,7 +115,10 @@ def test_significant_decline_stops_a_real_run_where_the_rule_says(tracked):
     assert row["ctx_reliance/decline_from_peak"] >= 0.1
     assert row["ctx_reliance/decline_ci_low"] < row["ctx_reliance/decline_from_peak"] < row[
         "ctx_reliance/decline_ci_high"]
-    assert row["ctx_reliance/decline_p_value"] == pytest.approx(decision.p_value, rel=1e-6)
+    # The replay reads log-probs rounded to 5 decimals (each outcome moves by up to 2.5e-6); near p = 1e-6 (t about
+    # 7) that moves p by about 1e-5 relative (seen on an AVX2 CPU). rel=1e-3 allows for it and still tells another
+    # test statistic apart (the sign and Wilcoxon tests' p-values differ from the t-test's by orders of magnitude).
+    assert row["ctx_reliance/decline_p_value"] == pytest.approx(decision.p_value, rel=1e-3)
     assert row["ctx_reliance/decline_p_value"] < 0.05 / (len(rows) * (len(rows) - 1) / 2)
     # No earlier event after the warm-up met both conditions.
     for s, r in rows.items():

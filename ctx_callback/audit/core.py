@@ -4,7 +4,20 @@ Order of work: load the data, find the format and the columns, extract ``(contex
 example, render and tokenize every example (so every bad input, and every example too long for the model, is reported
 *before* the first forward pass), then score in chunks with the probe engines, then apply the rule. With
 ``resume_file`` every scored chunk is appended to a JSONL file, and a later call with the same settings scores only
-the examples not in it (an interrupted audit of 50k examples continues where it stopped).
+the chunks not complete in it (an interrupted audit of 50k examples continues where it stopped).
+
+Chunks are fixed by position (examples ``[0, chunk_size)``, ``[chunk_size, 2 * chunk_size)``, ...), whatever is
+cached: an example's score depends on the rows it shares a forward pass with (padding, batch shape and the CPU's
+vector width move float sums in their last digits), so a chunk that is only partly in the resume file is scored again
+in full, with the same batch-mates as in an uninterrupted run. A resumed audit therefore equals an uninterrupted one
+exactly, on the same machine and with the same batch settings (``chunk_size``, ``max_batch_tokens``,
+``max_batch_size``); with other batch settings cached scores agree to float rounding (about 1e-6 relative).
+
+Every record carries ``row_key``: a hash of the row's content in the columns the audit reads (:func:`row_keys`), so
+that :func:`~ctx_callback.audit.filter_dataset` can match rows by content (a shuffled copy of the audited dataset is
+filtered right; a dataset with other rows is refused). Resume files keep their per-example ``key`` (index and texts,
+plus the example's own system prompt when it has one), so resume files written before ``row_key`` existed are still
+reused: ``row_key`` is computed from the data, never read from the resume file.
 """
 
 from __future__ import annotations
@@ -15,19 +28,27 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..encoding import pad_token_id_of
 from ..errors import AuditDataError, ConfigurationError
 from ..formatting import PromptFormat, resolve_prompt_format
-from .adapters import AUDIT_FORMATS, AuditExample, detect_audit_format, extract_examples, resolve_columns
+from .adapters import (
+    AUDIT_FORMATS,
+    AuditExample,
+    detect_audit_format,
+    extract_examples,
+    number_text,
+    resolve_columns,
+)
 from .rules import CATEGORIES, AuditRule, categorize, resolve_rule
 from .scoring import EncodedExample, encode_example, example_key, score_encoded
 
-__all__ = ["AUDIT_SCORES_FORMAT", "AuditResult", "audit_dataset", "load_audit_data", "prepare_examples"]
+__all__ = ["AUDIT_SCORES_FORMAT", "AuditResult", "audit_dataset", "key_columns", "load_audit_data", "prepare_examples",
+           "row_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +72,8 @@ def load_audit_data(source: Any, *, split: str = "train", name: str | None = Non
         name: The dataset configuration (Hub datasets with several).
 
     Raises:
-        AuditDataError: A path that does not exist, an unreadable file, a missing split, a Hub failure.
+        AuditDataError: A path that does not exist, an unreadable or empty file (no rows), a missing split, a Hub
+            failure.
     """
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, Mapping):
@@ -67,17 +89,97 @@ def load_audit_data(source: Any, *, split: str = "train", name: str | None = Non
             if builder is None:
                 raise AuditDataError(f"{path}: unknown data file type {path.suffix!r}; use one of "
                                      f"{sorted(_DATA_SUFFIXES)} or a dataset folder.")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            if _is_blank(path):
+                raise AuditDataError(f"{path}: the file is empty, it has no rows: nothing to audit. Point to your "
+                                     "training data file (one record per line for .jsonl).")
+            no_rows = AuditDataError(f"{path}: the file has no rows (a header or an empty list only): nothing to "
+                                     "audit. Point to your training data file.")
+            try:
+                data = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except ValueError as err:
+                if "corresponds to no data" in str(err):  # datasets' words for a file without rows
+                    raise no_rows from None
+                raise
+            if len(data) == 0:
+                raise no_rows
+            return data
         if path.exists() or str(source).startswith((".", "/", "~")):
             if not path.exists():
                 raise AuditDataError(f"no such data file or folder: {path}")
-            return datasets.load_dataset(str(path), name, split=split)
-        return datasets.load_dataset(str(source), name, split=split)  # a Hub id
+            data = datasets.load_dataset(str(path), name, split=split)
+        else:
+            data = datasets.load_dataset(str(source), name, split=split)  # a Hub id
+        if len(data) == 0:
+            raise AuditDataError(f"the dataset {str(source)!r} (split {split!r}) has no rows: nothing to audit. Pick "
+                                 "another split (CLI: --split) or dataset.")
+        return data
     except AuditDataError:
         raise
     except Exception as err:  # noqa: BLE001 - any loader failure is bad input here
         raise AuditDataError(f"could not load the dataset {str(source)!r} (split {split!r}): "
                              f"{type(err).__name__}: {' '.join(str(err).split())[:400]}") from None
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a data file holds nothing but whitespace (the loaders fail on it with a bare ``StopIteration``)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _canonical(value: Any) -> Any:
+    """A value as the row key hashes it: numbers as the audit reads them, ``None`` entries of mappings dropped (a
+    ``datasets.Dataset`` fills the keys a record lacks with ``None``)."""
+    value = number_text(value)
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items() if number_text(v) is not None}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def key_columns(format_name: str, columns: Mapping[str, str], column_names: Iterable[str]) -> list[str]:
+    """The columns a row key hashes: those the format reads, every column for the ``"split"`` format.
+
+    Args:
+        format_name: The audit format (see :data:`~ctx_callback.audit.adapters.AUDIT_FORMATS`).
+        columns: Role -> column, as :func:`prepare_examples` returns them.
+        column_names: The dataset's columns (used by the ``"split"`` format, whose callable may read any).
+
+    Returns:
+        The column names, sorted.
+    """
+    return sorted(set(column_names) if format_name == "split" else set(columns.values()))
+
+
+def row_keys(dataset: Any, columns: Sequence[str]) -> list[str]:
+    """One short, stable hash per row of its content in ``columns``: what ``AuditResult.records[i]["row_key"]`` holds.
+
+    The same row gives the same key wherever it sits (a shuffled dataset, a list of dicts or the ``datasets.Dataset``
+    made from it: a column a record lacks counts as ``None``, numbers count as the audit reads them), so audit records
+    can be matched to rows by content.
+
+    Args:
+        dataset: A ``datasets.Dataset`` or a list of dicts.
+        columns: The columns to hash (see :func:`key_columns`).
+
+    Returns:
+        The keys, in dataset order.
+    """
+    names = list(columns)
+    rows: Iterable[Any]
+    if hasattr(dataset, "select_columns") and set(names) <= set(getattr(dataset, "column_names", ())):
+        rows = dataset.select_columns(names)  # iterated in batches, only the hashed columns decoded
+    else:
+        rows = (dataset[i] for i in range(len(dataset)))
+    keys = []
+    for row in rows:
+        values = {name: _canonical(row.get(name)) for name in names} if isinstance(row, Mapping) else _canonical(row)
+        payload = json.dumps(values, sort_keys=True, default=str, ensure_ascii=False)
+        keys.append(hashlib.sha1(payload.encode()).hexdigest()[:16])
+    return keys
 
 
 def _column_names(rows: Any) -> list[str]:
@@ -163,14 +265,17 @@ class AuditResult:
             ``nll_with_context`` / ``nll_without_context`` (mean per scored target token), ``context_gain``
             (without - with, per token), the summed ``nll_with_context_sum`` / ``nll_without_context_sum``,
             ``target_tokens`` (full target), ``scored_tokens`` (at most ``max_target_tokens``), ``truncated``,
-            ``too_long``. Rows that could not be audited (empty target with ``invalid='skip'``) have category
+            ``too_long``, ``row_key`` (a hash of the row's content in the columns the audit read, see
+            :func:`row_keys`). Rows that could not be audited (empty target with ``invalid='skip'``) have category
             ``"invalid"`` and no scores.
         rule: The rule that assigned the categories.
         cutoff: The statistic's cut-off value (the largest flagged value for a quantile rule, the threshold for a
             threshold rule; ``None`` when nothing was flagged).
-        settings: Format, columns, prompt format, ``max_target_tokens``, precision, engine, model.
+        settings: Format, columns, ``key_columns`` (those the row keys hash), prompt format, ``max_target_tokens``,
+            precision, engine, model.
         seconds: Scoring wall time of this call (cached examples excluded).
-        scored_now: Examples scored by this call (the others came from ``resume_file``).
+        scored_now: Examples scored by this call (the others came from ``resume_file``; a chunk only partly in it is
+            scored again in full).
     """
 
     records: list[dict[str, Any]]
@@ -305,10 +410,19 @@ def _cutoff(records: list[dict[str, Any]], rule: AuditRule) -> float | None:
     return cutoff
 
 
+def _score_key(example: AuditExample) -> str:
+    """The resume-file key of an example: :func:`~ctx_callback.audit.scoring.example_key`, with the example's own
+    system prompt folded in when it has one (the key of an example without one is the same as before)."""
+    key = example_key(example)
+    if example.system is None:
+        return key
+    return hashlib.sha1(json.dumps([key, example.system]).encode()).hexdigest()[:16]
+
+
 def _record(example: AuditExample, enc: EncodedExample | None, scores: Mapping[str, Any] | None,
             too_long: bool) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "index": example.index, "key": example_key(example), "category": "", "has_context": example.context
+        "index": example.index, "key": _score_key(example), "category": "", "has_context": example.context
         is not None, "too_long": too_long,
     }
     lw = scores.get("logprob_with") if scores else None
@@ -443,7 +557,9 @@ def audit_dataset(
             template string, a callable or a :class:`~ctx_callback.formatting.PromptFormat`; ``None`` = the format's
             usual one (``"alpaca"`` for Alpaca data, else ``"chat"``). A chat prompt's user turn is
             ``"{context}\\n\\n{question}"`` (pass a ``PromptFormat.chat(tokenizer, user_template=...)`` otherwise).
-        system_prompt: Chat format: the system message your training data has.
+        system_prompt: Chat format: the system message of the examples that have none of their own. An example
+            with its own system turn (``messages`` data, a conversational prompt) is rendered with that turn, as
+            training renders it; without either, the chat template's default (if it has one) is rendered.
         chat_template_kwargs: Chat format: your training ``apply_chat_template`` arguments.
         rule: ``"default"``, ``"paper"`` or an :class:`~ctx_callback.audit.rules.AuditRule`.
         statistic: Override the rule's statistic (see :data:`~ctx_callback.audit.rules.STATISTICS`).
@@ -460,7 +576,7 @@ def audit_dataset(
         invalid: ``"error"`` (default): an example with an empty target is an error; ``"skip"``: warn, keep it
             uncategorised (``"invalid"``).
         resume_file: JSONL file keeping the raw scores; a later call with the same model, data and settings scores
-            only the examples not in it.
+            only the chunks not complete in it, and gives exactly the uninterrupted result (see the module docstring).
         progress: Show a tqdm progress bar.
 
     Returns:
@@ -511,18 +627,38 @@ def audit_dataset(
          fmt.user_template, max_target_tokens, probe_dtype, _model_signature(model),
          getattr(tokenizer, "name_or_path", ""), len(tokenizer)], default=str).encode()).hexdigest()[:16]
     settings["fingerprint"] = fingerprint
+    settings["key_columns"] = key_columns(format_name, columns, _column_names(rows))
+    settings["examples_with_system_turn"] = sum(1 for example in examples if example.system is not None)
+
+    # An example with its own system turn is rendered with it (a chat format), as training renders it.
+    own_system: dict[str, PromptFormat] = {}
+
+    def format_of(example: AuditExample) -> PromptFormat:
+        if example.system is None or fmt.kind != "chat":
+            return fmt
+        if example.system not in own_system:
+            own_system[example.system] = replace(fmt, system_prompt=example.system)
+        return own_system[example.system]
 
     resume_path = Path(resume_file) if resume_file is not None else None
     cached = _read_resume(resume_path, fingerprint) if resume_path is not None else {}
-    keys = [example_key(example) for example in examples]
+    keys = [_score_key(example) for example in examples]
     cached = {key: cached[key] for key in keys if key in cached}
+
+    # Fixed chunks by position: a chunk with any example missing from the cache is scored again in full, so every
+    # example is scored with the same batch-mates as in an uninterrupted run (see the module docstring).
+    chunks = [list(zip(examples[begin:begin + chunk_size], keys[begin:begin + chunk_size]))
+              for begin in range(0, len(examples), chunk_size)]
+    chunks = [chunk for chunk in chunks if any(key not in cached for _, key in chunk)]
+    todo = [pair for chunk in chunks for pair in chunk]
+    for _, key in todo:
+        cached.pop(key, None)
 
     # Tokenize everything not cached first: bad or too-long examples are reported before any forward pass.
     encoded: dict[int, EncodedExample] = {}
     too_long: list[int] = []
-    todo = [(example, key) for example, key in zip(examples, keys) if key not in cached]
     for example, _ in todo:
-        enc = encode_example(example, tokenizer, fmt, max_target_tokens)
+        enc = encode_example(example, tokenizer, format_of(example), max_target_tokens)
         encoded[example.index] = enc
         if max_length is not None and enc.longest > max_length:
             too_long.append(example.index)
@@ -550,9 +686,8 @@ def audit_dataset(
     start = time.perf_counter()
     long_set = set(too_long)
     try:
-        queue = [example for example, _ in todo]
-        for begin in range(0, len(queue), chunk_size):
-            chunk = queue[begin:begin + chunk_size]
+        for pairs in chunks:
+            chunk = [example for example, _ in pairs]
             fitting = [e for e in chunk if e.index not in long_set]
             scores = score_encoded(model, [encoded[e.index] for e in fitting], pad_token_id=pad, engine=engine,
                                    max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
@@ -587,5 +722,7 @@ def audit_dataset(
             records.append({"index": index, "category": "invalid", "has_context": None, "too_long": False})
         else:
             records.append(scored_records[index])
+    for record, key in zip(records, row_keys(rows, settings["key_columns"])):
+        record["row_key"] = key
     _apply_rule(records, the_rule)
     return AuditResult(records, the_rule, _cutoff(records, the_rule), settings, seconds, len(todo))

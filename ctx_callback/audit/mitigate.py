@@ -3,11 +3,13 @@
 The paper's two mitigations (Goyal et al., ICLR 2025, section 6):
 
 - :func:`filter_dataset`: drop the examples an audit flagged as non-context-critical (their "context-critical subset");
-  or keep every row and add a weight column;
+  or keep every row and add a weight column. Rows are matched to the audit's records by content (``row_key``): a
+  shuffled copy of the audited dataset is filtered right, a dataset with other rows is refused;
 - :func:`augment_dataset`: counterfactual augmentation. From your context examples whose answer appears verbatim in
   the context, make copies where that answer span is replaced, in the context and in the target, by another answer of
   the same shape drawn from the data (a capitalised name for a name, a number for a number, a year for a year). The
-  model can only get such an example right by reading its context.
+  model can only get such an example right by reading its context. In conversational data only the scored exchange
+  changes (its context and its answer): the system turn and earlier turns are kept as they are.
 
 :func:`probes_from_qa` applies the same substitution to build :class:`~ctx_callback.Probe` s in your own domain: the
 context states the substituted answer (``counterfactual_answer``), ``parametric_answer`` is the original one, and the
@@ -17,18 +19,22 @@ only to rebuild a ``Dataset``).
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..errors import ConfigurationError
 from ..matching import answers_overlap
-from .adapters import AUDIT_FORMATS
-from .core import AuditResult, load_audit_data, prepare_examples
+from .adapters import AUDIT_FORMATS, number_text
+from .core import AuditResult, load_audit_data, prepare_examples, row_keys
 
 __all__ = [
+    "MAX_FRACTION",
     "SHAPES",
     "Substitution",
     "answer_shape",
@@ -37,6 +43,11 @@ __all__ = [
     "filter_dataset",
     "probes_from_qa",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: The largest ``fraction`` of :func:`augment_dataset` / :func:`counterfactual_substitutions` (copies per row).
+MAX_FRACTION = 10.0
 
 #: Answer shapes that can be substituted, checked in this order.
 SHAPES: tuple[str, ...] = ("year", "number", "name")
@@ -130,8 +141,9 @@ def counterfactual_substitutions(
     Returns:
         The substitutions, in dataset order of their sources (each source used at most once).
     """
-    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 <= fraction <= 10):
-        raise ConfigurationError(f"fraction must be a share of the dataset between 0 and 10, got {fraction!r}.")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 <= fraction <= MAX_FRACTION):
+        raise ConfigurationError(f"fraction must be a share of the dataset between 0 and {MAX_FRACTION:g}, got "
+                                 f"{fraction!r}.")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ConfigurationError(f"limit must be a non-negative integer, got {limit!r}.")
     rows = load_audit_data(dataset)
@@ -197,7 +209,21 @@ def _replace_deep(value: Any, pattern: re.Pattern[str], new: str) -> Any:
         return {k: _replace_deep(v, pattern, new) for k, v in value.items()}
     if isinstance(value, list):
         return [_replace_deep(v, pattern, new) for v in value]
+    text = number_text(value)
+    if isinstance(text, str):  # a number the audit read as text (a year answer): replaced, and kept a number
+        return _as_number(_substitute(pattern, new, text), value)
     return value
+
+
+def _as_number(text: str, like: int | float) -> Any:
+    """``text`` as a number of the type of ``like`` (``"1930"`` -> ``1930``); the text itself when it is none."""
+    plain = text.replace(",", "")
+    for kind in ((int, float) if isinstance(like, int) else (float,)):
+        try:
+            return kind(plain)
+        except ValueError:
+            continue
+    return text
 
 
 def _rebuild(dataset: Any, rows: list[dict[str, Any]]) -> Any:
@@ -221,10 +247,14 @@ def augment_dataset(
 ) -> Any:
     """The dataset plus counterfactual copies of some of its context examples (same columns, same format).
 
-    Each copy is its source row with the answer span replaced (whole words) in the columns the format reads (context,
-    question, answer, messages, prompt, completion; every string column for a ``split`` callable), so every other
-    column is kept as it is. See :func:`counterfactual_substitutions` for which examples qualify and how the
-    replacement is drawn; fewer copies than asked are made (with a warning) when fewer examples qualify.
+    Each copy is its source row with the answer span replaced (whole words) in the context and the answer, so every
+    other column is kept as it is. Where exactly depends on the format (its ``rewrite``): for ``messages`` data only
+    the scored exchange changes (the context part of the last user turn, or the ``context`` column and its copy in
+    that turn, and the assistant reply after it), never the system turn or earlier turns; for conversational
+    ``prompt_completion`` data the context column, its copy in the prompt's last user turn and the completion; for the
+    other formats every column the format reads (context, question, answer; every column for a ``split`` callable).
+    A numeric answer (a year) stays a number. See :func:`counterfactual_substitutions` for which examples qualify and
+    how the replacement is drawn; fewer copies than asked are made (with a warning) when fewer examples qualify.
 
     Args:
         dataset: A ``datasets.Dataset`` (returned as one, same features) or a list of dicts (returned as a list).
@@ -236,8 +266,6 @@ def augment_dataset(
     Raises:
         ConfigurationError: Bad ``fraction`` or ``placement``.
     """
-    import logging
-
     if placement not in ("spread", "end"):
         raise ConfigurationError(f"placement must be 'spread' or 'end', got {placement!r}.")
     rows = load_audit_data(dataset)
@@ -245,17 +273,21 @@ def augment_dataset(
                                         split=split)
     wanted = int(round(fraction * len(rows)))
     if len(subs) < wanted:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "ctx_callback augment: only %d of the %d requested counterfactual examples could be made (context examples "
             "whose answer is a name, number or year found verbatim in the context).", len(subs), wanted)
     _, _, format_name, columns = prepare_examples(rows, data_format=data_format, fields=fields, split=split,
                                                   invalid="skip")
     role_columns = set(columns.values()) if format_name != "split" else None
+    rewrite = AUDIT_FORMATS[format_name].rewrite
     originals = [dict(rows[i]) for i in range(len(rows))]
     copies = []
     for sub in subs:
         source = originals[sub.index]
         pattern = _word_pattern(sub.original)
+        if rewrite is not None:
+            copies.append(rewrite(source, columns, partial(_substitute, pattern, sub.replacement)))
+            continue
         copies.append({k: (_replace_deep(v, pattern, sub.replacement) if role_columns is None or k in role_columns
                            else v) for k, v in source.items()})
     if placement == "end" or not copies:
@@ -284,8 +316,14 @@ def filter_dataset(
 ) -> Any:
     """The dataset without the rows whose audit category is in ``drop`` (every column kept), or with a weight column.
 
+    Rows are matched to the audit's records by content: each record's ``row_key`` hashes the columns the audit read
+    (:func:`~ctx_callback.audit.row_keys`), so the audited dataset in another order (``dataset.shuffle()``) is
+    filtered right, each row by its own category; identical rows are matched in order. A dataset whose rows are not
+    those audited (an edited, added or removed row) is refused. A result whose records have no ``row_key`` (made
+    before it existed, or by hand) is matched by position, as before: the same length is all that can be checked.
+
     Args:
-        dataset: The audited dataset (same rows, same order as when audited).
+        dataset: The audited dataset (the same rows, in any order).
         result: Its :class:`~ctx_callback.audit.AuditResult`.
         drop: Categories to remove (default: the non-context-critical examples, the paper's filter).
         weight_column: Keep every row and add this column instead: ``weights[category]`` (default 0.0 for the
@@ -293,18 +331,16 @@ def filter_dataset(
         weights: Per-category weights for ``weight_column``.
 
     Raises:
-        ConfigurationError: The result does not belong to this dataset (another length), or an unknown category.
+        ConfigurationError: The result does not belong to this dataset (another length, or rows the audit did not
+            see; the message names the first), or an unknown category.
     """
     from .rules import CATEGORIES
 
     rows = load_audit_data(dataset)
-    if len(result.records) != len(rows):
-        raise ConfigurationError(f"the audit result has {len(result.records)} rows but the dataset {len(rows)}: pass "
-                                 "the dataset that was audited.")
     unknown = sorted(set(drop) - set(CATEGORIES))
     if unknown:
         raise ConfigurationError(f"unknown categories {unknown} in drop=; choose from {list(CATEGORIES)}.")
-    categories = result.categories
+    categories = _categories_of_rows(rows, result)
     if weight_column is not None:
         table = {c: (0.0 if c in drop else 1.0) for c in CATEGORIES}
         table.update(weights or {})
@@ -316,6 +352,39 @@ def filter_dataset(
     if hasattr(rows, "select"):
         return rows.select(keep)
     return [rows[i] for i in keep]
+
+
+def _categories_of_rows(rows: Any, result: AuditResult) -> list[str]:
+    """The audit category of each row of ``rows``, matched by ``row_key`` (see :func:`filter_dataset`)."""
+    records = result.records
+    if len(records) != len(rows):
+        raise ConfigurationError(f"the audit result has {len(records)} rows but the dataset {len(rows)}: pass "
+                                 "the dataset that was audited (in any order), or audit this one.")
+    recorded: list[Any] = [record.get("row_key") for record in records]
+    columns = result.settings.get("key_columns")
+    if columns is None or any(key is None for key in recorded):
+        logger.warning("ctx_callback filter: the audit result has no row keys (made by an older version?); rows are "
+                       "matched by position, so the dataset must be in the order it was audited in.")
+        return result.categories
+    keys = row_keys(rows, columns)
+    if keys == recorded:
+        return result.categories
+    surplus, missing = Counter(keys) - Counter(recorded), Counter(recorded) - Counter(keys)
+    if surplus or missing:
+        first_new = next(i for i, key in enumerate(keys) if key in surplus)
+        first_gone = next(record["index"] for record, key in zip(records, recorded) if key in missing)
+        raise ConfigurationError(
+            f"the dataset does not match the audit result: {sum(surplus.values())} of its {len(rows)} rows were not "
+            f"audited (the first is row {first_new}) and {sum(missing.values())} audited rows are not in it (the "
+            f"first was row {first_gone} when audited). Rows are matched by their content in the columns {columns}, "
+            "so a shuffled copy of the audited dataset is fine, an edited, added or removed row is not: pass the "
+            "dataset that was audited, or audit this one."
+        )
+    by_key: dict[str, list[str]] = {}
+    for key, record in zip(reversed(recorded), reversed(records)):
+        by_key.setdefault(key, []).append(record["category"])
+    logger.info("ctx_callback filter: the dataset is in another order than when audited; rows matched by content.")
+    return [by_key[key].pop() for key in keys]
 
 
 def probes_from_qa(

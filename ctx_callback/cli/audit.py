@@ -11,14 +11,24 @@ Scores every example of DATA with and without its context (the callback's engine
 
 ``--out FILE`` writes the dataset without the non-context-critical examples (every column kept); ``--augment F``
 writes the dataset plus ``F x rows`` counterfactual copies to ``--augmented-out`` (see
-:mod:`ctx_callback.audit.mitigate`). Bad data (missing columns, empty targets, a bad format) exits 2 before any
-forward pass.
+:mod:`ctx_callback.audit.mitigate`). Both are written in the format their extension names (:data:`OUTPUT_FORMATS`):
+
+- ``.jsonl`` / ``.json`` (JSON lines / one JSON list): from a ``.jsonl``/``.json`` input every row is written exactly
+  as it was in the input, with the keys it had (a key some rows lack is not added to them);
+- ``.csv`` / ``.parquet``: one table, every row with every column (a column a row lacks is an empty cell / null);
+  nested columns (``messages``) cannot go into a CSV and are refused.
+
+An output that is the input file, or inside the input folder, is refused unless ``--overwrite`` is given. Bad options
+(an unknown extension, an unwritable path, ``--augment`` out of range) and bad data (missing columns, empty targets,
+a bad format) exit 2 before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +52,8 @@ from .common import (
     warn,
 )
 
-__all__ = ["AUDIT_HIST", "AUDIT_JSONL", "AUDIT_SCORES", "AUDIT_SUMMARY", "NAME", "add_parser", "run"]
+__all__ = ["AUDIT_HIST", "AUDIT_JSONL", "AUDIT_SCORES", "AUDIT_SUMMARY", "NAME", "OUTPUT_FORMATS", "add_parser",
+           "run"]
 
 NAME = "audit"
 
@@ -50,6 +61,8 @@ AUDIT_JSONL = "audit.jsonl"
 AUDIT_SUMMARY = "audit_summary.json"
 AUDIT_HIST = "audit_hist.png"
 AUDIT_SCORES = "audit_scores.jsonl"
+#: The file types ``--out`` and ``--augmented-out`` write, by extension.
+OUTPUT_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def _field(text: str) -> tuple[str, str]:
@@ -106,7 +119,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--prompt-format", default=None, metavar="FORMAT",
                    help="how training renders prompts: chat, alpaca, tulu, plain or a template with {context} and "
                         "{question}; default: alpaca for Alpaca data, else chat")
-    g.add_argument("--system-prompt", default=None, help="chat format: the system message of your training data")
+    g.add_argument("--system-prompt", default=None,
+                   help="chat format: the system message of your training data, for the examples without a system "
+                        "turn of their own (a messages example is rendered with its own)")
     g.add_argument("--max-target-tokens", type=positive_int, default=64, metavar="N",
                    help="score the first N tokens of each target")
     g = parser.add_argument_group("rule options")
@@ -121,11 +136,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = parser.add_argument_group("outputs")
     g.add_argument("--output-dir", default=None, metavar="DIR",
                    help="where the audit files go; default: audit_<DATA name> in the current directory")
-    g.add_argument("--out", default=None, metavar="FILE", help="write the filtered dataset (JSONL)")
+    g.add_argument("--out", default=None, metavar="FILE",
+                   help="write the filtered dataset, in the format of its extension: " + ", ".join(OUTPUT_FORMATS))
+    g.add_argument("--overwrite", action="store_true",
+                   help="let --out / --augmented-out be the input file (or a file in the input folder): replaces it")
     g.add_argument("--augment", type=positive_float, default=None, metavar="F",
-                   help="write the dataset plus F x rows counterfactual copies (e.g. 0.1)")
+                   help="write the dataset plus F x rows counterfactual copies (e.g. 0.1; at most 10)")
     g.add_argument("--augmented-out", default=None, metavar="FILE",
-                   help="where --augment writes; default: DIR/augmented.jsonl")
+                   help="where --augment writes (same formats as --out); default: DIR/augmented.jsonl")
     g.add_argument("--seed", type=int, default=0, help="seed of --augment")
     g.add_argument("--rescore", action="store_true", help=f"ignore {AUDIT_SCORES} and score every example")
     g.add_argument("--no-plot", action="store_true", help=f"do not draw {AUDIT_HIST}")
@@ -140,13 +158,108 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _write_jsonl(path: Path, rows: Any) -> None:
+def _check_output(option: str, text: str, data: str, overwrite: bool) -> Path:
+    """Refuse an output path before the audit: an unknown extension, a folder, the input, an unwritable place.
+
+    Returns:
+        The path, ``~`` expanded.
+
+    Raises:
+        UsageError: The message names ``option`` and the path as the user gave it, and how to fix it.
+    """
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{option} {text} is a folder; name a file, e.g. {os.path.join(text, 'filtered.jsonl')}.")
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        named = f"the extension {suffix!r} names no format" if suffix else "a name without an extension names no format"
+        raise UsageError(f"{option} {text}: {named} this command writes; end the file name in one of "
+                         f"{', '.join(OUTPUT_FORMATS)} (the file is written in the format its extension names).")
+    source = Path(data).expanduser()
+    if not overwrite and source.exists():
+        target = path.resolve()
+        if source.is_dir() and source.resolve() in target.parents:
+            raise UsageError(f"{option} {text} is inside the input dataset folder {data}: the folder would then hold "
+                             "it as training data too (a folder is read as every data file in it). Write it outside "
+                             "the folder, or pass --overwrite to write there on purpose.")
+        if source.is_file() and (target == source.resolve() or (path.exists() and os.path.samefile(path, source))):
+            raise UsageError(f"{option} {text} is the input data file {data}: writing there would replace your "
+                             "training data. Write to another file, or pass --overwrite to replace it on purpose.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {text}: cannot write there: {folder} is a file, not a folder. Pick another path.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {text}: cannot write in {folder} ({err.strerror or err}). Pick a writable "
+                         "path.") from None
+    return path
+
+
+def _check_csv(option: str, text: str, rows: Any) -> None:
+    """Refuse a ``.csv`` output for data with nested columns (a CSV cell holds no list of messages)."""
+    import datasets
+
+    features = getattr(rows, "features", None) or {}
+    nested = [name for name, feature in features.items()
+              if not isinstance(feature, (datasets.Value, datasets.ClassLabel))]
+    if nested:
+        raise UsageError(f"{option} {text}: the column(s) {nested} hold lists or records, which a CSV file cannot "
+                         "hold. Write .jsonl, .json or .parquet instead.")
+
+
+def _raw_records(data: str, rows: Any, result: Any) -> list[dict[str, Any]] | None:
+    """The rows of a ``.jsonl``/``.json`` input exactly as in the file (the keys each has, no ``None`` fill-in), or
+    ``None`` (another input, or a file whose records do not line up with what the loader read)."""
+    from ..audit import row_keys
+
+    path = Path(data).expanduser()
+    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        loaded = json.loads(text)
+        records = loaded if isinstance(loaded, list) else [loaded]
+    except json.JSONDecodeError:
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            return None
+    if len(records) != len(rows) or not all(isinstance(record, dict) for record in records):
+        return None
+    keys = [record.get("row_key") for record in result.records]
+    if row_keys(records, result.settings.get("key_columns") or []) != keys:
+        return None
+    return records
+
+
+def _write_rows(path: Path, rows: Any) -> None:
+    """Write ``rows`` (a ``datasets.Dataset`` or a list of dicts) atomically, in the format of ``path``'s extension."""
+    import datasets
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for i in range(len(rows)):
-            f.write(json.dumps(dict(rows[i]), default=str) + "\n")
-    tmp.replace(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            lines = [json.dumps(dict(rows[i]), default=str, ensure_ascii=False) for i in range(len(rows))]
+            with open(tmp, "w", encoding="utf-8") as f:
+                if suffix == ".jsonl":
+                    f.writelines(line + "\n" for line in lines)
+                else:
+                    f.write("[\n" + ",\n".join(lines) + "\n]\n")
+        else:
+            table = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
+            if suffix == ".csv":
+                table.to_csv(str(tmp), index=False)
+            else:
+                table.to_parquet(str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,15 +275,35 @@ def run(args: argparse.Namespace) -> int:
         CtxCallbackError: Bad input (missing data, columns, empty targets, an unloadable model, ...).
     """
     from ..audit import audit_dataset, augment_dataset, filter_dataset, load_audit_data, prepare_examples
+    from ..audit.mitigate import MAX_FRACTION
 
     if not args.model:
         raise UsageError("audit needs the model to score the data with: --model PATH|ID (the model you fine-tune)")
     data_name = Path(args.data.rstrip("/")).name or "data"
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else Path(f"audit_{Path(data_name).stem}")
     fields = dict(args.fields)
+    # Bad options are reported before the data is read, bad data before any model is loaded.
+    if args.augment is not None and args.augment > MAX_FRACTION:
+        raise UsageError(f"--augment {args.augment:g}: the counterfactual copies are a share of the rows, at most "
+                         f"{MAX_FRACTION:g} (0.1 adds 10% more rows); pass a value between 0 and {MAX_FRACTION:g}.")
+    outputs: dict[str, tuple[str, Path]] = {}
+    if args.out:
+        outputs["--out"] = (args.out, _check_output("--out", args.out, args.data, args.overwrite))
+    if args.augment is not None:
+        text = args.augmented_out or str(out_dir / "augmented.jsonl")
+        outputs["--augmented-out"] = (text, _check_output("--augmented-out", text, args.data, args.overwrite))
+    if len(outputs) == 2 and outputs["--out"][1].resolve() == outputs["--augmented-out"][1].resolve():
+        raise UsageError(f"--out {args.out} and --augmented-out name the same file; give them different names.")
+    own_files = {(out_dir / name).resolve() for name in (AUDIT_JSONL, AUDIT_SUMMARY, AUDIT_HIST, AUDIT_SCORES)}
+    for option, (text, path) in outputs.items():
+        if path.resolve() in own_files:
+            raise UsageError(f"{option} {text} is one of the files the audit itself writes in {out_dir}; pick "
+                             "another name.")
     rows = load_audit_data(args.data, split=args.data_split)
+    for option, (text, path) in outputs.items():
+        if path.suffix.lower() == ".csv":
+            _check_csv(option, text, rows)
     invalid = "skip" if args.skip_invalid else "error"
-    # Bad data is reported before any model is loaded.
     prepare_examples(rows, data_format=args.data_format, fields=fields, invalid=invalid)
     device = resolve_device(args.device)
     load_model_config(args.model)
@@ -210,15 +343,27 @@ def run(args: argparse.Namespace) -> int:
     if summary["too_long"]:
         warn(f"{summary['too_long']} example(s) do not fit the model and were not scored (category too_long, kept "
              f"by --out): {summary['too_long_indices']}")
-    if args.out:
-        filtered = filter_dataset(rows, result)
-        _write_jsonl(Path(args.out).expanduser(), filtered)
-        written.append(f"{args.out} ({len(filtered)} of {len(rows)} rows)")
-    if args.augment is not None:
-        augmented = augment_dataset(rows, fraction=args.augment, seed=args.seed, data_format=args.data_format,
-                                    fields=fields)
-        target = Path(args.augmented_out).expanduser() if args.augmented_out else out_dir / "augmented.jsonl"
-        _write_jsonl(target, augmented)
-        written.append(f"{target} ({len(augmented) - len(rows)} counterfactual rows added)")
+    # JSON outputs get the input's own records (each with exactly its keys); tables get the loaded dataset.
+    raw = None
+    if any(path.suffix.lower() in (".jsonl", ".json") for _, path in outputs.values()):
+        raw = _raw_records(args.data, rows, result)
+        if raw is None and Path(args.data).expanduser().suffix.lower() in (".jsonl", ".json"):
+            warn(f"could not line up the records of {args.data} with the rows the loader read: JSON outputs are "
+                 "written as the loader read the rows (a key some rows lack is null in them)")
+
+    def source_for(path: Path) -> Any:
+        return raw if raw is not None and path.suffix.lower() in (".jsonl", ".json") else rows
+
+    if "--out" in outputs:
+        text, path = outputs["--out"]
+        filtered = filter_dataset(source_for(path), result)
+        _write_rows(path, filtered)
+        written.append(f"{text} ({len(filtered)} of {len(rows)} rows)")
+    if "--augmented-out" in outputs:
+        text, path = outputs["--augmented-out"]
+        augmented = augment_dataset(source_for(path), fraction=args.augment, seed=args.seed,
+                                    data_format=args.data_format, fields=fields)
+        _write_rows(path, augmented)
+        written.append(f"{text} ({len(augmented) - len(rows)} counterfactual rows added)")
     print("wrote " + ", ".join(written))
     return EXIT_OK

@@ -1,4 +1,11 @@
-"""``ctx-callback plot INPUT``: reliance curves to a PNG, from a trainer state, a scan results file or an output dir.
+"""``ctx-callback plot INPUT``: reliance curves to a PNG, from a trainer state, a run summary, a scan results file or
+an output dir.
+
+An output directory is drawn from the run's fullest record: ``ctx_reliance_summary.json`` (the callback's whole
+history, its stop and peak; the only record of an early stop after the last checkpoint), ``trainer_state.json`` or the
+newest ``checkpoint-*/trainer_state.json``, whichever has the latest probe event (ties: in that order); see
+:func:`_pick_record`. The ``wrote ...`` line says what was drawn (steps, peak, stop), and the PNG records it
+(:data:`ctx_callback.plotting.PNG_METADATA_KEY`).
 
 The curves drawn are the metrics of :data:`ctx_callback.metrics.METRICS` that have a ``plot_label`` (see
 :func:`ctx_callback.plotting.plot_reliance`); ``--monitor`` is parsed by the core's
@@ -10,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from ..outcomes import SUMMARY_FILE
+from ..plotting import plot_data
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -31,6 +40,7 @@ from .common import (
     positive_float,
     positive_int,
     read_json,
+    warn,
 )
 
 __all__ = ["NAME", "PLOT_FILE", "add_parser", "run", "scan_to_log_history"]
@@ -55,10 +65,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="draw reliance curves to a PNG",
         description="Draw counterfactual, parametric and closed-book accuracy against the step, with the peak "
                     "and stop steps marked and the training loss on a second axis. INPUT is a trainer_state.json, "
-                    f"a scan results JSON ({SCAN_JSON}) or a training output directory (its trainer_state.json, "
-                    "else the newest checkpoint-*/trainer_state.json, else its scan results).",
+                    f"a run summary ({SUMMARY_FILE}), a scan results JSON ({SCAN_JSON}) or a training output "
+                    f"directory. For a directory the run's own record is drawn: of OUTPUT_DIR/{SUMMARY_FILE} (the "
+                    "callback's full history with its stop and peak, rewritten at every save and at train end), "
+                    "OUTPUT_DIR/trainer_state.json and the newest checkpoint-*/trainer_state.json, the later last "
+                    "step wins (an early stop after the last checkpoint is only in the summary); on a tie the "
+                    "summary, then trainer_state.json. Records that disagree on a shared step (two runs in one "
+                    "directory) get a warning naming both. The scan results are drawn only when none of these holds "
+                    "ctx_reliance metrics.",
     )
-    parser.add_argument("input", metavar="INPUT", help="trainer_state.json | OUTPUT_DIR | scan results .json")
+    parser.add_argument("input", metavar="INPUT",
+                        help=f"trainer_state.json | {SUMMARY_FILE} | OUTPUT_DIR | scan results .json")
     parser.add_argument("--output", "-o", default=None, metavar="PNG",
                         help=f"PNG to write; default: {PLOT_FILE} next to INPUT (inside it for a directory)")
     parser.add_argument("--monitor", default=None, metavar="METRIC",
@@ -92,11 +109,114 @@ def _loss_rows(directory: Path | None) -> list[dict[str, Any]]:
         if state is not None and state.is_file():
             try:
                 history = json.loads(state.read_text()).get("log_history", [])
-            except (OSError, json.JSONDecodeError, AttributeError):
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 continue
             return [{"step": r["step"], "loss": r["loss"]} for r in history
                     if isinstance(r, dict) and "loss" in r and "step" in r]
     return []
+
+
+@dataclass
+class _Record:
+    """One plottable record of a run: a run summary's history or a trainer state's log_history.
+
+    Attributes:
+        path: The file.
+        history: Its rows (a summary's rows carry no training loss: the run's trainer state adds it).
+        stop_step: The early stop it records, or ``None``.
+        peak_step: The peak it records (a summary's ``peak_step``), or ``None`` to take the rows' latest.
+        description: How the ``wrote ...`` line names it.
+    """
+
+    path: Path
+    history: list[dict[str, Any]]
+    stop_step: int | None
+    peak_step: int | None
+    description: str
+
+    def reliance(self) -> dict[int, Any]:
+        """``{step: counterfactual_accuracy}`` of its probe events."""
+        key = f"{PREFIX}/counterfactual_accuracy"
+        return {int(r["step"]): r[key] for r in self.history if isinstance(r, dict) and key in r and "step" in r}
+
+    @property
+    def last_step(self) -> int:
+        return max(self.reliance(), default=-1)
+
+
+def _is_summary(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("history"), list)
+
+
+def _summary_record(path: Path, data: dict[str, Any]) -> _Record:
+    """A run summary (``ctx_reliance_summary.json``): its history, stop and peak, and the run's training loss."""
+    history = [r for r in data["history"] if isinstance(r, dict)]
+    summary = data["summary"]
+    stop = summary.get("stop_step")
+    peak = summary.get("peak_step")
+    return _Record(path, history + _loss_rows(path.parent),
+                   stop if isinstance(stop, int) and not isinstance(stop, bool) else _stop_step(history),
+                   peak if isinstance(peak, int) and not isinstance(peak, bool) else None, f"run summary {path}")
+
+
+def _state_record(path: Path, data: dict[str, Any]) -> _Record:
+    history = data["log_history"]
+    return _Record(path, history, _stop_step(history), None, f"trainer state {path}")
+
+
+def _run_records(directory: Path) -> list[_Record]:
+    """The plottable records of an output directory, in tie-break order: its run summary, its trainer_state.json,
+    its newest checkpoint's trainer_state.json (those that hold ctx_reliance metrics)."""
+    records = []
+    candidates = [(True, directory / SUMMARY_FILE), (False, directory / "trainer_state.json"),
+                  (False, _newest_checkpoint_state(directory))]
+    for is_summary, path in candidates:
+        if path is None or not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if is_summary and _is_summary(data) and _has_reliance(data["history"]):
+            records.append(_summary_record(path, data))
+        elif not is_summary and isinstance(data, dict) and _has_reliance(data.get("log_history")):
+            records.append(_state_record(path, data))
+    return records
+
+
+def _pick_record(records: list[_Record]) -> _Record:
+    """The record whose last probe event is latest (the first of ``records`` on a tie).
+
+    A record that disagrees with the chosen one at a shared step (another run's, in the same directory) gets a
+    warning; a run summary that ends before the chosen record (a stale copy) gets a note.
+    """
+    chosen = records[0]
+    for record in records[1:]:
+        if record.last_step > chosen.last_step:
+            chosen = record
+    ours = chosen.reliance()
+    for record in records:
+        if record is chosen:
+            continue
+        theirs = record.reliance()
+        differ = [step for step in sorted(set(ours) & set(theirs))
+                  if not _same_value(ours[step], theirs[step])]
+        if differ:
+            step = differ[0]
+            warn(f"{record.path} and {chosen.path} disagree at step {step} (counterfactual_accuracy "
+                 f"{theirs[step]} vs {ours[step]}): they record different runs. Drawing {chosen.path} (last probe "
+                 f"event at step {chosen.last_step}; the later last step wins); pass the other file as INPUT to "
+                 "draw it instead.")
+        elif record.path.name == SUMMARY_FILE and record.last_step < chosen.last_step:
+            eprint(f"ctx-callback: note: {record.path} ends at step {record.last_step}, before {chosen.path} "
+                   f"(step {chosen.last_step}): drawing the latter (the later last step wins).")
+    return chosen
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (a != a and b != b) or abs(a - b) <= 1e-9
+    return bool(a == b)
 
 
 def scan_to_log_history(scan: dict[str, Any], monitor_key: str | None = None) -> list[dict[str, Any]]:
@@ -133,18 +253,21 @@ def scan_to_log_history(scan: dict[str, Any], monitor_key: str | None = None) ->
 
 
 def _run_monitor(source: Path, history: list[dict[str, Any]]) -> str:
-    """The monitor the plotted run or scan used: a scan file's ``monitor``, else the run's
-    ``ctx_reliance_summary.json`` ``monitor`` (next to the input), else the log-likelihood default where it was
-    logged, else ``counterfactual_accuracy``."""
+    """The monitor the plotted run or scan used: a scan file's ``monitor``, else the run summary's
+    (``ctx_reliance_summary.json``, the input or next to it), else the log-likelihood default where it was logged,
+    else ``counterfactual_accuracy``."""
     folder = source if source.is_dir() else source.parent
     for candidate in ([] if source.is_dir() else [source]) + [folder / SUMMARY_FILE]:
         try:
             data = json.loads(candidate.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(data, dict) and isinstance(data.get("monitor"), str):
+        monitor = data.get("monitor") if isinstance(data, dict) else None
+        if _is_summary(data) and monitor is None:  # a run summary: {"summary": {"monitor": ...}, "history": ...}
+            monitor = data["summary"].get("monitor")
+        if isinstance(monitor, str):
             try:
-                return parse_monitor_option(data["monitor"], None, None).key
+                return parse_monitor_option(monitor, None, None).key
             except UsageError:
                 continue
     default = parse_monitor_option(None, "loglik", None).key
@@ -158,34 +281,40 @@ def _stop_step(log_history: list[dict[str, Any]]) -> int | None:
     return int(stops[-1]) if stops else None
 
 
-def _plot_source(path: Path, monitor_key: str | None) -> tuple[list[dict[str, Any]], int | None, str]:
-    """``(log_history, stop_step, description)`` from a trainer_state.json, scan JSON or output directory."""
+def _plot_source(path: Path, monitor_key: str | None) -> _Record:
+    """The record to draw from a trainer_state.json, run summary, scan JSON or output directory.
+
+    For a directory: of its run summary, trainer_state.json and newest checkpoint-*/trainer_state.json, the one whose
+    last probe event is latest (:func:`_pick_record`); its scan results only when none holds ctx_reliance metrics.
+    """
     if not path.exists():
         raise UsageError(f"no such file or directory: {path}")
     if path.is_dir():
-        candidates = [path / "trainer_state.json", _newest_checkpoint_state(path), path / SCAN_JSON]
-        for candidate in candidates:
-            if candidate is None or not candidate.is_file():
-                continue
-            history, stop, description = _plot_source(candidate, monitor_key) if _usable(candidate) else ([], None, "")
-            if history:
-                return history, stop, description
-        raise UsageError(f"nothing to plot in {path}: no ctx_reliance metrics in trainer_state.json or "
-                         f"checkpoint-*/trainer_state.json, and no {SCAN_JSON} (run `ctx-callback scan {path}` "
+        records = _run_records(path)
+        if records:
+            return _pick_record(records)
+        if (path / SCAN_JSON).is_file() and _usable(path / SCAN_JSON):
+            return _plot_source(path / SCAN_JSON, monitor_key)
+        raise UsageError(f"nothing to plot in {path}: no ctx_reliance metrics in {SUMMARY_FILE}, trainer_state.json "
+                         f"or checkpoint-*/trainer_state.json, and no {SCAN_JSON} (run `ctx-callback scan {path}` "
                          "first)")
     data = read_json(path)
     if isinstance(data, dict) and data.get("format") == SCAN_FORMAT:
         history = scan_to_log_history(data, monitor_key)
         if not any(f"{PREFIX}/counterfactual_accuracy" in r for r in history):
             raise UsageError(f"{path} holds no scored checkpoints")
-        return history, None, f"scan results {path}"
+        return _Record(path, history, None, None, f"scan results {path}")
+    if _is_summary(data):
+        if not _has_reliance(data["history"]):
+            raise UsageError(f"{path} holds no probe events (its history is empty: did every probe fail?)")
+        return _summary_record(path, data)
     if isinstance(data, dict) and isinstance(data.get("log_history"), list):
-        history = data["log_history"]
-        if not _has_reliance(history):
+        if not _has_reliance(data["log_history"]):
             raise UsageError(f"{path} has no ctx_reliance metrics (was ContextRelianceCallback used?); "
                              "score the checkpoints with `ctx-callback scan OUTPUT_DIR` and plot its JSON")
-        return history, _stop_step(history), f"trainer state {path}"
-    raise UsageError(f"{path} is neither a trainer_state.json (no 'log_history') nor a ctx-callback scan file")
+        return _state_record(path, data)
+    raise UsageError(f"{path} is neither a trainer_state.json (no 'log_history'), a run summary ({SUMMARY_FILE}) "
+                     "nor a ctx-callback scan file")
 
 
 def _usable(path: Path) -> bool:
@@ -215,9 +344,9 @@ def run(args: argparse.Namespace) -> int:
     """
     source = Path(args.input).expanduser()
     monitor_key = None if args.monitor is None else parse_monitor_option(args.monitor, None, None).key
-    history, stop_step, description = _plot_source(source, monitor_key)
+    record = _plot_source(source, monitor_key)
     if monitor_key is None:
-        monitor_key = _run_monitor(source, history)
+        monitor_key = _run_monitor(record.path if record.path.name == SUMMARY_FILE else source, record.history)
     if args.output:
         output = Path(args.output).expanduser()
     else:
@@ -231,7 +360,17 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         eprint(f"ctx-callback: error: plot needs matplotlib (pip install 'ctx_callback[plot]'): {one_line(err)}")
         return EXIT_FAILURE
-    plot_reliance(history, output, monitor_key=monitor_key, stop_step=stop_step, title=args.title,
-                  size=(args.width, args.height), dpi=args.dpi)
-    print(f"wrote {output} (from {description})")
+    plot_reliance(record.history, output, monitor_key=monitor_key, stop_step=record.stop_step,
+                  peak_step=record.peak_step, title=args.title, size=(args.width, args.height), dpi=args.dpi)
+    print(f"wrote {output} (from {record.description}: {_drawn(record, monitor_key)})")
     return EXIT_OK
+
+
+def _drawn(record: _Record, monitor_key: str) -> str:
+    """What the plot shows, in a few words: its steps, peak and stop markers."""
+    data = plot_data(record.history, monitor_key=monitor_key, stop_step=record.stop_step, peak_step=record.peak_step)
+    steps = data.steps
+    parts = [f"{len(steps)} probe events, steps {steps[0]}-{steps[-1]}" if steps else "no probe events"]
+    parts.append("no peak marked" if data.peak_step is None else f"peak at step {int(data.peak_step)}")
+    parts.append("no early stop" if data.stop_step is None else f"stop at step {data.stop_step}")
+    return ", ".join(parts)
