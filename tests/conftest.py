@@ -9,16 +9,19 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
-from tests.helpers import PROBES, capital_records, make_tiny_llama
-
+# Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import: set later, a Hub lookup of a
+# missing model retries with back-off for about 20 seconds instead of failing at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import PROBES, capital_records, make_tiny_llama  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")

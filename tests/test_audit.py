@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ctx_callback.audit import AuditRule, audit_dataset, resolve_rule
+from ctx_callback.audit.rules import statistic_value
 from ctx_callback.audit.scoring import WITH, WITHOUT, encode_example
 from ctx_callback.errors import ConfigurationError
 from ctx_callback.formatting import resolve_prompt_format
@@ -144,7 +145,16 @@ def test_bfloat16_audit_is_close_to_fp32(knowing_model, tokenizer):
     assert bf16.settings["probe_dtype"] == "bfloat16"
     diffs = [abs(a["nll_without_context"] - b["nll_without_context"]) for a, b in zip(fp32.records, bf16.records)]
     assert max(diffs) < 0.25 and max(diffs) > 0  # bf16 arithmetic happened, and stayed close
-    assert fp32.categories == bf16.categories
+    # Categories agree wherever rounding cannot decide them. The cut is an order statistic of the rule's statistic,
+    # so it moves by at most the largest change of any statistic: an example farther than twice that from the fp32
+    # cut-off keeps its category. (Examples at the cut may flip: which ones depends on the CPU and thread count.)
+    statistic = fp32.rule.statistic
+    values = [(statistic_value(a, statistic), statistic_value(b, statistic)) for a, b in zip(fp32.records, bf16.records)]
+    moved = max(abs(a - b) for a, b in values if a is not None)
+    assert bf16.cutoff == pytest.approx(fp32.cutoff, abs=moved)
+    decided = [i for i, (a, _) in enumerate(values) if a is None or abs(a - fp32.cutoff) > 2 * moved]
+    assert len(decided) >= 0.75 * len(values), (moved, fp32.cutoff)  # the check covers most examples
+    assert [fp32.records[i]["category"] for i in decided] == [bf16.records[i]["category"] for i in decided]
 
 
 def test_chat_format_and_every_engine_agree(tiny_model, tokenizer):

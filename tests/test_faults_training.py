@@ -101,34 +101,44 @@ def test_peak_checkpoint_save_failure_is_reported_and_training_continues(tokeniz
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(out_dir, tokenizer_dir, *mode, timeout=300):
+def start_worker(out_dir, tokenizer_dir, *mode):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
                CTX_TOKENIZER_DIR=str(tokenizer_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, str(WORKER), str(out_dir), *mode]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_worker(process, timeout=300):
     try:
-        return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # a hang is a failure, not a stuck test run
-        pytest.fail(f"{' '.join(mode)} timed out after {timeout}s:\n{str(err.stderr or '')[-3000:]}")
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang is a failure, not a stuck test run
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"{' '.join(process.args[3:])} timed out after {timeout}s:\n{str(stderr or '')[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def test_sigkill_after_the_peak_then_resume_matches_an_uninterrupted_run(tmp_path, smollm2_dir):
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    full = run_worker(full_dir, smollm2_dir, "full")
+    # The uninterrupted run and the run to be killed are independent processes (one thread each): run them side by
+    # side. The second kills itself at the first probe event after the peak, which it finds by itself.
+    full_process = start_worker(full_dir, smollm2_dir, "full")
+    killed = finish_worker(start_worker(resumed_dir, smollm2_dir, "kill_after_the_peak"))
+    full = finish_worker(full_process)
     assert full.returncode == 0, full.stderr[-4000:]
     reference = json.loads((full_dir / "result-full.json").read_text())
     peak, stop = reference["peak_step"], reference["stop_step"]
-    kill_at = peak + 2  # the first probe after the peak: the peak checkpoint exists, the stop is two probes away
     assert peak not in (None, 0) and stop == peak + 4, reference
 
-    killed = run_worker(resumed_dir, smollm2_dir, "kill_at_step", str(kill_at))
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-4000:])  # died by SIGKILL, no cleanup
     at_kill = json.loads((resumed_dir / "killed.json").read_text())
-    assert at_kill["step"] == kill_at and at_kill["stop_step"] is None
+    # Killed at the first probe after the peak: the peak checkpoint exists, the stop is two probes away.
+    assert at_kill["step"] == peak + 2 and at_kill["stop_step"] is None
     assert at_kill["peak_step"] == peak and at_kill["peak_checkpoint_exists"]
     assert at_kill["checkpoints"] == [f"checkpoint-{peak}"]  # the last checkpoint is the peak one
-    assert not (resumed_dir / "result-kill_at_step.json").exists()
+    assert not (resumed_dir / "result-kill_after_the_peak.json").exists()
 
-    resumed = run_worker(resumed_dir, smollm2_dir, "resume")
+    resumed = finish_worker(start_worker(resumed_dir, smollm2_dir, "resume"))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     after = json.loads((resumed_dir / "result-resume.json").read_text())
     # Exact comparisons below, by construction: the three processes run on this machine with one thread each; values

@@ -120,11 +120,11 @@ print(repr((torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16(), slow
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about probing on a CPU")
-@pytest.mark.parametrize("capability", ["avx2", "default"])
-def test_bfloat16_on_a_cpu_without_native_bf16_warns_once_at_construction(smollm2_dir, capability):
+def test_bfloat16_on_a_cpu_without_native_bf16_warns_once_at_construction(smollm2_dir):
     """bf16 autocast is emulated (3-4x slower than fp32) below AVX-512 BF16: one warning, when the callback is built.
 
-    ``ATEN_CPU_CAPABILITY`` makes torch dispatch as on an AVX2-only (or a plain x86-64) CPU, in a fresh process.
+    ``ATEN_CPU_CAPABILITY=avx2`` makes torch dispatch as on an AVX2-only CPU, in a fresh process (the capability is
+    fixed when torch loads).
     """
     import ast
     import os
@@ -134,15 +134,40 @@ def test_bfloat16_on_a_cpu_without_native_bf16_warns_once_at_construction(smollm
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("ATEN_CPU_CAPABILITY values are x86 names")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    if str(torch.backends.cpu.get_cpu_capability()) == "DEFAULT":
+        pytest.skip("this CPU has no AVX2 kernels to select")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     script = _BF16_WARNING_SCRIPT.format(tokenizer_dir=str(smollm2_dir))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                          cwd=str(Path(__file__).resolve().parent.parent))
     assert out.returncode == 0, out.stderr[-2000:]
     seen_capability, native, slow = ast.literal_eval(out.stdout.strip().splitlines()[-1])
-    assert seen_capability == capability.upper() and native is False
+    assert seen_capability == "AVX2" and native is False
     assert len(slow) == 1, slow  # once per process, however many parts resolve the dtype
-    assert f"capability {capability.upper()}" in slow[0] and "probe_dtype=None" in slow[0] and "3-4x" in slow[0]
+    assert "capability AVX2" in slow[0] and "probe_dtype=None" in slow[0] and "3-4x" in slow[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about probing on a CPU")
+def test_bfloat16_warning_on_a_plain_x86_cpu_names_its_capability(tokenizer, capital_probes, monkeypatch):
+    """The same decision for torch's baseline x86 kernels (capability ``DEFAULT``), in this process."""
+    import platform
+
+    import ctx_callback.scoring as scoring
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 capabilities")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(scoring, "_WARNED_SLOW_BF16", set())
+    assert cpu_has_native_bf16() is False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ContextRelianceCallback(None, capital_records(), tokenizer=tokenizer, probe_dtype="bfloat16")
+        ProbeScorer(capital_probes, tokenizer, probe_dtype="bfloat16")
+        check_probe_dtype_device("bfloat16", "cpu")
+        check_probe_dtype_device(None, "cpu")
+    slow = [str(w.message) for w in seen if "without native bfloat16" in str(w.message)]
+    assert len(slow) == 1, slow
+    assert "capability DEFAULT" in slow[0] and "probe_dtype=None" in slow[0] and "3-4x" in slow[0]
 
 
 def test_bfloat16_on_a_cpu_with_native_bf16_does_not_warn(tokenizer, capital_probes):

@@ -1,9 +1,13 @@
 """One rank of the two-process test (launched by tests/test_distributed.py through torch.distributed.run).
 
 Trains a tiny Llama with SFTTrainer under DDP on CPU (gloo) with ContextRelianceCallback, and writes what this rank
-saw to OUT/rank{N}.json: the logged probe rows, a full one-process re-score of the same weights at every probe step,
+saw to OUT/MODE-SHARDED.rank{N}.json: the logged probe rows, a full one-process re-score of the same weights at every probe step,
 the stop step and the final global step. Mode ``mixed``: log-likelihood mode on the two-answer capital probes plus
 four-way multiple-choice probes (one without a parametric answer), shared round-robin over the ranks.
+
+Usage: ``ddp_probe.py TOKENIZER_DIR OUT_DIR MODE:SHARDED [MODE:SHARDED ...]``. Each configuration is a separate
+training run with its own Trainer, one after the other in the same two processes (one launch pays the start-up of
+torch, transformers and the process group once); configuration ``MODE:SHARDED`` writes ``MODE-SHARDED.rank{N}.json``.
 """
 
 import json
@@ -17,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
+import ctx_callback.distributed as distributed  # noqa: E402
 from ctx_callback import ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
 from tests.helpers import (  # noqa: E402
     PROBES,
@@ -56,7 +61,8 @@ class Rescore(TrainerCallback):
         self._record(state, model)
 
 
-def main(tokenizer_dir, out_dir, mode, sharded):
+def run(tokenizer_dir, out_dir, mode, sharded):
+    config = f"{mode}-{sharded}"
     probes = PROBES
     if mode == "mixed":  # multiple choice + two answers in one log-likelihood round
         probes, mode = PROBES + mc_probes(), "loglik"
@@ -66,10 +72,8 @@ def main(tokenizer_dir, out_dir, mode, sharded):
         # accelerate enables FSDP only on accelerators (on CPU it silently runs DDP), so the FSDP / ZeRO-3 path is
         # exercised by declaring the parameters sharded: every rank then scores every probe in lock step and rank
         # 0's result is shared (generation runs with synced_gpus=True).
-        import ctx_callback.distributed as distributed
-
         distributed.params_are_sharded = lambda trainer: True
-    trainer = make_trainer(model, tokenizer, os.path.join(out_dir, "run"), max_steps=8,
+    trainer = make_trainer(model, tokenizer, os.path.join(out_dir, config), max_steps=8,
                            per_device_train_batch_size=3, ddp_backend="gloo")
     rank = trainer.args.process_index
     if sharded == "fail_on_rank1" and rank == 1:  # a probe failure (as an OOM would be) on one rank only
@@ -90,7 +94,7 @@ def main(tokenizer_dir, out_dir, mode, sharded):
     trainer.add_callback(rescore)
     trainer.train()
     rows = [r for r in trainer.state.log_history if "ctx_reliance/counterfactual_accuracy" in r]
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{config}.rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "synced_gpus": callback.scorer.synced_gpus, "world_size": trainer.args.world_size,
                    "rows": rows,
                    "rescored": {str(k): v for k, v in rescore.rows.items()}, "stop_step": callback.stop_step,
@@ -99,5 +103,15 @@ def main(tokenizer_dir, out_dir, mode, sharded):
                   f)
 
 
+def main(tokenizer_dir, out_dir, *configs):
+    params_are_sharded = distributed.params_are_sharded
+    for config in configs:
+        mode, sharded = config.split(":")
+        try:
+            run(tokenizer_dir, out_dir, mode, sharded)
+        finally:
+            distributed.params_are_sharded = params_are_sharded  # the next configuration decides for itself
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

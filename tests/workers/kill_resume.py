@@ -3,7 +3,7 @@
 Usage::
 
     python tests/workers/kill_resume.py OUT_DIR full
-    python tests/workers/kill_resume.py OUT_DIR kill_at_step N
+    python tests/workers/kill_resume.py OUT_DIR kill_after_the_peak
     python tests/workers/kill_resume.py OUT_DIR resume
 
 The run is the rise-and-fall setup of ``tests/test_callback.py::rise_and_fall_run`` (a tiny Llama, SFT data that
@@ -12,9 +12,9 @@ with ``save_strategy="steps"``, patience, ``save_peak_checkpoint`` and ``restore
 dropout so that the restored RNG state matters.
 
 - ``full``: trains to the early stop.
-- ``kill_at_step N``: kills its own process (``SIGKILL``: no cleanup, no ``on_train_end``) from a callback's
-  ``on_step_end`` at global step ``N``, after the peak checkpoint exists and before the stop; it writes
-  ``killed.json`` just before, so the test can check where it died.
+- ``kill_after_the_peak``: kills its own process (``SIGKILL``: no cleanup, no ``on_train_end``) from a callback's
+  ``on_step_end`` at the first probe event that is not a new peak (the peak checkpoint exists, the stop is still
+  ahead); it writes ``killed.json`` just before, so the test can check where it died.
 - ``resume``: ``trainer.train(resume_from_checkpoint=True)`` (the last checkpoint in OUT_DIR).
 
 A run that finishes writes ``result-{mode}.json`` (stop step, peak, losses, the probe curve, summary) and two weight
@@ -48,16 +48,17 @@ def weights_of(model):
     return {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in model.state_dict().items()}
 
 
-class KillAt(TrainerCallback):
-    """SIGKILLs this process at the end of global step ``step`` (added after the callback under test)."""
+class KillAfterThePeak(TrainerCallback):
+    """SIGKILLs this process at the first probe event after the peak (added after the callback under test)."""
 
-    def __init__(self, step, callback, out_dir):
-        self.step, self.callback, self.out_dir = step, callback, out_dir
+    def __init__(self, callback, out_dir):
+        self.callback, self.out_dir = callback, out_dir
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step != self.step:
-            return
         cb = self.callback
+        peak = cb.peak_tracker.peak_step
+        if cb.last_probe_step != state.global_step or peak in (None, 0) or peak == state.global_step:
+            return
         with open(os.path.join(self.out_dir, "killed.json"), "w") as f:
             json.dump({"step": state.global_step, "peak_step": cb.peak_tracker.peak_step,
                        "peak_checkpoint": cb.peak_checkpoint, "stop_step": cb.stop_step,
@@ -78,7 +79,7 @@ class StopWeights(TrainerCallback):
         self.weights = weights_of(model)
 
 
-def main(out_dir, mode, step=None):
+def main(out_dir, mode):
     tokenizer_dir = os.environ.get("CTX_TOKENIZER_DIR")
     if not tokenizer_dir:
         from ctx_callback.models import smollm2_path
@@ -94,16 +95,16 @@ def main(out_dir, mode, step=None):
                                        warmup_steps=4, save_peak_checkpoint=True, restore_peak_at_end=True,
                                        variants=("context", "closed_book"), verbose=False)
     trainer.add_callback(callback)
-    if mode == "kill_at_step":
-        trainer.add_callback(KillAt(int(step), callback, out_dir))
+    if mode == "kill_after_the_peak":
+        trainer.add_callback(KillAfterThePeak(callback, out_dir))
         trainer.train()
-        raise SystemExit(f"kill_at_step {step}: training ended at step {trainer.state.global_step} without the kill")
+        raise SystemExit(f"kill_after_the_peak: training ended at step {trainer.state.global_step} without the kill")
     if mode == "resume":
         trainer.train(resume_from_checkpoint=True)
     elif mode == "full":
         trainer.train()
     else:
-        raise SystemExit(f"unknown mode {mode!r}: use full, kill_at_step N or resume")
+        raise SystemExit(f"unknown mode {mode!r}: use full, kill_after_the_peak or resume")
 
     save_file(weights_of(model), os.path.join(out_dir, f"weights-{mode}.safetensors"))
     save_file(stop_weights.weights, os.path.join(out_dir, f"stop-weights-{mode}.safetensors"))
@@ -125,4 +126,4 @@ def main(out_dir, mode, step=None):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:3])
