@@ -149,7 +149,8 @@ def test_bfloat16_audit_is_close_to_fp32(knowing_model, tokenizer):
     # so it moves by at most the largest change of any statistic: an example farther than twice that from the fp32
     # cut-off keeps its category. (Examples at the cut may flip: which ones depends on the CPU and thread count.)
     statistic = fp32.rule.statistic
-    values = [(statistic_value(a, statistic), statistic_value(b, statistic)) for a, b in zip(fp32.records, bf16.records)]
+    values = [(statistic_value(a, statistic), statistic_value(b, statistic))
+              for a, b in zip(fp32.records, bf16.records)]
     moved = max(abs(a - b) for a, b in values if a is not None)
     assert bf16.cutoff == pytest.approx(fp32.cutoff, abs=moved)
     decided = [i for i, (a, _) in enumerate(values) if a is None or abs(a - fp32.cutoff) > 2 * moved]
