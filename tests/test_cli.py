@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -26,11 +28,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m ctx_callback.cli ARGS`` in a subprocess (one thread, offline, CPU)."""
+    """Run ``python -m ctx_callback.cli ARGS`` in a subprocess (one thread, offline, CPU): the real entry point."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "ctx_callback.cli", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``ctx_callback.cli.main(ARGS)`` in this process, with its stdout, stderr and exit code as :func:`cli` gives
+    them (the entry point itself is exercised by :func:`cli`; this saves a Python start-up per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:  # argparse: --help and usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["ctx-callback", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -178,7 +192,7 @@ def test_rescan_skips_cached_checkpoints(full_run, full_scan, probes_file):
     assert full_scan.returncode == 0, full_scan.stderr
     before_json = (full_run / SCAN_JSON).read_bytes()
     before_csv = (full_run / SCAN_CSV).read_bytes()
-    again = cli("scan", full_run, "--probes", probes_file, "--device", "cpu")
+    again = run_cli("scan", full_run, "--probes", probes_file, "--device", "cpu")
     assert again.returncode == 0, again.stderr
     # Nothing is scored again, so the files and the table are byte for byte the first run's (no float recomputed).
     assert again.stderr.count("... cached") == 3
@@ -191,7 +205,7 @@ def test_rescan_skips_cached_checkpoints(full_run, full_scan, probes_file):
 def test_scan_results_dir_and_different_settings(full_run, full_scan, probes_file, tmp_path):
     """Other probe settings are another fingerprint (scored afresh); --output-dir moves the files."""
     assert full_scan.returncode == 0, full_scan.stderr
-    result = cli("scan", full_run, "--probes", probes_file, "--device", "cpu", "--output-dir", tmp_path,
+    result = run_cli("scan", full_run, "--probes", probes_file, "--device", "cpu", "--output-dir", tmp_path,
                  "--variants", "context", "--limit-per-family", "3", "--prompt-format", "plain")
     assert result.returncode == 0, result.stderr
     assert "... cached" not in result.stderr and "scored 3, cached 0" in result.stderr
@@ -210,7 +224,7 @@ def test_broken_checkpoint_is_skipped_and_retried(full_run, probes_file, tmp_pat
     weights = run / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(b"this is not a safetensors file" * 10)
 
-    first = cli("scan", run, "--probes", probes_file, "--device", "cpu")
+    first = run_cli("scan", run, "--probes", probes_file, "--device", "cpu")
     assert first.returncode == 0, first.stderr
     warnings = [line for line in first.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "skipping checkpoint-4" in warnings[0], first.stderr
@@ -221,13 +235,13 @@ def test_broken_checkpoint_is_skipped_and_retried(full_run, probes_file, tmp_pat
     assert not re.search(r"^\s*4\*?\s+checkpoint-4", first.stdout, re.MULTILINE)
 
     # Not recorded as scored: the next run retries it (and only it).
-    second = cli("scan", run, "--probes", probes_file, "--device", "cpu")
+    second = run_cli("scan", run, "--probes", probes_file, "--device", "cpu")
     assert second.returncode == 0
     assert second.stderr.count("... cached") == 2 and "[2/3] checkpoint-4 ... failed" in second.stderr
 
     # Repaired: scored now, with the same numbers as the original checkpoint.
     shutil.copy2(full_run / "checkpoint-4" / "model.safetensors", weights)
-    third = cli("scan", run, "--probes", probes_file, "--device", "cpu")
+    third = run_cli("scan", run, "--probes", probes_file, "--device", "cpu")
     assert third.returncode == 0, third.stderr
     assert re.search(r"^\[2/3\] checkpoint-4 \.\.\. \d+\.\d+s$", third.stderr, re.MULTILINE)
     rows = read_json(run / SCAN_JSON)["rows"]
@@ -241,7 +255,7 @@ def test_scan_lora_checkpoints(lora_run, probes_file, tokenizer):
     from transformers import AutoModelForCausalLM
 
     base_dir, out = lora_run
-    result = cli("scan", out, "--probes", probes_file, "--device", "cpu")
+    result = run_cli("scan", out, "--probes", probes_file, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     data = read_json(out / SCAN_JSON)
     assert [(r["step"], r["kind"]) for r in data["rows"]] == [(2, "peft"), (4, "peft")]
@@ -268,7 +282,7 @@ def _one_line_error(stderr: str) -> str:
 
 
 def test_missing_directory_exits_2(tmp_path):
-    result = cli("scan", tmp_path / "nope")
+    result = run_cli("scan", tmp_path / "nope")
     assert result.returncode == 2
     assert "no such directory" in _one_line_error(result.stderr)
 
@@ -281,7 +295,7 @@ def test_directory_without_checkpoints_exits_2(tmp_path, capsys):
 
 
 def test_unknown_probe_suite_exits_2(full_run):
-    result = cli("scan", full_run, "--probes", "no_such_suite")
+    result = run_cli("scan", full_run, "--probes", "no_such_suite")
     assert result.returncode == 2
     assert "Unknown probe suite 'no_such_suite'" in _one_line_error(result.stderr)
     assert not (full_run / "ctx_reliance_scan.json.tmp").exists()
@@ -320,7 +334,7 @@ def test_bad_input_exit_codes_in_process(full_run, tmp_path, capsys):
 
 def test_plot_trainer_state_and_output_dir(full_run, tmp_path):
     target = tmp_path / "curve.png"
-    result = cli("plot", full_run / "trainer_state.json", "--output", target, "--width", "6", "--height", "4",
+    result = run_cli("plot", full_run / "trainer_state.json", "--output", target, "--width", "6", "--height", "4",
                  "--dpi", "50")
     assert result.returncode == 0, result.stderr
     assert png_size(target) == (300, 200)
@@ -369,7 +383,7 @@ def test_plot_output_dir_falls_back_to_checkpoint_then_scan(full_run, full_scan,
 
 def test_probe_checkpoint_prints_families(full_run, full_scan, probes_file):
     assert full_scan.returncode == 0, full_scan.stderr
-    result = cli("probe", full_run / "checkpoint-6", "--probes", probes_file, "--device", "cpu")
+    result = run_cli("probe", full_run / "checkpoint-6", "--probes", probes_file, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     expected = {r["step"]: r["metrics"] for r in read_json(full_run / SCAN_JSON)["rows"]}[6]
     row = next(line for line in result.stdout.splitlines() if line.startswith("capitals "))
@@ -381,7 +395,7 @@ def test_probe_checkpoint_prints_families(full_run, full_scan, probes_file):
     for column, key in (("cf", "counterfactual_accuracy"), ("margin", "logprob_margin")):
         assert re.fullmatch(r"-?\d+\.\d{3}", cells[column]), cells
         assert abs(float(cells[column]) - expected[f"ctx_reliance/capitals/{key}"]) <= 5e-4 + METRIC_ATOL, column
-    as_json = cli("probe", full_run / "checkpoint-6", "--probes", probes_file, "--device", "cpu", "--json")
+    as_json = run_cli("probe", full_run / "checkpoint-6", "--probes", probes_file, "--device", "cpu", "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert_close(expected, json.loads(as_json.stdout)["metrics"])
 
