@@ -2,8 +2,8 @@
 
 Trains a tiny Llama with SFTTrainer under DDP on CPU (gloo) with ContextRelianceCallback, and writes what this rank
 saw to OUT/MODE-SHARDED.rank{N}.json: the logged probe rows, a full one-process re-score of the same weights at every
-probe step, the stop step and the final global step. Mode ``mixed``: log-likelihood mode on the two-answer capital probes plus
-four-way multiple-choice probes (one without a parametric answer), shared round-robin over the ranks.
+probe step, the stop step and the final global step. Mode ``mixed``: log-likelihood mode on the two-answer capital
+probes plus four-way multiple-choice probes (one without a parametric answer), shared round-robin over the ranks.
 
 Usage: ``ddp_probe.py TOKENIZER_DIR OUT_DIR MODE:SHARDED [MODE:SHARDED ...]``. Each configuration is a separate
 training run with its own Trainer, one after the other in the same two processes (one launch pays the start-up of
