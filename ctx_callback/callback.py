@@ -57,7 +57,7 @@ from .decisions import (
 )
 from .distributed import broadcast_from_main, gather_outcomes, params_are_sharded, plan_probes, run_round
 from .encoding import ALL_VARIANTS
-from .engines.base import _device_of
+from .engines.base import device_of
 from .errors import ConfigurationError, TrainerWiringError
 from .metrics import METRIC_PREFIX, metric_key, metric_spec
 from .models import max_positions
@@ -1329,7 +1329,7 @@ class ContextRelianceCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._check_wiring(state, kwargs)
         model = kwargs["model"]
-        check_probe_dtype_device(self.probe_dtype, _device_of(model))  # float16 off CUDA: before the first step
+        check_probe_dtype_device(self.probe_dtype, device_of(model))  # float16 off CUDA: before the first step
         self._check_best_metric(args)
         if state.global_step == 0:
             self._start_fresh()

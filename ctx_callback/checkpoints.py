@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointMismatchError, UnsafeFileError
+from .errors import CheckpointMismatchError, UnsafeFileError, quote_error
 
 __all__ = ["COMPILED_PREFIX", "load_weights_into", "strip_compiled_prefix"]
 
@@ -97,7 +97,7 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         except pickle.UnpicklingError as err:
             raise UnsafeFileError(
                 f"refusing to load {legacy}: it holds objects other than tensors, and unpickling them could run "
-                f"code (torch.load(weights_only=True) said: {' '.join(str(err).split())[:300]}). Re-save the "
+                f"code (torch.load(weights_only=True) said: {quote_error(err)}). Re-save the "
                 "checkpoint as safetensors (save_pretrained(safe_serialization=True)) from a trusted environment."
             ) from None
     else:

@@ -96,7 +96,7 @@ def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def _split_prompt_and_answers(
+def split_prompt_and_answers(
     tokenizer: Any, prompt: str, continuations: Sequence[str], add_special: bool
 ) -> tuple[list[int], list[list[int]]]:
     """TRL's split, shared by the answers: the prompt is where the tokenized prompt and every joint tokenization agree.
@@ -151,7 +151,7 @@ def pad_token_id_of(tokenizer: Any) -> int:
     return int(pad)
 
 
-def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
+def common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
     if not sequences:
         return ()
     first = sequences[0]
@@ -203,7 +203,7 @@ def encode_probes(
             prompt = prompt_format.prompt(context, question)
             pair = probe.answers
             continuations = [prompt_format.continuation(context, question, a, prompt=prompt) for a in pair]
-            prompt_ids, answer_ids = _split_prompt_and_answers(tokenizer, prompt, continuations, add_special)
+            prompt_ids, answer_ids = split_prompt_and_answers(tokenizer, prompt, continuations, add_special)
             if not prompt_ids:
                 raise ProbeFormatError(
                     f"probe {probe.id!r} ({variant}): the prompt merges with the answer from its first token; "
@@ -222,5 +222,5 @@ def encode_probes(
         variants=variants,
         items=items,
         pad_token_id=pad,
-        shared_prefix=_common_prefix([item.prompt_ids for item in items]),
+        shared_prefix=common_prefix([item.prompt_ids for item in items]),
     )

@@ -13,6 +13,7 @@ keep their own types.
 from __future__ import annotations
 
 __all__ = [
+    "QUOTED_ERROR_LIMIT",
     "AuditDataError",
     "CheckpointMismatchError",
     "ConfigurationError",
@@ -24,7 +25,32 @@ __all__ = [
     "TrainerWiringError",
     "UnsafeFileError",
     "UsageError",
+    "quote_error",
 ]
+
+#: The most characters of another error's message that ctx_callback quotes inside its own messages.
+QUOTED_ERROR_LIMIT = 300
+
+
+def quote_error(err: BaseException | str, limit: int = QUOTED_ERROR_LIMIT, first_line: bool = False) -> str:
+    """Another error's message, shortened to quote inside one of ours.
+
+    Args:
+        err: The exception (or its message).
+        limit: The most characters kept; a longer text ends in ``...`` within the limit.
+        first_line: Keep only the first line (CUDA's out-of-memory errors and the Hub's run to many lines);
+            otherwise every run of whitespace, newlines included, becomes one space.
+
+    Returns:
+        The message on one line, at most ``limit`` characters.
+    """
+    text = str(err).strip()
+    if first_line:
+        lines = text.splitlines()
+        text = lines[0] if lines else ""
+    else:
+        text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CtxCallbackError(ValueError):

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigurationError, ProbeFormatError, ProbeSourceError
+from .errors import ConfigurationError, ProbeFormatError, ProbeSourceError, quote_error
 from .matching import answers_overlap, normalize_answer
 from .presets import PRESET_DIR_ENV, PROBE_PRESETS, preset_location
 from .probe_formats import PROBE_FORMATS, convert_record, detect_format
@@ -479,11 +479,6 @@ def _hub_probes(text: str, format: str | None, column_mapping: Mapping[str, str]
     return probes_from_records(records, format=format, column_mapping=column_mapping, source=name, id_prefix=prefix)
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 def _load_preset(name: str, split: str | None, config: str | None, kwargs: Mapping[str, Any]) -> list[Probe]:
     """The probes of the preset ``name`` (see :mod:`ctx_callback.presets`), through ``datasets.load_dataset``."""
@@ -496,7 +491,8 @@ def _load_preset(name: str, split: str | None, config: str | None, kwargs: Mappi
     except Exception as err:  # noqa: BLE001 - one line saying what failed and how to go on without the Hub
         raise ProbeSourceError(
             f"Probe preset {name!r} needs the Hugging Face Hub: datasets.load_dataset({location!r}, split={split!r}) "
-            f"failed ({type(err).__name__}: {_first_line(err)}). Without Hub access, download it elsewhere and use "
+            f"failed ({type(err).__name__}: {quote_error(err, first_line=True)}). Without Hub access, download it "
+            "elsewhere and use "
             f"load_probes(PATH, format={preset.format!r}, split={split!r}) on the snapshot folder, or put the snapshot "
             f"at ${PRESET_DIR_ENV}/{preset.hub_id}."
         ) from err

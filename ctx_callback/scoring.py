@@ -51,8 +51,8 @@ from .engines import (
     engine_names,
     is_out_of_memory,
 )
-from .engines.base import _device_of
-from .errors import ConfigurationError
+from .engines.base import device_of
+from .errors import ConfigurationError, quote_error
 from .formatting import resolve_prompt_format
 from .matching import match_answers, normalize_answer, option_label
 from .metrics import ScoreTable, compute_metrics
@@ -204,7 +204,7 @@ def probe_autocast(model: torch.nn.Module, probe_dtype: str | None) -> contextli
     """
     if probe_dtype is None:
         return contextlib.nullcontext()
-    device = _device_of(model)
+    device = device_of(model)
     check_probe_dtype_device(probe_dtype, device)
     return torch.autocast(device.type, dtype=PROBE_DTYPES[probe_dtype])
 
@@ -603,7 +603,7 @@ class ProbeScorer:
         """
         round_variants = self.round_variants(variants)
         self.check_model_length(model)
-        check_probe_dtype_device(self.probe_dtype, _device_of(model))
+        check_probe_dtype_device(self.probe_dtype, device_of(model))
         start = time.perf_counter()
         if probe_indices is None:
             indices = np.arange(len(self.probes))
@@ -693,7 +693,7 @@ class ProbeScorer:
         """The budget to retry a round that ran out of memory with, or ``None`` (after a warning) when a retry
         cannot help: sharded parameters, an engine that does not batch, or one item per forward pass already."""
         budget = self.batcher
-        reason = f"{type(err).__name__}: {_first_line(err)}"
+        reason = f"{type(err).__name__}: {quote_error(err, first_line=True)}"
         if self.synced_gpus:
             logger.warning(
                 "ctx_callback: out of memory in a probe forward pass (%s) under sharded parameters (FSDP / ZeRO-3): "
@@ -793,16 +793,10 @@ def _answer_hits(probe: Probe, text: str) -> list[bool]:
     return hits
 
 
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message, at most ``limit`` characters (CUDA's OOM messages run long)."""
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 def _free_cached_memory(model: torch.nn.Module) -> None:
     """Return the accelerator's cached blocks (``torch.cuda.empty_cache()`` and its kin) before a retry."""
-    device = _device_of(model)
+    device = device_of(model)
     backend = getattr(torch, device.type, None)
     empty_cache = getattr(backend, "empty_cache", None)
     if device.type == "cuda" and not torch.cuda.is_initialized():

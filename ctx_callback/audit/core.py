@@ -599,9 +599,9 @@ def audit_dataset(
     the_rule = resolve_rule(rule, statistic=statistic, quantile=quantile, threshold=threshold)
     probe_dtype = resolve_probe_dtype(probe_dtype)
     if probe_dtype is not None:
-        from ..engines.base import _device_of
+        from ..engines.base import device_of
 
-        check_probe_dtype_device(probe_dtype, _device_of(model))
+        check_probe_dtype_device(probe_dtype, device_of(model))
     rows = load_audit_data(dataset)
     examples, problems, format_name, columns = prepare_examples(
         rows, data_format=data_format, fields=fields, split=split, invalid=invalid)

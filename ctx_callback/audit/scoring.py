@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..encoding import EncodedItem, EncodedProbes, _common_prefix, _split_prompt_and_answers
+from ..encoding import EncodedItem, EncodedProbes, common_prefix, split_prompt_and_answers
 from ..errors import AuditDataError
 from ..formatting import PromptFormat
 from .adapters import AuditExample
@@ -83,7 +83,7 @@ def encode_example(
     for variant, context in variants:
         prompt = prompt_format.prompt(context, example.question)
         continuation = prompt_format.continuation(context, example.question, example.answer, prompt=prompt)
-        prompt_ids, (target_ids,) = _split_prompt_and_answers(tokenizer, prompt, [continuation], add_special)
+        prompt_ids, (target_ids,) = split_prompt_and_answers(tokenizer, prompt, [continuation], add_special)
         if not target_ids:
             raise AuditDataError(f"example {example.index}: the target {example.answer[:60]!r} tokenizes to no tokens.")
         if not prompt_ids:
@@ -134,7 +134,7 @@ def score_encoded(
     if not items:
         return out
     probes = EncodedProbes(probes=[], variants=(WITH, WITHOUT), items=items, pad_token_id=int(pad_token_id),
-                           shared_prefix=_common_prefix([item.prompt_ids for item in items]))
+                           shared_prefix=common_prefix([item.prompt_ids for item in items]))
     batcher = Batcher(max_batch_tokens, max_batch_size)
     scorer = create_loglik_engine(engine, probes, batcher)
     if not scorer.applicable(items):

@@ -35,9 +35,9 @@ from typing import Any
 
 from ..errors import UsageError
 from .common import (
-    _DTYPES,
-    _PROBE_DTYPES,
     EXIT_OK,
+    PROBE_DTYPE_CHOICES,
+    WEIGHT_DTYPES,
     ModelLoader,
     add_debug_option,
     add_subparser,
@@ -148,8 +148,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--rescore", action="store_true", help=f"ignore {AUDIT_SCORES} and score every example")
     g.add_argument("--no-plot", action="store_true", help=f"do not draw {AUDIT_HIST}")
     g = parser.add_argument_group("model options")
-    g.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype")
-    g.add_argument("--probe-dtype", choices=_PROBE_DTYPES, default=None,
+    g.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights dtype")
+    g.add_argument("--probe-dtype", choices=PROBE_DTYPE_CHOICES, default=None,
                    help="run the forward passes under torch.autocast in this dtype (weights left in --dtype)")
     g.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     g.add_argument("--batch-tokens", type=positive_int, default=8192, metavar="N", help="padded tokens per forward")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..encoding import ALL_VARIANTS
-from ..errors import CheckpointMismatchError, ConfigurationError, CtxCallbackError, UsageError
+from ..errors import CheckpointMismatchError, ConfigurationError, CtxCallbackError, UsageError, quote_error
 from ..metrics import METRIC_PREFIX as PREFIX
 from ..monitor import Monitor, parse_monitor
 
@@ -77,9 +77,9 @@ SCAN_CSV = "ctx_reliance_scan.csv"
 SCAN_FORMAT = "ctx_callback.scan/1"
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 #: ``--probe-dtype`` (the autocast dtype of the forward passes; ``ctx_callback.scoring.PROBE_DTYPES``).
-_PROBE_DTYPES = ("bfloat16", "float16")
+PROBE_DTYPE_CHOICES = ("bfloat16", "float16")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 EPILOG = """exit codes:
@@ -111,9 +111,8 @@ def warn(message: str) -> None:
 
 
 def one_line(err: BaseException) -> str:
-    """An exception's message on one line, at most 600 characters."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= 600 else text[:597] + "..."
+    """An exception's message on one line, shortened (:func:`ctx_callback.errors.quote_error`)."""
+    return quote_error(err)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,8 +206,8 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base-model", default=None, metavar="PATH|ID",
                    help="PEFT adapters: base model to apply them to; default: base_model_name_or_path from "
                         "adapter_config.json")
-    g.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype for scoring")
-    g.add_argument("--probe-dtype", choices=_PROBE_DTYPES, default=None,
+    g.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights dtype for scoring")
+    g.add_argument("--probe-dtype", choices=PROBE_DTYPE_CHOICES, default=None,
                    help="run the forward passes under torch.autocast in this dtype, the weights left in --dtype "
                         "(as the callback's probe_dtype); float16 needs a CUDA --device; default: no autocast")
     g.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")

@@ -68,7 +68,7 @@ class LoglikEngine(ABC):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     """The device inputs go to: ``model.device`` where it is a device, else the first parameter's."""
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -78,7 +78,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated)."""
     base = model
     for attr in ("get_base_model",):
@@ -91,13 +91,13 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(output: Any) -> Any:
+def output_cache(output: Any) -> Any:
     """The KV cache of a model output, under either name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _answer_logprob_sums(logits: torch.Tensor, targets: list[int], lengths: list[int]) -> list[float]:
+def answer_logprob_sums(logits: torch.Tensor, targets: list[int], lengths: list[int]) -> list[float]:
     """Sum of log p(target) over each answer's consecutive rows of ``logits`` ([sum(lengths), vocab])."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     tok = torch.tensor(targets, device=logp.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, _answer_logprob_sums, _device_of
+from .base import LoglikEngine, answer_logprob_sums, device_of
 
 __all__ = ["BatchedEngine"]
 
@@ -20,7 +20,7 @@ class BatchedEngine(LoglikEngine):
     name = "batched"
 
     def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
-        device = _device_of(model)
+        device = device_of(model)
         pad = self.encoded.pad_token_id
         rows = [(i, k, item.prompt_ids, ans) for i, item in enumerate(items)
                 for k, ans in enumerate(item.answer_ids)]
@@ -44,7 +44,7 @@ class BatchedEngine(LoglikEngine):
             ).logits
             if logits.dim() == 3:  # a model that ignored the boolean logits_to_keep
                 logits = logits[keep.to(logits.device)]
-            sums = _answer_logprob_sums(logits, targets, [len(rows[b][3]) for b in batch])
+            sums = answer_logprob_sums(logits, targets, [len(rows[b][3]) for b in batch])
             for b, value in zip(batch, sums):
                 results[rows[b][0]][rows[b][1]] = value
         return [tuple(values) for values in results]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..encoding import EncodedItem, EncodedProbes
-from .base import _device_of
+from .base import device_of
 from .batching import Batcher
 
 __all__ = ["GenerationEngine", "stop_token_ids"]
@@ -59,7 +59,7 @@ class GenerationEngine:
         """
         from transformers import GenerationConfig
 
-        device = _device_of(model)
+        device = device_of(model)
         pad = self.encoded.pad_token_id
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, _answer_logprob_sums, _cache_kwarg, _device_of, _output_cache
+from .base import LoglikEngine, answer_logprob_sums, cache_kwarg, device_of, output_cache
 
 __all__ = ["PrefixCacheEngine"]
 
@@ -47,14 +47,14 @@ class PrefixCacheEngine(LoglikEngine):
     def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
         from transformers import DynamicCache
 
-        device = _device_of(model)
+        device = device_of(model)
         pad = self.encoded.pad_token_id
-        cache_kw = _cache_kwarg(model)
+        cache_kw = cache_kwarg(model)
         config = getattr(model, "config", None)
         p0 = self.prefix_length(items)
         preamble = torch.tensor([self.encoded.shared_prefix[:p0]], device=device)
         out = model(input_ids=preamble, use_cache=True, logits_to_keep=1)
-        base_cache = [(layer[0], layer[1]) for layer in _output_cache(out)]
+        base_cache = [(layer[0], layer[1]) for layer in output_cache(out)]
         results = [[0.0] * len(item.answer_ids) for item in items]
         # Budget: the tail pass holds B x tail tokens; the answer pass R x answer tokens over a cache of p0 + tail.
         lengths = [len(item.prompt_ids) - p0 + max(len(ids) for ids in item.answer_ids) for item in items]
@@ -82,7 +82,7 @@ class PrefixCacheEngine(LoglikEngine):
                     logits_to_keep=1,
                     **{cache_kw: cache},
                 )
-                cache = _output_cache(out)
+                cache = output_cache(out)
             # Every item's cache row is repeated once per answer (one repeat count per item).
             repeats = torch.tensor([len(items[b].answer_ids) for b in batch])
             if bool((repeats == 2).all()):
@@ -119,7 +119,7 @@ class PrefixCacheEngine(LoglikEngine):
             ).logits
             if logits.dim() == 3:
                 logits = logits[keep.to(logits.device)]
-            sums = _answer_logprob_sums(logits, targets, [len(ans) for _, _, ans, _ in answers])
+            sums = answer_logprob_sums(logits, targets, [len(ans) for _, _, ans, _ in answers])
             for (row, _, _, k), value in zip(answers, sums):
                 results[batch[row]][k] = value
         return [tuple(values) for values in results]

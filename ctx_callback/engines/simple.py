@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, _device_of
+from .base import LoglikEngine, device_of
 
 __all__ = ["SimpleEngine"]
 
@@ -21,7 +21,7 @@ class SimpleEngine(LoglikEngine):
     uses_batcher = False
 
     def score(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:
-        device = _device_of(model)
+        device = device_of(model)
         out = []
         for item in items:
             values = []
