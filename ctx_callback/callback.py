@@ -59,7 +59,7 @@ from .distributed import broadcast_from_main, gather_outcomes, params_are_sharde
 from .encoding import ALL_VARIANTS
 from .engines.base import device_of
 from .errors import ConfigurationError, TrainerWiringError
-from .metrics import METRIC_PREFIX, metric_key, metric_spec
+from .metrics import CONFIDENCE, INTERVAL_METRICS, METRIC_PREFIX, metric_key, metric_spec
 from .models import max_positions
 from .monitor import NEEDS_PARAMETRIC, parse_monitor
 from .outcomes import (
@@ -112,10 +112,6 @@ KEY_FLIPS_TO_CONTEXT = metric_key("flips_to_context")
 KEY_FLIPS_SINCE_PREVIOUS = metric_key("flips_since_previous")
 #: Suffixes of the uncertainty keys of a metric key: ``<key>_se``, ``<key>_ci_low``, ``<key>_ci_high``.
 SE_SUFFIX, CI_LOW_SUFFIX, CI_HIGH_SUFFIX = "_se", "_ci_low", "_ci_high"
-#: Overall metrics that get uncertainty keys besides the monitored one (those a round scored).
-INTERVAL_METRICS = ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy")
-#: Confidence of the logged intervals.
-CONFIDENCE = 0.95
 #: One character per probe for the preferred answers kept in the resume state: every label of
 #: :data:`~ctx_callback.outcomes.PREFERRED_LABELS` (``"other"`` included: a multiple-choice probe whose winner is
 #: neither the counterfactual nor the parametric option), and ``None`` (not scored) as ``"-"``.

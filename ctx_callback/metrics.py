@@ -22,7 +22,9 @@ import numpy as np
 from .errors import ConfigurationError
 
 __all__ = [
+    "CONFIDENCE",
     "DERIVED_KEYS",
+    "INTERVAL_METRICS",
     "METRICS",
     "METRIC_DESCRIPTIONS",
     "METRIC_PREFIX",
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 METRIC_PREFIX = "ctx_reliance"
+#: Overall metrics that get uncertainty keys besides the monitored one (those a round scored).
+INTERVAL_METRICS = ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy")
+#: Confidence of the logged intervals and of the paired comparison of two probe events.
+CONFIDENCE = 0.95
 #: Scoring modes: compare the two answers' log-likelihoods, or generate greedily and match answers in the output.
 MODES: tuple[str, ...] = ("loglik", "generate")
 
