@@ -18,7 +18,8 @@ each, on CPU) and dumps, per scenario, a normalised copy of everything they prod
 Normalisation: keys naming a timing (containing ``seconds``, ``runtime``, ``per_second`` or ``wall``) are dropped from
 JSON and masked in text; durations (``1.2s``), rates (``15.3 examples/s``) and tqdm's elapsed/remaining brackets are
 masked, tqdm's intermediate ``\\r`` refreshes dropped (only a bar's final state is kept); the scan cache's weight-file
-modification times are masked; the temporary work folder, the repository and the SmolLM2 folder are replaced by
+modification times and the audit's settings fingerprint (it hashes the model's temporary path) are masked; the
+temporary work folder, the repository and the SmolLM2 folder are replaced by
 ``<OUT>``, ``<REPO>`` and ``<SMOLLM2>``; TensorBoard's time-and-host file and folder names are replaced. The script
 re-executes itself with ``PYTHONHASHSEED=0`` so that no set or dict order can depend on string hashing.
 
@@ -77,6 +78,8 @@ _NUMBER = r"-?(?:\d[\d.eE+-]*|NaN|nan|-?Infinity|inf)"
 RE_JSON_TIMING = re.compile(r'("' + _TIMING_KEY + r'"\s*:\s*)(?:' + _NUMBER + r'|null|"[^"]*")')
 RE_PRINTED_TIMING = re.compile(r"('" + _TIMING_KEY + r"':\s*)(?:'[^']*'|" + _NUMBER + r")")
 RE_MTIME = re.compile(r'(\[\s*"[^"\n]+",\s*\d+,\s*)\d+(\s*\])')
+#: The audit's settings fingerprint hashes the tokenizer's path (a temporary folder here): masked.
+RE_FINGERPRINT = re.compile(r'("fingerprint"\s*:\s*)"[0-9a-f]+"')
 RE_TQDM = re.compile(r"\[\d+:\d\d(?::\d\d)?(?:<[^\]\n]*)?(?:,[^\]\n]*)?\]")
 RE_SECONDS = re.compile(r"\b\d+\.\d+ ?s\b")
 RE_SECONDS_WORD = re.compile(r"\b\d+(?:\.\d+)? ?(?:seconds|secs?)\b")
@@ -177,7 +180,7 @@ class Normaliser:
             The text with paths replaced, timing values and the scan cache's modification times masked.
         """
         text = RE_JSON_TIMING.sub(r"\1<T>", self.paths(text))
-        return RE_MTIME.sub(r"\1<MTIME>\2", text)
+        return RE_FINGERPRINT.sub(r'\1"<FINGERPRINT>"', RE_MTIME.sub(r"\1<MTIME>\2", text))
 
     def value(self, obj: Any, key: str | None = None) -> Any:
         """Normalise a JSON value: drop timing keys, mask modification times, replace paths in strings.
@@ -197,7 +200,7 @@ class Normaliser:
                         for e in obj]
             return [self.value(v) for v in obj]
         if isinstance(obj, str):
-            return self.paths(obj)
+            return "<FINGERPRINT>" if key == "fingerprint" else self.paths(obj)
         return obj
 
 
