@@ -1,0 +1,37 @@
+"""Griffe extension: make the lazily imported top-level names of ``ctx_callback`` visible to the API reference.
+
+``ctx_callback/__init__.py`` exports its public names through ``_EXPORTS`` (name -> defining module) and a module
+``__getattr__``, so that ``import ctx_callback`` does not load torch. Griffe reads code statically and would only see
+the names repeated under ``if TYPE_CHECKING:``; this extension adds an alias for every entry of ``_EXPORTS``, so
+``::: ctx_callback.NAME`` works for every public name, wherever the package defines it.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import griffe
+
+
+def lazy_exports(init_source: str) -> dict[str, str]:
+    """The ``_EXPORTS`` mapping of a package ``__init__`` (public name -> module relative to the package)."""
+    for node in ast.parse(init_source).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == "_EXPORTS" and node.value is not None:
+            return ast.literal_eval(node.value)
+    return {}
+
+
+class LazyExports(griffe.Extension):
+    """Alias ``ctx_callback.NAME`` to ``ctx_callback.<module>.NAME`` for each lazily exported name."""
+
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        if pkg.name != "ctx_callback" or pkg.filepath is None:
+            return
+        source = pkg.filepath.read_text(encoding="utf-8") if not isinstance(pkg.filepath, list) else ""
+        for name, module in lazy_exports(source).items():
+            if name not in pkg.members:
+                pkg.set_member(name, griffe.Alias(name, f"{pkg.path}.{module}.{name}", parent=pkg))
