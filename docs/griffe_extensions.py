@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import griffe
+try:
+    from griffe import Alias, Extension
+except ImportError:  # without the docs extra the helpers below still import, for the tests
+    Alias, Extension = None, object  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    import griffe
 
 
 def lazy_exports(init_source: str) -> dict[str, str]:
@@ -30,7 +36,7 @@ def lazy_exports(init_source: str) -> dict[str, str]:
     return {}
 
 
-class LazyExports(griffe.Extension):
+class LazyExports(Extension):
     """Alias ``ctx_callback.NAME`` to ``ctx_callback.<module>.NAME`` for each lazily exported name."""
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
@@ -39,7 +45,7 @@ class LazyExports(griffe.Extension):
         source = pkg.filepath.read_text(encoding="utf-8") if not isinstance(pkg.filepath, list) else ""
         for name, module in lazy_exports(source).items():
             if name not in pkg.members:
-                pkg.set_member(name, griffe.Alias(name, f"{pkg.path}.{module}.{name}", parent=pkg))
+                pkg.set_member(name, Alias(name, f"{pkg.path}.{module}.{name}", parent=pkg))
 
 
 #: ``:role:`target``` or ``:role:`~target```, the Sphinx cross-reference roles the docstrings use.
@@ -51,7 +57,7 @@ def sphinx_roles_as_code(text: str) -> str:
     return SPHINX_ROLE.sub(lambda m: "``" + (m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2)) + "``", text)
 
 
-class SphinxRolesAsCode(griffe.Extension):
+class SphinxRolesAsCode(Extension):
     """Rewrite Sphinx roles in every docstring of the package as inline code before they are rendered."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
