@@ -1,6 +1,6 @@
 """Which monitor should the callback watch? Rank candidate monitors against a held-out generation reference.
 
-The evidence behind the README's monitor-choice table ("How sure is the stop?"). Three steps:
+The evidence behind the monitor-choice table in docs/stopping.md ("Which monitor?"). Three steps:
 
 1. Train the example observe-only, keeping a checkpoint every 10 steps (one run per seed; the seed also reshuffles
    the training mixture)::

@@ -30,7 +30,7 @@ runs the detection delay (events after the first declined event: 0 = stopped at 
 percentile, and the share of declining runs stopped before the fall (``early``) or not at all within the horizon
 (``missed``).
 
-    python benchmarks/stop_rule_simulation.py                      # the README table (markdown)
+    python benchmarks/stop_rule_simulation.py                      # the table in docs/stopping.md (markdown)
     python benchmarks/stop_rule_simulation.py --runs 200 --probes 100,400 --json out.json
 """
 

@@ -328,15 +328,15 @@ def test_conflictbank_options_named_by_text_index_or_labelled_text():
         load_probes([row], format="conflictbank")
 
 
-# -- README --------------------------------------------------------------------------------------------------------
+# -- docs/probes.md (the preset table) ---------------------------------------------------------------------------------
 
 
 def test_readme_preset_table_equals_the_registry():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "probes.md").read_text()
     match = re.search(r"<!-- presets:start -->\n(.*?)\n<!-- presets:end -->", text, re.DOTALL)
-    assert match, "README.md lost its presets markers"
+    assert match, "docs/probes.md lost its presets markers"
     assert match.group(1) == presets_markdown(), (
-        "README preset table is out of date: paste ctx_callback.presets.presets_markdown() between the markers")
+        "docs/probes.md preset table is out of date: paste ctx_callback.presets.presets_markdown() between the markers")
 
 
 # -- all presets in one round ----------------------------------------------------------------------------------------
