@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuditDataError, ConfigurationError
+from ..registry import Registry
 
 __all__ = [
     "AUDIT_FORMATS",
@@ -117,7 +118,13 @@ class AuditFormat:
 
 
 #: Registered formats by name, in detection order.
-AUDIT_FORMATS: dict[str, AuditFormat] = {}
+AUDIT_FORMATS: Registry[AuditFormat] = Registry(
+    "audit format",
+    unknown_message=lambda name, formats: (
+        f"unknown data format {name!r}; choose from {list(formats)} or 'auto' (register a new one with "
+        "ctx_callback.audit.register_audit_format)."
+    ),
+)
 
 
 def register_audit_format(
@@ -148,14 +155,8 @@ def register_audit_format(
         ConfigurationError: ``name`` is already registered.
     """
 
-    def decorator(fn: Splitter) -> Splitter:
-        if name in AUDIT_FORMATS:
-            raise ConfigurationError(f"audit format {name!r} is already registered.")
-        AUDIT_FORMATS[name] = AuditFormat(name, fn, dict(columns or {}), tuple(optional), detect, prompt_format,
-                                          description, rewrite)
-        return fn
-
-    return decorator
+    return AUDIT_FORMATS.decorator(name, lambda fn: AuditFormat(name, fn, dict(columns or {}), tuple(optional), detect,
+                                                                prompt_format, description, rewrite))
 
 
 def detect_audit_format(column_names: Iterable[str]) -> str:
