@@ -42,6 +42,7 @@ __all__ = [
     "SourceKind",
     "read_json_file",
     "read_probe_source",
+    "source_kind",
 ]
 
 #: Names of the suites shipped inside the package (``ctx_callback/data/<name>.jsonl``).
@@ -113,16 +114,20 @@ class SourceKind:
     load: Callable[[ProbeRequest], list[Probe]]
 
 
+def source_kind(request: ProbeRequest) -> SourceKind:
+    """The first kind in :data:`SOURCE_KINDS` that accepts ``request`` (the last one accepts everything)."""
+    return next(kind for kind in SOURCE_KINDS if kind.accepts(request))
+
+
 def read_probe_source(request: ProbeRequest) -> list[Probe]:
-    """The probes of ``request.source``, read by the first kind in :data:`SOURCE_KINDS` that accepts it.
+    """The probes of ``request.source``, read by its :func:`source_kind`.
 
     Raises:
         ProbeFormatError: A record is invalid.
         ProbeSourceError: The source does not exist or cannot be loaded.
         ConfigurationError: ``format``/``column_mapping`` for suites and presets; an unknown format or a bad mapping.
     """
-    kind = next(kind for kind in SOURCE_KINDS if kind.accepts(request))
-    return kind.load(request)
+    return source_kind(request).load(request)
 
 
 # --------------------------------------------------------------------------------------------------------------
