@@ -14,7 +14,7 @@ Offline: a preset needs the Hugging Face Hub. Point it at a local copy in one of
   (``$CTX_CALLBACK_PRESET_DIR/pminervini/NQ-Swap/...``, the README with its ``configs:`` included, since that is what
   names the splits): every preset whose folder exists there loads from it, through the same ``load_dataset`` call.
 
-Pure Python, no torch, no ``datasets`` import (the loading itself is in :mod:`ctx_callback.probes`).
+Pure Python, no torch, no ``datasets`` import (the loading itself is in :mod:`ctx_callback.probe_sources`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Where the context is: adapters from a training example to ``(context, question, answer)``.
 
-An audit format is one entry of :data:`AUDIT_FORMATS`, registered with :func:`register_audit_format` (as probe formats
-are with :func:`~ctx_callback.probe_formats.register_probe_format`): a name (what users pass as ``data_format=``), the
-columns it reads by *role* with their default names, a function ``split(example, columns) -> (context, question,
-answer)`` (``context`` is ``None`` for an example without one), the prompt format its data is usually trained with,
-and a column test for auto-detection (formats are tried in registration order).
+An audit format is one entry of :data:`AUDIT_FORMATS` (a :class:`~ctx_callback.registry.Registry`), registered with
+:func:`register_audit_format` (as probe formats are with :func:`~ctx_callback.probe_formats.register_probe_format`): a
+name (what users pass as ``data_format=``), the columns it reads by *role* with their default names, a function
+``split(example, columns) -> (context, question, answer)`` (``context`` is ``None`` for an example without one), the
+prompt format its data is usually trained with, and a column test for auto-detection (formats are tried in
+registration order). ``AUDIT_FORMATS.lookup(name)`` raises the "unknown data format" error with the known names.
 
 Built-in formats:
 
