@@ -59,7 +59,7 @@ __all__ = [
 #: The default engine name: :class:`AutoEngine` (prefix cache, falling back to batched).
 AUTO = "auto"
 
-#: The log-likelihood engines by name. Adding an engine = one module + one entry here.
+#: The log-likelihood engines by name. Adding an engine = one module + one ``register`` line here.
 LOGLIK_ENGINES: Registry[type[LoglikEngine]] = Registry(
     "engine", unknown_message=lambda name, _: f"engine must be one of {list(engine_names())}, got {name!r}."
 )
