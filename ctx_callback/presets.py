@@ -14,7 +14,7 @@ Offline: a preset needs the Hugging Face Hub. Point it at a local copy in one of
   (``$CTX_CALLBACK_PRESET_DIR/pminervini/NQ-Swap/...``, the README with its ``configs:`` included, since that is what
   names the splits): every preset whose folder exists there loads from it, through the same ``load_dataset`` call.
 
-Pure Python, no torch, no ``datasets`` import (the loading itself is in :mod:`ctx_callback.probes`).
+Pure Python, no torch, no ``datasets`` import (the loading itself is in :mod:`ctx_callback.probe_sources`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigurationError
+from .registry import Registry
 
 __all__ = [
     "PRESET_DIR_ENV",
@@ -73,8 +74,14 @@ class ProbePreset:
     description: str = ""
 
 
+def _check_preset_name(name: str) -> None:
+    """Refuse a preset name with ``"+"`` or ``"/"``: those separate suites and Hub ids in ``load_probes``."""
+    if "+" in name or "/" in name:
+        raise ConfigurationError(f"probe preset name {name!r} may not contain '+' or '/'.")
+
+
 #: Registered presets by name, in documentation order.
-PROBE_PRESETS: dict[str, ProbePreset] = {}
+PROBE_PRESETS: Registry[ProbePreset] = Registry("probe preset", check_name=_check_preset_name)
 
 
 def register_probe_preset(preset: ProbePreset) -> ProbePreset:
@@ -83,12 +90,7 @@ def register_probe_preset(preset: ProbePreset) -> ProbePreset:
     Raises:
         ConfigurationError: The name is taken, or contains ``"+"`` or ``"/"`` (those separate suites and Hub ids).
     """
-    if preset.name in PROBE_PRESETS:
-        raise ConfigurationError(f"probe preset {preset.name!r} is already registered.")
-    if "+" in preset.name or "/" in preset.name:
-        raise ConfigurationError(f"probe preset name {preset.name!r} may not contain '+' or '/'.")
-    PROBE_PRESETS[preset.name] = preset
-    return preset
+    return PROBE_PRESETS.register(preset.name, preset)
 
 
 def preset_location(preset: ProbePreset) -> str:

@@ -1,9 +1,10 @@
 """Probe record formats: how a record in a public layout becomes a native probe record.
 
-A format is one entry of :data:`PROBE_FORMATS`, registered with :func:`register_probe_format`: a name (what users
-pass as ``format=``), a converter from the dataset's record to the native fields (``context``, ``question``,
-``counterfactual_answer``, ``parametric_answer`` and optional ones, see :class:`~ctx_callback.Probe`), and optionally
-a field test used to detect the format when the user passes none. Detection tries the formats in registration order.
+A format is one entry of :data:`PROBE_FORMATS` (a :class:`~ctx_callback.registry.Registry`), registered with
+:func:`register_probe_format`: a name (what users pass as ``format=``), a converter from the dataset's record to the
+native fields (``context``, ``question``, ``counterfactual_answer``, ``parametric_answer`` and optional ones, see
+:class:`~ctx_callback.Probe`), and optionally a field test used to detect the format when the user passes none.
+Detection tries the formats in registration order.
 
 To add a format, add one decorated converter at the end of this file (see "Extending ctx_callback" in the README)::
 
@@ -27,8 +28,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigurationError, ProbeFormatError
+from .errors import ProbeFormatError
 from .matching import normalize_answer
+from .registry import Registry
 
 __all__ = ["PROBE_FORMATS", "ProbeRecordFormat", "convert_record", "detect_format", "register_probe_format"]
 
@@ -56,7 +58,12 @@ class ProbeRecordFormat:
 
 
 #: Registered formats by name, in detection order.
-PROBE_FORMATS: dict[str, ProbeRecordFormat] = {}
+PROBE_FORMATS: Registry[ProbeRecordFormat] = Registry(
+    "probe format",
+    unknown_message=lambda name, formats: (
+        f"Unknown probe format {name!r}; expected one of {list(formats)} or None (auto-detect)."
+    ),
+)
 
 
 def register_probe_format(
@@ -66,15 +73,14 @@ def register_probe_format(
     needs_column_mapping: bool = False,
     description: str = "",
 ) -> Callable[[Converter], Converter]:
-    """Decorator: register ``fn(record, where, column_mapping) -> native record`` as the format ``name``."""
+    """Decorator: register ``fn(record, where, column_mapping) -> native record`` as the format ``name``.
 
-    def decorator(convert: Converter) -> Converter:
-        if name in PROBE_FORMATS:
-            raise ConfigurationError(f"probe format {name!r} is already registered.")
-        PROBE_FORMATS[name] = ProbeRecordFormat(name, convert, detect, needs_column_mapping, description)
-        return convert
-
-    return decorator
+    Raises:
+        ConfigurationError: ``name`` is already registered.
+    """
+    return PROBE_FORMATS.decorator(
+        name, lambda convert: ProbeRecordFormat(name, convert, detect, needs_column_mapping, description)
+    )
 
 
 def detect_format(record: Mapping[str, Any]) -> str:

@@ -162,7 +162,7 @@ def test_unknown_engine_lists_the_names(tokenizer, capital_probes):
 
 
 def test_register_engine_makes_a_new_engine_available(tokenizer, tiny_model, monkeypatch):
-    monkeypatch.setattr(engines_pkg, "LOGLIK_ENGINES", dict(LOGLIK_ENGINES))
+    monkeypatch.setattr(engines_pkg, "LOGLIK_ENGINES", LOGLIK_ENGINES.copy())
 
     @register_engine("simple_again")
     class SimpleAgain(SimpleEngine):

@@ -1,10 +1,11 @@
 """Where the context is: adapters from a training example to ``(context, question, answer)``.
 
-An audit format is one entry of :data:`AUDIT_FORMATS`, registered with :func:`register_audit_format` (as probe formats
-are with :func:`~ctx_callback.probe_formats.register_probe_format`): a name (what users pass as ``data_format=``), the
-columns it reads by *role* with their default names, a function ``split(example, columns) -> (context, question,
-answer)`` (``context`` is ``None`` for an example without one), the prompt format its data is usually trained with,
-and a column test for auto-detection (formats are tried in registration order).
+An audit format is one entry of :data:`AUDIT_FORMATS` (a :class:`~ctx_callback.registry.Registry`), registered with
+:func:`register_audit_format` (as probe formats are with :func:`~ctx_callback.probe_formats.register_probe_format`): a
+name (what users pass as ``data_format=``), the columns it reads by *role* with their default names, a function
+``split(example, columns) -> (context, question, answer)`` (``context`` is ``None`` for an example without one), the
+prompt format its data is usually trained with, and a column test for auto-detection (formats are tried in
+registration order). ``AUDIT_FORMATS.lookup(name)`` raises the "unknown data format" error with the known names.
 
 Built-in formats:
 
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AuditDataError, ConfigurationError
+from ..registry import Registry
 
 __all__ = [
     "AUDIT_FORMATS",
@@ -117,7 +119,13 @@ class AuditFormat:
 
 
 #: Registered formats by name, in detection order.
-AUDIT_FORMATS: dict[str, AuditFormat] = {}
+AUDIT_FORMATS: Registry[AuditFormat] = Registry(
+    "audit format",
+    unknown_message=lambda name, formats: (
+        f"unknown data format {name!r}; choose from {list(formats)} or 'auto' (register a new one with "
+        "ctx_callback.audit.register_audit_format)."
+    ),
+)
 
 
 def register_audit_format(
@@ -148,14 +156,8 @@ def register_audit_format(
         ConfigurationError: ``name`` is already registered.
     """
 
-    def decorator(fn: Splitter) -> Splitter:
-        if name in AUDIT_FORMATS:
-            raise ConfigurationError(f"audit format {name!r} is already registered.")
-        AUDIT_FORMATS[name] = AuditFormat(name, fn, dict(columns or {}), tuple(optional), detect, prompt_format,
-                                          description, rewrite)
-        return fn
-
-    return decorator
+    return AUDIT_FORMATS.decorator(name, lambda fn: AuditFormat(name, fn, dict(columns or {}), tuple(optional), detect,
+                                                                prompt_format, description, rewrite))
 
 
 def detect_audit_format(column_names: Iterable[str]) -> str:

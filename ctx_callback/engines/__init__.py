@@ -12,8 +12,8 @@ tests check each registered engine against ``"simple"`` to 1e-5.
 - ``"simple"``: one unbatched forward pass per (prompt, answer), the reference;
 - ``"auto"`` (default, not in the registry): ``"prefix"``, falling back to ``"batched"`` (see :mod:`.auto`).
 
-To add an engine, write a module with a ``LoglikEngine`` subclass and add it to :data:`LOGLIK_ENGINES`
-(or decorate it with ``@register_engine("name")`` outside this package)::
+To add an engine, write a module with a ``LoglikEngine`` subclass and register it in :data:`LOGLIK_ENGINES` (a
+:class:`~ctx_callback.registry.Registry`; or decorate it with ``@register_engine("name")`` outside this package)::
 
     class MyEngine(LoglikEngine):
         name = "mine"
@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from ..encoding import EncodedProbes
 from ..errors import ConfigurationError
+from ..registry import Registry
 from .auto import AutoEngine
 from .base import LoglikEngine, is_out_of_memory
 from .batched import BatchedEngine
@@ -55,15 +56,16 @@ __all__ = [
     "register_engine",
 ]
 
-#: The log-likelihood engines by name. Adding an engine = one module + one entry here.
-LOGLIK_ENGINES: dict[str, type[LoglikEngine]] = {
-    "prefix": PrefixCacheEngine,
-    "batched": BatchedEngine,
-    "simple": SimpleEngine,
-}
-
 #: The default engine name: :class:`AutoEngine` (prefix cache, falling back to batched).
 AUTO = "auto"
+
+#: The log-likelihood engines by name. Adding an engine = one module + one ``register`` line here.
+LOGLIK_ENGINES: Registry[type[LoglikEngine]] = Registry(
+    "engine", unknown_message=lambda name, _: f"engine must be one of {list(engine_names())}, got {name!r}."
+)
+LOGLIK_ENGINES.register("prefix", PrefixCacheEngine)
+LOGLIK_ENGINES.register("batched", BatchedEngine)
+LOGLIK_ENGINES.register("simple", SimpleEngine)
 
 #: The engine used for a call that the chosen engine is not :meth:`~LoglikEngine.applicable` to.
 FALLBACK_ENGINE = "batched"
@@ -85,7 +87,7 @@ def register_engine(name: str) -> Callable[[type[LoglikEngine]], type[LoglikEngi
         if name == AUTO or LOGLIK_ENGINES.get(name, cls) is not cls:
             raise ConfigurationError(f"engine name {name!r} is taken; registered: {list(engine_names())}.")
         cls.name = name
-        LOGLIK_ENGINES[name] = cls
+        LOGLIK_ENGINES.register(name, cls, replace=True)  # the same class again: a no-op
         return cls
 
     return decorate
@@ -99,6 +101,4 @@ def create_loglik_engine(name: str, encoded: EncodedProbes, batcher: Batcher) ->
     """
     if name == AUTO:
         return AutoEngine(encoded, batcher)
-    if name not in LOGLIK_ENGINES:
-        raise ConfigurationError(f"engine must be one of {list(engine_names())}, got {name!r}.")
-    return LOGLIK_ENGINES[name](encoded, batcher)
+    return LOGLIK_ENGINES.lookup(name)(encoded, batcher)
