@@ -41,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import ScoreTable
+from . import metrics
+from .metric_spec import MetricSpec, OutcomeKinds
+from .score_table import ScoreTable
 
 __all__ = [
     "PER_PROBE_METRICS",
@@ -75,24 +77,6 @@ CONTEXT, MEMORY, OTHER = "context", "memory", "other"
 PREFERRED_LABELS: tuple[str, ...] = (CONTEXT, MEMORY, "tie", "both", "neither", OTHER)
 
 
-def _better(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    out = (a > b).astype(np.float64)
-    out[np.isnan(a) | np.isnan(b)] = np.nan
-    return out
-
-
-def _hit(a: np.ndarray) -> np.ndarray:
-    out = (a == 1).astype(np.float64)
-    out[np.isnan(a)] = np.nan
-    return out
-
-
-def _column(scores: np.ndarray, variants: Sequence[str], variant: str, answer: int) -> np.ndarray | None:
-    if variant not in variants:
-        return None
-    return np.asarray(scores, dtype=np.float64)[:, list(variants).index(variant), answer]
-
-
 def _table(scores: np.ndarray, variants: Sequence[str], mode: str, options: np.ndarray | None,
            option_roles: np.ndarray | None) -> ScoreTable:
     """The metrics' view of the scores, so that a per-probe outcome is exactly what the metric averages (multiple
@@ -102,66 +86,25 @@ def _table(scores: np.ndarray, variants: Sequence[str], mode: str, options: np.n
                       option_roles=option_roles)
 
 
-def _binary(name: str, mode: str, s: np.ndarray, v: Sequence[str], options: np.ndarray | None = None,
-            option_roles: np.ndarray | None = None) -> np.ndarray | None:
-    generate = mode == "generate"
-    table = _table(s, v, mode, options, option_roles)
-    if name == "counterfactual_accuracy":
-        return _hit(table.counterfactual()) if generate else _better(table.counterfactual(), table.rival())
-    variant = {"parametric_accuracy": "context", "closed_book_accuracy": "closed_book",
-               "aligned_accuracy": "aligned"}.get(name)
-    if variant is not None:
-        if variant not in v:
-            return None
-        return _hit(table.parametric(variant)) if generate else table.parametric_wins(variant)
-    if name in ("both_rate", "neither_rate") and generate:
-        cf, rival = table.counterfactual(), table.rival()
-        target = 1.0 if name == "both_rate" else 0.0
-        out = ((cf == target) & (rival == target)).astype(np.float64)
-        out[np.isnan(cf) | np.isnan(rival)] = np.nan
-        return out
-    return None
+#: ``{metric: is hit/miss}`` for the metrics of :data:`~ctx_callback.metrics.METRICS` with per-probe outcomes (whose
+#: mean over probes is the metric): the ones a paired test, an interval from the outcomes and
+#: ``stop_rule="significant_decline"`` can use. ``memorization_ratio`` (a ratio of sums) and ``num_probes`` have none.
+#: Hit/miss ones get Wilson intervals and McNemar tests. A live view of the metric table (it follows
+#: :func:`~ctx_callback.metrics.register_metric`).
+PER_PROBE_METRICS: Mapping[str, bool] = OutcomeKinds(lambda: metrics.METRICS)
 
 
-def _continuous(name: str, mode: str, s: np.ndarray, v: Sequence[str]) -> np.ndarray | None:
-    if mode != "loglik":
-        return None
-    cf, par = _column(s, v, "context", 0), _column(s, v, "context", 1)
-    assert cf is not None and par is not None
-    if name == "counterfactual_probability":
-        with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(-(cf - par)))
-    if name == "logprob_margin":
-        return cf - par
-    if name == "context_lift":
-        cb = _column(s, v, "closed_book", 0)
-        return None if cb is None else cf - cb
-    return None
-
-
-#: Metrics with per-probe outcomes (whose mean over probes is the metric): the ones a paired test, an interval from
-#: the outcomes and ``stop_rule="significant_decline"`` can use. ``memorization_ratio`` (a ratio of sums) and
-#: ``num_probes`` have none. Binary ones (hit/miss per probe) get Wilson intervals and McNemar tests.
-PER_PROBE_METRICS: dict[str, bool] = {
-    "counterfactual_accuracy": True,
-    "parametric_accuracy": True,
-    "closed_book_accuracy": True,
-    "aligned_accuracy": True,
-    "both_rate": True,
-    "neither_rate": True,
-    "counterfactual_probability": False,
-    "logprob_margin": False,
-    "context_lift": False,
-}
-
-
-#: Per-probe metrics that are means of values in [0, 1]: their t intervals are clipped to it.
-_UNIT_INTERVAL_METRICS = frozenset({"counterfactual_probability"})
+def _spec_with_outcomes(metric: str) -> MetricSpec | None:
+    """The spec of ``metric`` if it has per-probe outcomes (``None`` for an unknown name, as for a ratio or count)."""
+    spec = next((spec for spec in metrics.METRICS if spec.name == metric), None)
+    return spec if spec is not None and spec.per_probe is not None else None
 
 
 def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metric: str, *,
                     options: np.ndarray | None = None, option_roles: np.ndarray | None = None) -> np.ndarray | None:
     """Per-probe outcomes of ``metric`` (one per row of ``scores``), or ``None`` when it has none in ``mode``.
+
+    They are the metric's own definition (``MetricSpec.per_probe``), whose NaN-mean is the logged value.
 
     Args:
         scores: ``[probes, variants, 2]`` scores (``ScoreResult.scores``): log-probabilities or 1/0 hits.
@@ -173,18 +116,17 @@ def metric_outcomes(scores: np.ndarray, variants: Sequence[str], mode: str, metr
         option_roles: With ``options``: ``ScoreResult.option_roles`` of the same rows.
 
     Returns:
-        For a binary metric of :data:`PER_PROBE_METRICS`: a ``bool`` array when every probe has an outcome, else
+        For a hit/miss metric of :data:`PER_PROBE_METRICS`: a ``bool`` array when every probe has an outcome, else
         floats 1.0/0.0/NaN (NaN = not scored). For the others: floats (NaN = not scored). ``None`` for a metric
-        without per-probe outcomes, or whose variant was not scored.
+        without per-probe outcomes, or that does not exist in ``mode`` or whose variant was not scored.
     """
-    if metric not in PER_PROBE_METRICS:
+    spec = _spec_with_outcomes(metric)
+    if spec is None:
         return None
-    scores = np.asarray(scores, dtype=np.float64)
-    out = _binary(metric, mode, scores, variants, options, option_roles) if PER_PROBE_METRICS[metric] else \
-        _continuous(metric, mode, scores, variants)
+    out = spec.outcomes(_table(scores, variants, mode, options, option_roles))
     if out is None:
         return None
-    if PER_PROBE_METRICS[metric] and not np.isnan(out).any():
+    if spec.is_hit and not np.isnan(out).any():
         return out.astype(bool)
     return out
 
@@ -448,7 +390,7 @@ def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[
     Returns:
         ``{key + "_se": ..., key + "_ci_low": ..., key + "_ci_high": ...}`` for every target with per-probe outcomes:
         Wilson interval and ``sqrt(p (1 - p) / n)`` for hit/miss metrics, Student's t and ``s / sqrt(n)`` for means
-        (clipped to [0, 1] for ``counterfactual_probability``).
+        (clipped to the metric's ``bounds``: [0, 1] for ``counterfactual_probability``).
     """
     from .stats import mean_interval, proportion_standard_error, standard_error, wilson_interval
 
@@ -460,18 +402,19 @@ def uncertainty(scores: np.ndarray, families: Sequence[str], variants: Sequence[
         values = metric_outcomes(scores[mask], variants, mode, metric,
                                  options=None if options is None else np.asarray(options)[mask],
                                  option_roles=None if option_roles is None else np.asarray(option_roles)[mask])
-        if values is None:
+        spec = _spec_with_outcomes(metric)
+        if values is None or spec is None:
             continue
         valid = np.asarray(values, dtype=np.float64)
         valid = valid[np.isfinite(valid)]
-        if PER_PROBE_METRICS[metric]:
+        if spec.is_hit:
             hits = int(valid.sum())
             low, high = wilson_interval(hits, valid.size, confidence)
             se = proportion_standard_error(hits, valid.size)
         else:
             low, high = mean_interval(valid, confidence)
-            if metric in _UNIT_INTERVAL_METRICS:  # a t interval can reach past a bounded metric's range
-                low, high = max(0.0, low), min(1.0, high)
+            if spec.bounds is not None:  # a t interval can reach past a bounded metric's range
+                low, high = max(spec.bounds[0], low), min(spec.bounds[1], high)
             se = standard_error(valid)
         out[key + "_se"] = float(se)
         out[key + "_ci_low"] = float(low)
