@@ -90,6 +90,8 @@ class MetricSpec:
             clipped to it. ``None``: unbounded.
         interval: Log the uncertainty keys (``<key>_se``, ``<key>_ci_low``, ``<key>_ci_high``) of the overall metric
             at every probe event even when it is not monitored (the monitored metric always gets them).
+        needs_parametric: Reads the parametric answer (the true fact): a probe without one (a multiple-choice probe
+            whose dataset does not say which option is true) is skipped, so over such probes alone it is NaN.
 
     Raises:
         ConfigurationError: Neither ``compute`` nor ``per_probe``, ``per_probe`` without a valid ``outcome`` (or the
@@ -110,6 +112,7 @@ class MetricSpec:
     outcome: str | None = None
     bounds: tuple[float, float] | None = None
     interval: bool = False
+    needs_parametric: bool = False
 
     def __post_init__(self) -> None:
         where = f"metric {self.name!r}"

@@ -47,6 +47,7 @@ __all__ = [
     "METRIC_DESCRIPTIONS",
     "METRIC_PREFIX",
     "MODES",
+    "PARAMETRIC_METRICS",
     "MetricSpec",
     "ScoreTable",
     "compute_metrics",
@@ -143,20 +144,22 @@ METRICS: MetricRegistry = MetricRegistry((
         "contained in the output; multiple choice: over every other option, probes without a known parametric "
         "option skipped)",
         short="par", modes=BOTH, per_probe=_parametric_wins_under("context"), outcome=HIT, interval=True,
-        greater_is_better=False, in_summary_table=True, plot_label="parametric accuracy (answers from memory)",
+        needs_parametric=True, greater_is_better=False, in_summary_table=True,
+        plot_label="parametric accuracy (answers from memory)",
     ),
     MetricSpec(
         "closed_book_accuracy",
         "share of probes whose parametric answer the model prefers (or generates) with no context: does it know "
         "the fact?",
         short="cb", modes=BOTH, per_probe=_parametric_wins_under("closed_book"), outcome=HIT, interval=True,
-        requires="closed_book", in_summary_table=True, plot_label="closed-book accuracy (knows the fact)",
+        needs_parametric=True, requires="closed_book", in_summary_table=True,
+        plot_label="closed-book accuracy (knows the fact)",
     ),
     MetricSpec(
         "aligned_accuracy",
         "share of probes answered with the true fact when the context states it (aligned control)",
         short="al", modes=BOTH, per_probe=_parametric_wins_under("aligned"), outcome=HIT, requires="aligned",
-        in_summary_table=True,
+        needs_parametric=True, in_summary_table=True,
     ),
     MetricSpec(
         "counterfactual_probability",
@@ -189,6 +192,7 @@ METRICS: MetricRegistry = MetricRegistry((
         "memorization_ratio",
         "parametric hits / (parametric + counterfactual hits) over outputs (generation mode)",
         short="mem", modes=(GENERATE,), compute=_memorization_ratio, greater_is_better=False,
+        needs_parametric=True,
     ),
     MetricSpec(
         "num_probes", "number of probes the metrics are computed on",
@@ -199,6 +203,10 @@ METRICS: MetricRegistry = MetricRegistry((
 #: Overall metrics that get uncertainty keys besides the monitored one (those a round scored): the metrics of
 #: :data:`METRICS` flagged ``interval=True``, a live view that follows :func:`register_metric`.
 INTERVAL_METRICS: Sequence[str] = MetricNames(lambda: METRICS, lambda spec: spec.interval)
+
+#: Metrics that read the parametric answer (the true fact; ``needs_parametric=True``): NaN over probes without one. A
+#: live view of :data:`METRICS`.
+PARAMETRIC_METRICS: Sequence[str] = MetricNames(lambda: METRICS, lambda spec: spec.needs_parametric)
 
 
 def register_metric(spec: MetricSpec) -> MetricSpec:
