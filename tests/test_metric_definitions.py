@@ -118,6 +118,28 @@ def test_registered_metrics_show_in_the_live_views_until_unregistered():
     assert glossary_markdown() == before
 
 
+def test_intervals_and_outcomes_of_a_registered_metric_follow_its_definition():
+    """A continuous metric with bounds: t interval clipped to them; a hit/miss one: Wilson, bool outcomes."""
+    scores = np.zeros((30, 1, 2))
+    scores[:, 0, 0] = 12.0
+    scores[0, 0, 0] = -3.0
+    register_metric(_spec("squashed_margin", short="sq", outcome=CONTINUOUS, bounds=(0.0, 1.0),
+                          per_probe=lambda t: 1.0 / (1.0 + np.exp(-(t.counterfactual() - t.rival())))))
+    try:
+        targets = [("k/sq", "squashed_margin", None), ("k/cf", "counterfactual_accuracy", None)]
+        out = uncertainty(scores, ["f"] * 30, ("context",), "loglik", targets)
+        assert out["k/sq_ci_high"] == 1.0 and 0.0 < out["k/sq_ci_low"] < 1.0  # clipped to its bounds
+        expected = uncertainty(scores, ["f"] * 30, ("context",), "loglik",
+                               [("k/sq", "counterfactual_probability", None)])
+        assert out["k/sq_ci_low"] == expected["k/sq_ci_low"] and out["k/sq_se"] == expected["k/sq_se"]
+        assert metric_outcomes(scores, ("context",), "loglik", "squashed_margin").dtype == np.float64
+        assert metric_outcomes(scores, ("context",), "loglik", "counterfactual_accuracy").dtype == bool
+        assert metric_outcomes(scores, ("context",), "generate", "squashed_margin") is None  # not of this mode
+    finally:
+        unregister_metric("squashed_margin")
+    assert metric_outcomes(scores, ("context",), "loglik", "squashed_margin") is None  # gone: no outcomes
+
+
 # -- the logged values are those of the computation before the redesign, to the last bit ---------------------------
 
 
