@@ -21,6 +21,7 @@ Keys are namespaced and stable (they end up on dashboards): ``ctx_reliance/<metr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -72,13 +73,14 @@ def _counterfactual_wins(t: ScoreTable) -> np.ndarray:
     return hit(t.counterfactual()) if t.is_generation else better(t.counterfactual(), t.rival())
 
 
-def _parametric_wins_under(variant: str) -> Callable[[ScoreTable], np.ndarray]:
+def _parametric_wins(t: ScoreTable, variant: str) -> np.ndarray:
     """The parametric answer wins over every other answer (or is generated) under ``variant``."""
+    return hit(t.parametric(variant)) if t.is_generation else t.parametric_wins(variant)
 
-    def per_probe(t: ScoreTable) -> np.ndarray:
-        return hit(t.parametric(variant)) if t.is_generation else t.parametric_wins(variant)
 
-    return per_probe
+def _parametric_wins_under(variant: str) -> Callable[[ScoreTable], np.ndarray]:
+    """:func:`_parametric_wins` under ``variant``, as a per-probe function (picklable, like the table's others)."""
+    return functools.partial(_parametric_wins, variant=variant)
 
 
 def _both_generated(t: ScoreTable) -> np.ndarray:
