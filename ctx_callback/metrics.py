@@ -1,12 +1,19 @@
-"""Context-reliance metrics from per-probe scores: one table of metric specs, and the computation. Pure numpy.
+"""Context-reliance metrics: each defined once, per probe, in one table; and their computation. Pure numpy.
 
-:data:`METRICS` is the single source of truth for every metric: its name, a one-line description, the modes it
-exists in, the probe variant it needs, its direction, its short column label, and the function that computes it.
-Everything else reads this table: :func:`compute_metrics` (which metrics a round emits), monitor validation and
-``greater_is_better`` (:mod:`ctx_callback.monitor`), the command line's columns, the plot's curves and the README's
-glossary (a test checks that the README matches :func:`glossary_markdown`).
+Every metric is a :class:`~ctx_callback.metric_spec.MetricSpec` of :data:`METRICS`: its name, a one-line description,
+the modes it exists in, the probe variant it needs, its direction, its short column label, and its definition: a
+function giving one value per probe (``per_probe``, NaN where it does not apply) with the kind of that value (hit/miss
+or continuous), the logged value being their mean over a probe group; or, for the two metrics that are no mean over
+probes (``memorization_ratio``, ``num_probes``), a ``compute`` function of the group.
 
-To add a metric, add one :class:`MetricSpec` to :data:`METRICS` (see "Extending ctx_callback" in the README).
+Everything else reads this table at call time: :func:`compute_metrics` (the logged values), the per-probe outcomes
+behind intervals, paired tests and ``significant_decline`` (:func:`ctx_callback.outcomes.metric_outcomes`,
+:func:`~ctx_callback.outcomes.uncertainty`), monitor validation and ``greater_is_better``
+(:mod:`ctx_callback.monitor`), the command line's columns, the plot's curves and the README's glossary (a test checks
+that the README matches :func:`glossary_markdown`).
+
+To add a metric, call :func:`register_metric` with one :class:`MetricSpec` (or add it to the table below; see
+"Extending ctx_callback" in the README); :func:`unregister_metric` removes it again.
 
 Keys are namespaced and stable (they end up on dashboards): ``ctx_reliance/<metric>`` over all probes and
 ``ctx_reliance/<family>/<metric>`` per family.
@@ -14,21 +21,34 @@ Keys are namespaced and stable (they end up on dashboards): ``ctx_reliance/<metr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .errors import ConfigurationError
+from .metric_spec import (
+    CONTINUOUS,
+    HIT,
+    METRIC_PREFIX,
+    MODES,
+    MetricNames,
+    MetricRegistry,
+    MetricSpec,
+)
+from .score_table import ScoreTable, better, hit
 
 __all__ = [
     "CONFIDENCE",
+    "CONTINUOUS",
     "DERIVED_KEYS",
+    "HIT",
     "INTERVAL_METRICS",
     "METRICS",
     "METRIC_DESCRIPTIONS",
     "METRIC_PREFIX",
     "MODES",
+    "PARAMETRIC_METRICS",
     "MetricSpec",
     "ScoreTable",
     "compute_metrics",
@@ -36,191 +56,63 @@ __all__ = [
     "glossary_markdown",
     "metric_key",
     "metric_spec",
+    "register_metric",
+    "unregister_metric",
 ]
 
-METRIC_PREFIX = "ctx_reliance"
-#: Overall metrics that get uncertainty keys besides the monitored one (those a round scored).
-INTERVAL_METRICS = ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy")
 #: Confidence of the logged intervals and of the paired comparison of two probe events.
 CONFIDENCE = 0.95
-#: Scoring modes: compare the two answers' log-likelihoods, or generate greedily and match answers in the output.
-MODES: tuple[str, ...] = ("loglik", "generate")
 
 
-def _nanmean(values: np.ndarray) -> float:
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def _better(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """1.0 where a > b, 0.0 where not, NaN where either is missing."""
-    out = (a > b).astype(np.float64)
-    out[np.isnan(a) | np.isnan(b)] = np.nan
-    return out
-
-
-@dataclass(frozen=True)
-class ScoreTable:
-    """The scores of one group of probes, as metric functions read them.
-
-    Two-answer and multiple-choice probes share one layout: ``scores[..., 0]`` is the counterfactual (context-supported)
-    answer and ``scores[..., 1]`` its strongest rival (the parametric answer of a two-answer probe, the best other
-    option of a multiple-choice one), so ``scores[..., 0] > scores[..., 1]`` means "the counterfactual answer wins"
-    for every probe. What needs the parametric answer of a multiple-choice probe reads ``options``.
-
-    Attributes:
-        scores: ``[probes, variants, 2]``. Log-likelihood mode: summed answer log-probabilities (``[..., 0]``
-            counterfactual, ``[..., 1]`` its strongest rival). Generation mode: 1.0/0.0 hits. NaN = not scored.
-        variant_index: Column of each scored variant (``"context"``, ``"closed_book"``, ``"aligned"``).
-        mode: ``"loglik"`` or ``"generate"``; metrics that exist in both modes read the scores accordingly.
-        options: ``[probes, variants, K]`` score of every answer option (NaN-padded past a probe's own count), or
-            ``None`` when every probe has two answers (then ``scores`` says everything).
-        option_roles: ``[probes, 2]`` ints with ``options``: the position of the counterfactual and of the parametric
-            answer among the options (``-1``: the parametric answer is unknown). A two-answer row is ``(0, 1)``.
-    """
-
-    scores: np.ndarray
-    variant_index: Mapping[str, int]
-    mode: str = "loglik"
-    options: np.ndarray | None = None
-    option_roles: np.ndarray | None = None
-
-    @property
-    def is_generation(self) -> bool:
-        """Scores are generation-mode hits (1.0/0.0), not log-probabilities."""
-        return self.mode == "generate"
-
-    def counterfactual(self, variant: str = "context") -> np.ndarray:
-        """Per-probe score of the counterfactual answer under ``variant``."""
-        return self.scores[:, self.variant_index[variant], 0]
-
-    def rival(self, variant: str = "context") -> np.ndarray:
-        """Per-probe score of the counterfactual answer's strongest rival under ``variant`` (the parametric answer of
-        a two-answer probe; the best other option, or whether any other option was generated, for multiple choice)."""
-        return self.scores[:, self.variant_index[variant], 1]
-
-    def parametric(self, variant: str = "context") -> np.ndarray:
-        """Per-probe score of the parametric answer under ``variant``; NaN where it is unknown (multiple choice)."""
-        if self.options is None or self.option_roles is None:
-            return self.rival(variant)
-        opts = self.options[:, self.variant_index[variant], :]
-        par = self.option_roles[:, 1]
-        known = par >= 0
-        out = np.full(opts.shape[0], np.nan)
-        out[known] = opts[np.flatnonzero(known), par[known]]
-        return out
-
-    def parametric_wins(self, variant: str = "context") -> np.ndarray:
-        """Log-likelihood mode: 1.0 where the parametric answer scores above every other answer, 0.0 where not, NaN
-        where it is unknown or not scored."""
-        if self.options is None or self.option_roles is None:
-            return _better(self.rival(variant), self.counterfactual(variant))
-        opts = self.options[:, self.variant_index[variant], :]
-        par = self.option_roles[:, 1]
-        rows = np.arange(opts.shape[0])
-        column = np.where(par >= 0, par, 0)
-        mine = np.where(par >= 0, opts[rows, column], np.nan)
-        others = np.where(np.isnan(opts), -np.inf, opts)
-        others[rows, column] = -np.inf
-        out = (mine > others.max(axis=1)).astype(np.float64)
-        out[np.isnan(mine)] = np.nan
-        return out
-
-    def context_valid(self) -> np.ndarray:
-        """Probes whose counterfactual and rival context-variant scores are both present."""
-        return ~(np.isnan(self.counterfactual()) | np.isnan(self.rival()))
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """Everything about one metric, in one place.
-
-    Attributes:
-        name: The metric's key suffix (``ctx_reliance/<name>``); stable, it ends up on dashboards.
-        description: One line for the README glossary (Markdown; ``|`` is escaped when rendered).
-        short: Column label in the command line's tables (at most 7 characters).
-        modes: Modes in which the metric exists (``"loglik"``, ``"generate"``).
-        compute: ``fn(table) -> float`` computing it from a :class:`ScoreTable` of one probe group.
-        requires: The probe variant it needs besides ``"context"`` (``"closed_book"``, ``"aligned"``), or ``None``.
-        greater_is_better: Direction when the metric is monitored (the peak is a maximum, or a minimum).
-        monitorable: Whether ``monitor=`` may name it (``num_probes`` is a count, not a measurement).
-        in_summary_table: Shown by default in ``ctx-callback scan``'s table.
-        plot_label: Drawn by ``ctx-callback plot`` / ``plot=True`` with this legend label; ``None`` = not drawn.
-    """
-
-    name: str
-    description: str
-    short: str
-    modes: tuple[str, ...]
-    compute: Callable[[ScoreTable], float]
-    requires: str | None = None
-    greater_is_better: bool = True
-    monitorable: bool = True
-    in_summary_table: bool = False
-    plot_label: str | None = None
-
-    @property
-    def key(self) -> str:
-        """The overall logged key, ``ctx_reliance/<name>``."""
-        return metric_key(self.name)
-
-
-# -- metric functions ------------------------------------------------------------------------------------------
+# -- per-probe definitions -------------------------------------------------------------------------------------
 # Log-likelihood mode: scores are log-probabilities. Generation mode: scores are 1.0/0.0 hits.
 
 
-def _counterfactual_probability(t: ScoreTable) -> float:
-    margin = t.counterfactual() - t.rival()
+def _counterfactual_wins(t: ScoreTable) -> np.ndarray:
+    """The counterfactual answer wins (log-likelihood mode) or is generated (generation mode)."""
+    return hit(t.counterfactual()) if t.is_generation else better(t.counterfactual(), t.rival())
+
+
+def _parametric_wins(t: ScoreTable, variant: str) -> np.ndarray:
+    """The parametric answer wins over every other answer (or is generated) under ``variant``."""
+    return hit(t.parametric(variant)) if t.is_generation else t.parametric_wins(variant)
+
+
+def _parametric_wins_under(variant: str) -> Callable[[ScoreTable], np.ndarray]:
+    """:func:`_parametric_wins` under ``variant``, as a per-probe function (picklable, like the table's others)."""
+    return functools.partial(_parametric_wins, variant=variant)
+
+
+def _both_generated(t: ScoreTable) -> np.ndarray:
+    return _generated(t, 1.0)
+
+
+def _neither_generated(t: ScoreTable) -> np.ndarray:
+    return _generated(t, 0.0)
+
+
+def _generated(t: ScoreTable, target: float) -> np.ndarray:
+    """1.0 where the counterfactual answer and its rival are both ``target`` (1.0: both generated, 0.0: neither)."""
+    cf, rival = t.counterfactual(), t.rival()
+    out = ((cf == target) & (rival == target)).astype(np.float64)
+    out[np.isnan(cf) | np.isnan(rival)] = np.nan
+    return out
+
+
+def _counterfactual_probability(t: ScoreTable) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return _nanmean(1.0 / (1.0 + np.exp(-margin)))
+        return 1.0 / (1.0 + np.exp(-(t.counterfactual() - t.rival())))
 
 
-def _logprob_margin(t: ScoreTable) -> float:
-    return _nanmean(t.counterfactual() - t.rival())
+def _logprob_margin(t: ScoreTable) -> np.ndarray:
+    return t.counterfactual() - t.rival()
 
 
-def _context_lift(t: ScoreTable) -> float:
-    return _nanmean(t.counterfactual() - t.counterfactual("closed_book"))
+def _context_lift(t: ScoreTable) -> np.ndarray:
+    return t.counterfactual() - t.counterfactual("closed_book")
 
 
-def _counterfactual_accuracy(t: ScoreTable) -> float:
-    if t.is_generation:
-        return _nanmean(t.counterfactual())
-    return _nanmean(_better(t.counterfactual(), t.rival()))
-
-
-def _parametric_accuracy(t: ScoreTable) -> float:
-    if t.is_generation:
-        return _nanmean(t.parametric())
-    return _nanmean(t.parametric_wins())
-
-
-def _closed_book_accuracy(t: ScoreTable) -> float:
-    if t.is_generation:
-        return _nanmean(t.parametric("closed_book"))
-    return _nanmean(t.parametric_wins("closed_book"))
-
-
-def _aligned_accuracy(t: ScoreTable) -> float:
-    if t.is_generation:
-        return _nanmean(t.parametric("aligned"))
-    return _nanmean(t.parametric_wins("aligned"))
-
-
-def _both_rate(t: ScoreTable) -> float:
-    valid = t.context_valid()
-    if not valid.any():
-        return float("nan")
-    cf, rival = t.counterfactual()[valid], t.rival()[valid]
-    return float(((cf == 1) & (rival == 1)).mean())
-
-
-def _neither_rate(t: ScoreTable) -> float:
-    valid = t.context_valid()
-    if not valid.any():
-        return float("nan")
-    cf, rival = t.counterfactual()[valid], t.rival()[valid]
-    return float(((cf == 0) & (rival == 0)).mean())
+# -- group aggregates of the metrics that are no mean over probes ----------------------------------------------
 
 
 def _memorization_ratio(t: ScoreTable) -> float:
@@ -237,14 +129,15 @@ def _num_probes(t: ScoreTable) -> float:
 LOGLIK, GENERATE = MODES
 BOTH = MODES
 
-#: The metric table, in display order. Add a metric here and nowhere else.
-METRICS: tuple[MetricSpec, ...] = (
+#: The metric table, in display order: a :class:`~ctx_callback.metric_spec.MetricRegistry` (a read-only sequence of
+#: :class:`MetricSpec`). Add a metric here or with :func:`register_metric`, and nowhere else.
+METRICS: MetricRegistry = MetricRegistry((
     MetricSpec(
         "counterfactual_accuracy",
         "share of probes where the model follows the context: log-likelihood mode, log p(counterfactual | context) "
         "> log p(parametric | context) (multiple choice: above every other option); generation mode, the output "
         "contains the counterfactual answer",
-        short="cf", modes=BOTH, compute=_counterfactual_accuracy, in_summary_table=True,
+        short="cf", modes=BOTH, per_probe=_counterfactual_wins, outcome=HIT, interval=True, in_summary_table=True,
         plot_label="counterfactual accuracy (follows context)",
     ),
     MetricSpec(
@@ -252,58 +145,98 @@ METRICS: tuple[MetricSpec, ...] = (
         "share of probes where the model answers from memory despite the context (parametric answer preferred, or "
         "contained in the output; multiple choice: over every other option, probes without a known parametric "
         "option skipped)",
-        short="par", modes=BOTH, compute=_parametric_accuracy, greater_is_better=False, in_summary_table=True,
+        short="par", modes=BOTH, per_probe=_parametric_wins_under("context"), outcome=HIT, interval=True,
+        needs_parametric=True, greater_is_better=False, in_summary_table=True,
         plot_label="parametric accuracy (answers from memory)",
     ),
     MetricSpec(
         "closed_book_accuracy",
         "share of probes whose parametric answer the model prefers (or generates) with no context: does it know "
         "the fact?",
-        short="cb", modes=BOTH, compute=_closed_book_accuracy, requires="closed_book", in_summary_table=True,
+        short="cb", modes=BOTH, per_probe=_parametric_wins_under("closed_book"), outcome=HIT, interval=True,
+        needs_parametric=True, requires="closed_book", in_summary_table=True,
         plot_label="closed-book accuracy (knows the fact)",
     ),
     MetricSpec(
         "aligned_accuracy",
         "share of probes answered with the true fact when the context states it (aligned control)",
-        short="al", modes=BOTH, compute=_aligned_accuracy, requires="aligned", in_summary_table=True,
+        short="al", modes=BOTH, per_probe=_parametric_wins_under("aligned"), outcome=HIT, requires="aligned",
+        needs_parametric=True, in_summary_table=True,
     ),
     MetricSpec(
         "counterfactual_probability",
         "mean of p_cf / (p_cf + p_par) under the counterfactual context (log-likelihood mode; multiple choice: "
         "p_par = the best other option)",
-        short="p_cf", modes=(LOGLIK,), compute=_counterfactual_probability,
+        short="p_cf", modes=(LOGLIK,), per_probe=_counterfactual_probability, outcome=CONTINUOUS, bounds=(0.0, 1.0),
     ),
     MetricSpec(
         "logprob_margin",
         "mean of log p(counterfactual) - log p(parametric) under the counterfactual context, in nats "
         "(log-likelihood mode; multiple choice: minus the best other option)",
-        short="margin", modes=(LOGLIK,), compute=_logprob_margin,
+        short="margin", modes=(LOGLIK,), per_probe=_logprob_margin, outcome=CONTINUOUS,
     ),
     MetricSpec(
         "context_lift",
         "mean of log p(cf | counterfactual context) - log p(cf | no context), in nats: how much the context moves "
         "the model (log-likelihood mode)",
-        short="lift", modes=(LOGLIK,), compute=_context_lift, requires="closed_book",
+        short="lift", modes=(LOGLIK,), per_probe=_context_lift, outcome=CONTINUOUS, requires="closed_book",
     ),
     MetricSpec(
         "both_rate", "share of outputs containing both answers (generation mode; multiple choice: the "
         "counterfactual and another option)",
-        short="both", modes=(GENERATE,), compute=_both_rate, greater_is_better=False,
+        short="both", modes=(GENERATE,), per_probe=_both_generated, outcome=HIT, greater_is_better=False,
     ),
     MetricSpec(
         "neither_rate", "share of outputs containing neither answer (generation mode; multiple choice: no option)",
-        short="neither", modes=(GENERATE,), compute=_neither_rate, greater_is_better=False,
+        short="neither", modes=(GENERATE,), per_probe=_neither_generated, outcome=HIT, greater_is_better=False,
     ),
     MetricSpec(
         "memorization_ratio",
         "parametric hits / (parametric + counterfactual hits) over outputs (generation mode)",
         short="mem", modes=(GENERATE,), compute=_memorization_ratio, greater_is_better=False,
+        needs_parametric=True,
     ),
     MetricSpec(
         "num_probes", "number of probes the metrics are computed on",
         short="probes", modes=BOTH, compute=_num_probes, monitorable=False,
     ),
-)
+))
+
+#: Overall metrics that get uncertainty keys besides the monitored one (those a round scored): the metrics of
+#: :data:`METRICS` flagged ``interval=True``, a live view that follows :func:`register_metric`.
+INTERVAL_METRICS: Sequence[str] = MetricNames(lambda: METRICS, lambda spec: spec.interval)
+
+#: Metrics that read the parametric answer (the true fact; ``needs_parametric=True``): NaN over probes without one. A
+#: live view of :data:`METRICS`.
+PARAMETRIC_METRICS: Sequence[str] = MetricNames(lambda: METRICS, lambda spec: spec.needs_parametric)
+
+
+def register_metric(spec: MetricSpec) -> MetricSpec:
+    """Add a metric to :data:`METRICS`, after the others: from then on it is computed and logged at every probe event,
+    can be monitored (with intervals and the paired test of ``significant_decline`` when it has per-probe values),
+    has a column in the command line's tables (``in_summary_table`` for ``scan``'s default) and a glossary row.
+
+    Args:
+        spec: The metric. Give ``per_probe=fn(table) -> one value per probe`` and ``outcome`` (``"hit"`` or
+            ``"continuous"``) so that it gets intervals and paired tests; ``compute`` alone for a metric that is no
+            mean over probes.
+
+    Returns:
+        ``spec``.
+
+    Raises:
+        ConfigurationError: A malformed spec, or a name or short label already taken.
+    """
+    return METRICS.register(spec)
+
+
+def unregister_metric(name: str) -> MetricSpec:
+    """Remove the metric called ``name`` from :data:`METRICS` (e.g. one a test registered) and return it.
+
+    Raises:
+        ConfigurationError: No metric has that name.
+    """
+    return METRICS.unregister(name)
 
 
 #: ``{name: description}`` for every metric (kept for compatibility; derived from :data:`METRICS`).
@@ -333,9 +266,9 @@ def glossary_markdown() -> str:
     for spec in METRICS:
         modes = "both" if set(spec.modes) == set(MODES) else ", ".join(spec.modes)
         needs = f"`{spec.requires}`" if spec.requires else ""
-        better = "" if not spec.monitorable else ("higher" if spec.greater_is_better else "lower")
+        direction = "" if not spec.monitorable else ("higher" if spec.greater_is_better else "lower")
         meaning = spec.description.replace("|", "&#124;")
-        lines.append(f"| `{spec.name}` | `{spec.short}` | {modes} | {needs} | {better} | {meaning} |")
+        lines.append(f"| `{spec.name}` | `{spec.short}` | {modes} | {needs} | {direction} | {meaning} |")
     return "\n".join(lines)
 
 
@@ -391,7 +324,7 @@ def compute_metrics(
     variant_index = {name: i for i, name in enumerate(variants)}
     if "context" not in variant_index:
         raise ConfigurationError("the 'context' variant is required.")
-    specs = [s for s in METRICS if mode in s.modes and (s.requires is None or s.requires in variant_index)]
+    specs = [spec for spec in METRICS if spec.exists_for(mode, variant_index)]
     families_arr = np.asarray(list(families), dtype=object)
     groups: list[tuple[str | None, np.ndarray]] = [(None, np.ones(len(families_arr), dtype=bool))]
     if per_family:

@@ -125,3 +125,17 @@ def test_probability_intervals_stay_within_zero_and_one():
     assert out["ctx_reliance/counterfactual_probability_ci_high"] == 1.0
     assert 0.0 < out["ctx_reliance/counterfactual_probability_ci_low"] < 1.0
     assert out["ctx_reliance/logprob_margin_ci_high"] > 1.0  # margins are not bounded: not clipped
+
+
+def test_the_probe_log_module_holds_the_file_and_the_flips_and_outcomes_reexports_them(tmp_path):
+    from ctx_callback import outcomes, probe_log
+
+    for name in ("PROBES_FILE", "SUMMARY_FILE", "Flip", "FlipReport", "ProbeLog", "compute_flips", "event_steps",
+                 "read_probe_rows"):
+        assert getattr(outcomes, name) is getattr(probe_log, name), name
+    log = probe_log.ProbeLog(tmp_path / probe_log.PROBES_FILE)
+    log.append(probe_rows(0, ["a"], ["f"], np.array([[[-1.0, -2.0]]]), ("context",), "loglik"))
+    log.append(probe_rows(2, ["a"], ["f"], np.array([[[-3.0, -2.0]]]), ("context",), "loglik"))
+    rows = probe_log.read_probe_rows(log.path)
+    assert probe_log.event_steps(rows) == [0, 2]
+    assert [f.direction for f in probe_log.compute_flips(rows, 0, 2).flips] == ["to_memory"]
