@@ -137,8 +137,8 @@ def test_python_dash_m_runs_the_cli():
 # Every CtxCallbackError a command raises exits 2, as one line
 # ----------------------------------------------------------------------------------------------------------------
 
-_ERROR_CLASSES = [getattr(errors, name) for name in errors.__all__
-                  if issubclass(getattr(errors, name), errors.CtxCallbackError)]
+_ERROR_CLASSES = [obj for obj in (getattr(errors, name) for name in errors.__all__)
+                  if isinstance(obj, type) and issubclass(obj, errors.CtxCallbackError)]
 
 
 @pytest.mark.parametrize("error_class", _ERROR_CLASSES, ids=lambda c: c.__name__)
