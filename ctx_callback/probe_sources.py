@@ -174,7 +174,8 @@ def _load_folder(request: ProbeRequest) -> list[Probe]:
     if not files and _is_dataset_folder(path):  # a Hub snapshot (Parquet, CSV, a README with configs)
         probes = _load_hub_dataset(request)
     elif not files:
-        raise ProbeSourceError(f"Probe directory {path} contains no .json or .jsonl files.")
+        raise ProbeSourceError(f"Probe directory {path} contains no .json or .jsonl files (nor a dataset snapshot: "
+                               "README.md, .parquet, .csv or .arrow files).")
     for file in files:
         records, lines = read_json_file(file)
         probes.extend(
@@ -285,7 +286,7 @@ def _is_dataset_folder(path: Path) -> bool:
     """Whether a folder without JSON files holds a dataset ``datasets.load_dataset`` reads (a Hub snapshot)."""
     if (path / "README.md").is_file():
         return True
-    return any(path.rglob(f"*.{ext}") for ext in ("parquet", "csv", "arrow"))
+    return any(next(path.rglob(f"*.{ext}"), None) is not None for ext in ("parquet", "csv", "arrow"))
 
 
 def _builtin_path(name: str) -> Path:

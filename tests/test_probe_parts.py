@@ -179,3 +179,11 @@ def test_load_probes_names_stay_importable_from_probes():
     for name in probes_module.__all__:
         assert getattr(probes_module, name) is not None
     assert probes_module.Probe is Probe and probes_module.probes_from_records is probes_from_records
+
+
+def test_an_empty_folder_is_refused_with_what_a_folder_must_hold(tmp_path):
+    # A folder with neither JSON files nor a dataset snapshot used to go to datasets.load_dataset (the snapshot test
+    # asked whether a generator existed, which is always true) and failed there with datasets' own message.
+    (tmp_path / "notes.txt").write_text("not probes")
+    with pytest.raises(ProbeSourceError, match=r"contains no \.json or \.jsonl files \(nor a dataset snapshot"):
+        probes_module.load_probes(str(tmp_path))
