@@ -71,7 +71,7 @@ class MetricSpec:
 
     Attributes:
         name: The metric's key suffix (``ctx_reliance/<name>``); stable, it ends up on dashboards.
-        description: One line for the README glossary (Markdown; ``|`` is escaped when rendered).
+        description: One line for the metric glossary (``docs/metrics.md`` (Markdown; ``|`` is escaped when rendered).
         short: Column label in the command line's tables (at most 7 characters).
         modes: Modes in which the metric exists (``"loglik"``, ``"generate"``).
         compute: ``fn(table) -> float``: the metric of one probe group from a :class:`ScoreTable`. Leave it out when

@@ -9,11 +9,11 @@ probes (``memorization_ratio``, ``num_probes``), a ``compute`` function of the g
 Everything else reads this table at call time: :func:`compute_metrics` (the logged values), the per-probe outcomes
 behind intervals, paired tests and ``significant_decline`` (:func:`ctx_callback.outcomes.metric_outcomes`,
 :func:`~ctx_callback.outcomes.uncertainty`), monitor validation and ``greater_is_better``
-(:mod:`ctx_callback.monitor`), the command line's columns, the plot's curves and the README's glossary (a test checks
-that the README matches :func:`glossary_markdown`).
+(:mod:`ctx_callback.monitor`), the command line's columns, the plot's curves and the glossary in ``docs/metrics.md`` (a
+test checks that the page matches :func:`glossary_markdown`).
 
 To add a metric, call :func:`register_metric` with one :class:`MetricSpec` (or add it to the table below; see
-"Extending ctx_callback" in the README); :func:`unregister_metric` removes it again.
+``docs/extending.md``); :func:`unregister_metric` removes it again.
 
 Keys are namespaced and stable (they end up on dashboards): ``ctx_reliance/<metric>`` over all probes and
 ``ctx_reliance/<family>/<metric>`` per family.
@@ -261,7 +261,7 @@ def metric_key(metric: str, family: str | None = None) -> str:
 
 
 def glossary_markdown() -> str:
-    """The README's metric glossary table, rendered from :data:`METRICS`."""
+    """The metric glossary table of ``docs/metrics.md``, rendered from :data:`METRICS`."""
     lines = ["| metric | column | modes | needs | better | meaning |", "|---|---|---|---|---|---|"]
     for spec in METRICS:
         modes = "both" if set(spec.modes) == set(MODES) else ", ".join(spec.modes)
@@ -344,7 +344,8 @@ def compute_metrics(
 #: Keys the callback derives at each probe event from the per-probe outcomes (:mod:`ctx_callback.outcomes`): the
 #: uncertainty of a metric, the paired comparison with the peak event and the flips. ``(key, meaning)``;
 #: ``<metric>`` is the monitored metric's key and each of ``counterfactual_accuracy``, ``parametric_accuracy`` and
-#: ``closed_book_accuracy`` overall. Rendered into the README by :func:`derived_glossary_markdown` (test-enforced).
+#: ``closed_book_accuracy`` overall. Rendered into ``docs/metrics.md`` by :func:`derived_glossary_markdown`
+#: (test-enforced).
 DERIVED_KEYS: tuple[tuple[str, str], ...] = (
     ("<metric>_se", "standard error of the metric over probes: sqrt(p(1-p)/n) for hit/miss metrics, s/sqrt(n) for "
                     "means"),
@@ -366,7 +367,7 @@ DERIVED_KEYS: tuple[tuple[str, str], ...] = (
 
 
 def derived_glossary_markdown() -> str:
-    """The README's table of derived keys (:data:`DERIVED_KEYS`)."""
+    """The table of derived keys in ``docs/metrics.md`` (:data:`DERIVED_KEYS`)."""
     lines = ["| key | meaning |", "|---|---|"]
     lines += [f"| `{METRIC_PREFIX}/{key}` | {meaning.replace('|', '&#124;')} |" for key, meaning in DERIVED_KEYS]
     return "\n".join(lines)

@@ -3,8 +3,8 @@
 ``load_probes("nq_swap")`` (or ``"memotrap"``, ``"faitheval_counterfactual"``, ``"conflictbank"``, ...; ``"+"``-joined
 with each other and with the built-in suites) loads the public dataset through ``datasets.load_dataset`` with the
 entry's Hub id, configuration, split, probe format and column mapping. Everything about a preset is in its
-:class:`ProbePreset`; to add one, add one :func:`register_probe_preset` call at the end of this file (the README's
-preset table is rendered from the registry by :func:`presets_markdown`, and a test keeps the two equal).
+:class:`ProbePreset`; to add one, add one :func:`register_probe_preset` call at the end of this file (the preset
+table of ``docs/probes.md`` is rendered from the registry by :func:`presets_markdown`, and a test keeps the two equal).
 
 Offline: a preset needs the Hugging Face Hub. Point it at a local copy in one of two ways:
 
@@ -105,7 +105,7 @@ def preset_location(preset: ProbePreset) -> str:
 
 
 def presets_markdown() -> str:
-    """The README's preset table, rendered from :data:`PROBE_PRESETS`."""
+    """The preset table of ``docs/probes.md``, rendered from :data:`PROBE_PRESETS`."""
     lines = [
         "| preset | Hub id | split | size | counterfactual answer | parametric answer | license (as stated) |",
         "|---|---|---|---|---|---|---|",

@@ -6,7 +6,7 @@ native fields (``context``, ``question``, ``counterfactual_answer``, ``parametri
 :class:`~ctx_callback.Probe`), and optionally a field test used to detect the format when the user passes none.
 Detection tries the formats in registration order.
 
-To add a format, add one decorated converter at the end of this file (see "Extending ctx_callback" in the README)::
+To add a format, add one decorated converter at the end of this file (see ``docs/extending.md``)::
 
     @register_probe_format("my_format", detect=lambda keys: {"passage", "fake", "true"} <= keys,
                            description="passage, q, fake, true")

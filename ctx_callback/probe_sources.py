@@ -48,8 +48,8 @@ __all__ = [
 #: Names of the suites shipped inside the package (``ctx_callback/data/<name>.jsonl``).
 BUILTIN_SUITES: tuple[str, ...] = ("world_facts", "biographies", "quotes")
 #: Suites shipped inside the package but not part of ``"all"``: ``conflicts_hard`` (harder conflicts: strongly known
-#: facts, distractor sentences, one-step inference; see the README's "Which monitor?"). ``"all"`` stays the three
-#: suites above, so numbers published on it do not move.
+#: facts, distractor sentences, one-step inference; see "Which monitor?" in ``docs/stopping.md``). ``"all"`` stays
+#: the three suites above, so numbers published on it do not move.
 EXTRA_SUITES: tuple[str, ...] = ("conflicts_hard",)
 #: Aliases that expand to several built-in suites.
 SUITE_GROUPS: Mapping[str, tuple[str, ...]] = {"all": BUILTIN_SUITES, "default": BUILTIN_SUITES}

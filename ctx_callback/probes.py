@@ -8,7 +8,7 @@ a ``question`` about that fact, the ``counterfactual_answer`` the context states
 A *multiple-choice* probe also carries ``options`` (two or more answer texts, FaithEval and ConflictBank style): the
 counterfactual (context-supported) answer is one of them, the parametric answer is another one or unknown (``None``).
 Every option's text is scored as the answer (by default the options are not shown in the prompt; ``list_options``
-lists them under the question, see :attr:`Probe.prompt_question`); see "Multiple-choice probes" in the README.
+lists them under the question, see :attr:`Probe.prompt_question`); see "Multiple-choice probes" in ``docs/probes.md``.
 
 Everything that can be wrong with a probe is checked when it is loaded, so a bad file fails before any
 training starts, with the file, the line (or probe id) and the field in the message.
