@@ -138,7 +138,8 @@ def test_python_dash_m_runs_the_cli():
 # ----------------------------------------------------------------------------------------------------------------
 
 _ERROR_CLASSES = [getattr(errors, name) for name in errors.__all__
-                  if issubclass(getattr(errors, name), errors.CtxCallbackError)]
+                  if isinstance(getattr(errors, name), type)
+                  and issubclass(getattr(errors, name), errors.CtxCallbackError)]
 
 
 @pytest.mark.parametrize("error_class", _ERROR_CLASSES, ids=lambda c: c.__name__)
