@@ -172,3 +172,17 @@ def test_config_of_reads_the_model_or_its_ddp_module():
     assert config_of(inner) is inner.config
     assert config_of(Wrapper(inner)) is inner.config
     assert config_of(torch.nn.Linear(2, 2)) is None
+
+
+NEW_MODULES = ["precision", "isolation", "score_results", "memory_backoff", "model_loading", "audit.data",
+               "audit.result", "audit.resume", "audit.plot"]
+
+
+@pytest.mark.parametrize("module", NEW_MODULES)
+def test_new_modules_list_exactly_names_that_exist(module):
+    import importlib
+
+    mod = importlib.import_module(f"ctx_callback.{module}")
+    assert mod.__doc__ and len(mod.__all__) == len(set(mod.__all__))
+    for name in mod.__all__:
+        assert hasattr(mod, name) and getattr(mod, name).__doc__, f"ctx_callback.{module}.{name}"
