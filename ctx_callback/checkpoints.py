@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from typing import Any
-
-import torch
+import re
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointMismatchError, UnsafeFileError, quote_error
 
-__all__ = ["COMPILED_PREFIX", "load_weights_into", "strip_compiled_prefix"]
+if TYPE_CHECKING:  # torch is imported where weights are loaded: the command line's --help stays fast
+    import torch
+
+__all__ = ["COMPILED_KEY_MAPPING", "COMPILED_PREFIX", "load_weights_into", "strip_compiled_prefix"]
 
 #: What ``torch.compile`` puts before every parameter name of the module it wraps (``OptimizedModule._orig_mod``).
 COMPILED_PREFIX = "_orig_mod."
+#: The same as a ``key_mapping`` for transformers' ``from_pretrained``: the prefix removed from every saved name.
+COMPILED_KEY_MAPPING = {"^" + re.escape(COMPILED_PREFIX): ""}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,6 +69,7 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         CheckpointMismatchError: The checkpoint does not match the model (missing or unexpected parameters); also a
             ``RuntimeError``.
     """
+    import torch
     from safetensors.torch import load_file
 
     path = os.fspath(checkpoint_dir)

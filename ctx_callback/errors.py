@@ -19,6 +19,7 @@ __all__ = [
     "ConfigurationError",
     "ConfigurationTypeError",
     "CtxCallbackError",
+    "ModelLoadError",
     "ProbeFormatError",
     "ProbeLengthError",
     "ProbeSourceError",
@@ -108,6 +109,11 @@ class UnsafeFileError(CtxCallbackError):
 class AuditDataError(CtxCallbackError):
     """A training dataset given to the data audit is unusable: missing or misnamed columns, an empty target, a split
     callable that returns the wrong shape. The message names the example index and the field."""
+
+
+class ModelLoadError(CtxCallbackError):
+    """A model, PEFT adapter or tokenizer to score cannot be loaded: a path or Hub id that is no model, an unreadable
+    ``adapter_config.json`` or one that names no base model, a tokenizer that does not load."""
 
 
 class UsageError(CtxCallbackError):

@@ -16,8 +16,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["answers_overlap", "contains_answer", "match_answers", "normalize_answer", "option_label"]
+if TYPE_CHECKING:  # probes.py imports this module
+    from .probes import Probe
+
+__all__ = ["answer_hits", "answers_overlap", "contains_answer", "match_answers", "normalize_answer", "option_label"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s]")
@@ -119,3 +123,23 @@ def option_label(output: str, count: int) -> int | None:
         return None
     index = ord(match.group(1)) - ord("A")
     return index if index < count else None
+
+
+def answer_hits(probe: Probe, text: str) -> list[bool]:
+    """Generation mode: which of the probe's answers (:attr:`~ctx_callback.probes.Probe.answers`) ``text`` names.
+
+    The longer answer is matched first: "New York" is no hit for "York" (see :mod:`ctx_callback.matching`). A
+    multiple-choice probe's options are one group each (its counterfactual and parametric options with their
+    aliases); when its prompt lists them (``list_options``), an output that opens with an option's letter ("B",
+    "(B)", "B. ...") names that option as well.
+    """
+    groups: list[tuple[str, ...]] = [(answer,) for answer in probe.answers]
+    groups[probe.counterfactual_index] += probe.counterfactual_aliases
+    if probe.parametric_index is not None:
+        groups[probe.parametric_index] += probe.parametric_aliases
+    hits = match_answers(text, groups)
+    if probe.list_options:  # the prompt showed the lettered options: "B" names option B
+        label = option_label(text, len(probe.options))
+        if label is not None:
+            hits[label] = True
+    return hits

@@ -20,7 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SMOLLM2_ALIAS", "default_cache_dir", "load_model_and_tokenizer", "max_positions", "smollm2_path"]
+__all__ = ["SMOLLM2_ALIAS", "config_of", "default_cache_dir", "load_model_and_tokenizer", "max_positions",
+           "smollm2_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ def max_positions(config: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     return value
+
+
+def config_of(model: Any) -> Any:
+    """``model.config``, else that of a DDP-style ``model.module``; ``None`` when neither has one."""
+    for candidate in (model, getattr(model, "module", None)):
+        config = getattr(candidate, "config", None)
+        if config is not None:
+            return config
+    return None
 
 
 def default_cache_dir() -> Path:

@@ -23,18 +23,16 @@ variants=("context",))``): the callback's ``controls_every`` scores the control 
 Faults inside a round (see :meth:`ProbeScorer.score_raw`): an out-of-memory error in a forward pass retries the
 round with halved batch budgets, down to one probe item per forward pass; non-finite scores (NaN/inf logits) are
 kept in the table and counted (:attr:`ScoreResult.nonfinite_scores`), so that the caller can flag the round.
+
+The parts: :mod:`ctx_callback.precision` (``probe_dtype`` and autocast), :mod:`ctx_callback.isolation`
+(:func:`probe_mode`), :mod:`ctx_callback.score_results` (:class:`ScoreResult`, :class:`ScoreReport`) and
+:mod:`ctx_callback.memory_backoff` (the out-of-memory retries); their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import platform
-import random
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,15 +47,24 @@ from .engines import (
     LoglikEngine,
     create_loglik_engine,
     engine_names,
-    is_out_of_memory,
 )
 from .engines.base import device_of
-from .errors import ConfigurationError, quote_error
+from .errors import ConfigurationError
 from .formatting import resolve_prompt_format
-from .matching import match_answers, normalize_answer, option_label
+from .isolation import probe_mode
+from .matching import answer_hits, normalize_answer
+from .memory_backoff import log_recovered_round, run_with_backoff, smaller_budget
 from .metrics import ScoreTable, compute_metrics
-from .models import max_positions
+from .models import config_of, max_positions
+from .precision import (
+    PROBE_DTYPES,
+    check_probe_dtype_device,
+    cpu_has_native_bf16,
+    probe_autocast,
+    resolve_probe_dtype,
+)
 from .probes import Probe
+from .score_results import ScoreReport, ScoreResult
 
 __all__ = [
     "PROBE_DTYPES",
@@ -72,322 +79,7 @@ __all__ = [
     "resolve_probe_dtype",
 ]
 
-logger = logging.getLogger(__name__)
-
 _MODES = ("loglik", "generate")
-
-#: What ``probe_dtype`` accepts besides ``None`` (the dtype the training step uses), and the torch dtype of each.
-PROBE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Probe precision: autocast in a lower dtype, weights untouched
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def resolve_probe_dtype(probe_dtype: Any) -> str | None:
-    """Validate a ``probe_dtype`` option and return its canonical name.
-
-    Args:
-        probe_dtype: ``None`` (probe in the dtype the training step uses: the model as given, under the Trainer's
-            autocast if any), ``"bfloat16"`` or ``"float16"`` (or the matching ``torch.dtype``): probe under
-            ``torch.autocast(device_type, dtype=...)``, the weights left as they are.
-
-    Returns:
-        ``None``, ``"bfloat16"`` or ``"float16"``.
-
-    Warns:
-        UserWarning: ``"bfloat16"`` without CUDA on a CPU without native bf16 (see :func:`cpu_has_native_bf16`), once
-            per process: there it is 3-4x slower than float32.
-
-    Raises:
-        ConfigurationError: Any other value, or ``"float16"`` where CUDA is not available (float16 autocast is
-            supported on CUDA only here: on CPU it is slow and overflows where bfloat16 does not).
-    """
-    if probe_dtype is None:
-        return None
-    if isinstance(probe_dtype, torch.dtype):
-        names = {dtype: name for name, dtype in PROBE_DTYPES.items()}
-        name = names.get(probe_dtype)
-    else:
-        name = probe_dtype if isinstance(probe_dtype, str) and probe_dtype in PROBE_DTYPES else None
-    if name is None:
-        raise ConfigurationError(
-            f"probe_dtype must be None (the dtype the training step uses) or one of {list(PROBE_DTYPES)}, got "
-            f"{probe_dtype!r}. It sets the autocast dtype of the probe forward passes; the weights are not cast."
-        )
-    if name == "float16" and not torch.cuda.is_available():
-        raise ConfigurationError(
-            'probe_dtype="float16" needs a CUDA device (float16 autocast is not supported for probing on CPU); '
-            'use probe_dtype="bfloat16" on CPU, or None.'
-        )
-    if name == "bfloat16" and not torch.cuda.is_available():  # the model will run on this CPU: say so up front
-        _warn_if_bf16_is_emulated(name, "cpu")
-    return name
-
-
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU computes bfloat16 matrix products natively, as torch dispatches them here.
-
-    x86: the CPU has AVX-512 BF16 or AMX *and* torch runs its AVX-512 kernels
-    (``torch.backends.cpu.get_cpu_capability()`` starts with ``"AVX512"``; ``ATEN_CPU_CAPABILITY=avx2`` turns them
-    off). Other architectures: ``None`` (unknown; no claim is made).
-
-    Returns:
-        ``True``, ``False``, or ``None`` where it cannot be told.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return None
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    cpu = getattr(torch, "cpu", None)
-    has_bf16 = any(bool(getattr(cpu, probe, lambda: False)())
-                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return capability.startswith("AVX512") and has_bf16
-
-
-#: Capabilities already warned about (the warning is given once per process).
-_WARNED_SLOW_BF16: set[str] = set()
-
-
-def _warn_if_bf16_is_emulated(probe_dtype: str | None, device_type: str) -> None:
-    if probe_dtype != "bfloat16" or device_type != "cpu" or cpu_has_native_bf16() is not False:
-        return
-    capability = str(torch.backends.cpu.get_cpu_capability())
-    if capability in _WARNED_SLOW_BF16:
-        return
-    _WARNED_SLOW_BF16.add(capability)
-    warnings.warn(
-        f'probe_dtype="bfloat16" on a CPU without native bfloat16 (torch CPU capability {capability}; no AVX-512 BF16 '
-        "or AMX in use): bf16 autocast is emulated here and is SLOWER than float32, not faster (measured 3-4x slower "
-        "on an AVX2-only AMD EPYC: SmolLM2-135M, 16 x 128 tokens, 13-20 s in float32, 59-66 s under bf16 autocast). "
-        "Use probe_dtype=None (the default) on this machine; bfloat16 pays off on CPUs with AVX-512 BF16 / AMX and "
-        "on GPUs.",
-        UserWarning,
-        stacklevel=2,
-    )
-
-
-def check_probe_dtype_device(probe_dtype: str | None, device: torch.device | str) -> None:
-    """Raise when ``probe_dtype`` cannot run on ``device`` (float16 off CUDA; no autocast for the device type).
-
-    Also warns, once per process, when ``"bfloat16"`` is asked for on a CPU without native bf16 (see
-    :func:`cpu_has_native_bf16`): there bf16 autocast is 3-4x slower than float32.
-
-    Raises:
-        ConfigurationError: Naming the dtype and the device.
-    """
-    if probe_dtype is None:
-        return
-    device_type = torch.device(device).type
-    _warn_if_bf16_is_emulated(probe_dtype, device_type)
-    if probe_dtype == "float16" and device_type != "cuda":
-        raise ConfigurationError(
-            f'probe_dtype="float16" is supported on CUDA only, but the model is on {device_type!r}; use '
-            'probe_dtype="bfloat16" (native on CPUs with AVX-512 BF16 / AMX) or None.'
-        )
-    if not torch.amp.is_autocast_available(device_type):
-        raise ConfigurationError(
-            f"probe_dtype={probe_dtype!r}: torch has no autocast for device type {device_type!r}; use None."
-        )
-
-
-def probe_autocast(model: torch.nn.Module, probe_dtype: str | None) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast(<model's device type>, dtype=probe_dtype)``, or a no-op context for ``None``.
-
-    Under autocast, matrix multiplications run in ``probe_dtype`` on bf16/fp16 copies of the weights (cached for the
-    context's duration: about half an fp32 model's size, freed on exit); the parameters are never modified. Where the
-    model's forward wraps itself in the Trainer's own autocast (``bf16=True``/``fp16=True`` training), that inner
-    autocast takes precedence, so the round runs in the training precision anyway.
-
-    Raises:
-        ConfigurationError: See :func:`check_probe_dtype_device`.
-    """
-    if probe_dtype is None:
-        return contextlib.nullcontext()
-    device = device_of(model)
-    check_probe_dtype_device(probe_dtype, device)
-    return torch.autocast(device.type, dtype=PROBE_DTYPES[probe_dtype])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hygiene: a probe leaves the model and the RNGs exactly as it found them
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def probe_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode + ``no_grad`` for a probe; restore each module's mode and all RNG states afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ScoreResult:
-    """Raw per-probe scores for a subset (shard) of probes; merge shards with :meth:`merge`.
-
-    Attributes:
-        probe_indices: Indices into the scorer's probe list, one per row.
-        variants: Column names (``"context"``, ``"closed_book"``, ``"aligned"``).
-        scores: ``[rows, variants, 2]`` float64. Log-likelihood mode: summed log-probability of the
-            counterfactual (``0``) and parametric (``1``) answer; generation mode: 1.0/0.0 hits. NaN = not scored.
-        generations: Generation mode: ``[rows][variants]`` generated texts (``None`` where not scored).
-        mode: ``"loglik"`` or ``"generate"``.
-        seconds: Wall time spent scoring.
-        scored: ``[rows, variants]`` bool: which (probe, variant) cells were scored (a probe without an aligned
-            context has no ``"aligned"`` row). ``None`` for results built without it: then every ``"context"`` cell
-            counts as scored (every probe has one) and so does every infinite value.
-        option_scores: Multiple choice: ``[rows, variants, K]`` float64, the score (log-probability, or 1.0/0.0 hit)
-            of every answer option in the probe's order (:attr:`~ctx_callback.probes.Probe.answers`), NaN-padded past
-            a probe's own count; a two-answer row holds ``(counterfactual, parametric)``. ``None`` when the scorer's
-            probes all have two answers. For a multiple-choice row ``scores[r, c, 0]`` is the counterfactual option
-            and ``scores[r, c, 1]`` its strongest rival (the best other option; in generation mode, whether any other
-            option was named), so ``scores[r, c, 0] > scores[r, c, 1]`` means "the counterfactual answer wins" for
-            every probe.
-        option_roles: With ``option_scores``: ``[rows, 2]`` int64, the position of the counterfactual and of the
-            parametric option in each row's options (``-1``: parametric answer unknown); ``(0, 1)`` for two answers.
-    """
-
-    probe_indices: np.ndarray
-    variants: tuple[str, ...]
-    scores: np.ndarray
-    generations: list[list[str | None]] | None = None
-    mode: str = "loglik"
-    seconds: float = 0.0
-    scored: np.ndarray | None = None
-    option_scores: np.ndarray | None = None
-    option_roles: np.ndarray | None = None
-
-    @property
-    def nonfinite_scores(self) -> int:
-        """How many scored values are NaN or infinite (NaN/inf logits, a diverged model): a round with any is not
-        trustworthy, however finite its metrics over the rest look."""
-        bad = ~np.isfinite(self.scores)
-        if self.scored is not None:
-            return int(np.count_nonzero(bad & self.scored[..., None]))
-        count = int(np.count_nonzero(np.isinf(self.scores)))
-        if "context" in self.variants:
-            col = self.variants.index("context")
-            count += int(np.count_nonzero(np.isnan(self.scores[:, col])))
-        return count
-
-    @classmethod
-    def merge(cls, results: Sequence[ScoreResult]) -> ScoreResult:
-        """Concatenate shards (sorted by probe index; a probe scored twice keeps its first score)."""
-        if not results:
-            raise ValueError("nothing to merge")
-        indices = np.concatenate([r.probe_indices for r in results])
-        _, first = np.unique(indices, return_index=True)
-        order = first[np.argsort(indices[first], kind="stable")]
-        gens = None
-        if all(r.generations is not None for r in results):
-            flat = [g for r in results for g in r.generations]  # type: ignore[union-attr]
-            gens = [flat[i] for i in order]
-        scored = None
-        if all(r.scored is not None for r in results):
-            scored = np.concatenate([r.scored for r in results])[order]  # type: ignore[misc]
-        option_scores = option_roles = None
-        if any(r.option_scores is not None for r in results):
-            width = max(r.option_scores.shape[2] for r in results if r.option_scores is not None)
-            padded = []
-            for r in results:
-                # A shard without options has two answers per row: (counterfactual, parametric) = its scores.
-                values = r.option_scores if r.option_scores is not None else r.scores
-                extra = np.full(values.shape[:2] + (width - values.shape[2],), np.nan)
-                padded.append(np.concatenate([values, extra], axis=2))
-            option_scores = np.concatenate(padded)[order]
-            option_roles = np.concatenate([
-                r.option_roles if r.option_roles is not None else np.tile(np.array([0, 1]), (len(r.probe_indices), 1))
-                for r in results
-            ]).astype(np.int64)[order]
-        return cls(
-            probe_indices=indices[order],
-            variants=results[0].variants,
-            scores=np.concatenate([r.scores for r in results])[order],
-            generations=gens,
-            mode=results[0].mode,
-            seconds=max(r.seconds for r in results),
-            scored=scored,
-            option_scores=option_scores,
-            option_roles=option_roles,
-        )
-
-
-@dataclass
-class ScoreReport:
-    """What :meth:`ProbeScorer.score` returns: metrics plus per-probe records."""
-
-    metrics: dict[str, float]
-    result: ScoreResult
-    probes: list[Probe] = field(repr=False)
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        """One dict per scored probe: id, family, answers, and the score of each (variant, answer).
-
-        A multiple-choice probe also has ``options`` and ``<variant>_option_<logprobs|hits>`` (one value per option);
-        its ``<variant>_parametric_<kind>`` is the parametric option's score (``None`` when it is unknown).
-        """
-        rows = []
-        kind = "logprob" if self.result.mode == "loglik" else "hit"
-        for row, index in enumerate(self.result.probe_indices):
-            probe = self.probes[int(index)]
-            record: dict[str, Any] = {
-                "id": probe.id,
-                "family": probe.family,
-                "counterfactual_answer": probe.counterfactual_answer,
-                "parametric_answer": probe.parametric_answer,
-            }
-            if probe.options:
-                record["options"] = list(probe.options)
-            for col, variant in enumerate(self.result.variants):
-                cf, par = self.result.scores[row, col]
-                values = None
-                if probe.options and self.result.option_scores is not None:
-                    values = self.result.option_scores[row, col, : len(probe.options)]
-                    par_index = probe.parametric_index
-                    par = values[par_index] if par_index is not None else np.nan
-                record[f"{variant}_counterfactual_{kind}"] = None if np.isnan(cf) else float(cf)
-                record[f"{variant}_parametric_{kind}"] = None if np.isnan(par) else float(par)
-                if values is not None:
-                    record[f"{variant}_option_{kind}s"] = [None if np.isnan(v) else float(v) for v in values]
-                if self.result.generations is not None:
-                    record[f"{variant}_generation"] = self.result.generations[row][col]
-            rows.append(record)
-        return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The scorer
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _model_config(model: Any) -> Any:
-    """``model.config``, else that of a DDP-style ``model.module``; ``None`` when neither has one."""
-    for candidate in (model, getattr(model, "module", None)):
-        config = getattr(candidate, "config", None)
-        if config is not None:
-            return config
-    return None
 
 
 class ProbeScorer:
@@ -576,7 +268,7 @@ class ProbeScorer:
         DDP-style wrappers); a model whose config does not say is not checked. Constant time: the longest item is
         known since encoding, and the items are only walked (for the message) when one does not fit.
         """
-        limit = max_positions(_model_config(model))
+        limit = max_positions(config_of(model))
         if limit is not None and limit < self._longest_item:
             check_lengths(self.probes, self.encoded.items, limit)
 
@@ -612,32 +304,12 @@ class ProbeScorer:
         items = self.encoded.items_for(indices.tolist())
         if round_variants != self.variants:
             items = [item for item in items if item.variant in round_variants]
-        round_budget = self.batcher
-        retries = 0
-        while True:
-            smaller: Batcher | None = None
-            try:
-                scores, scored, generations = self._score_round(model, indices, items, round_variants)
-                break
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                smaller = self._smaller_budget(err, items)
-                if smaller is None:
-                    self._set_batcher(round_budget)
-                    raise
-            # Outside the except block: the failed forward's traceback (and the tensors it holds) is released.
-            _free_cached_memory(model)
-            self._set_batcher(smaller)
-            retries += 1
-        if retries:
-            logger.warning(
-                "ctx_callback: the probe round completed after %d out-of-memory retr%s with max_batch_tokens=%d, "
-                "max_batch_size=%d (configured: %d, %d); later rounds start from this budget "
-                "(ProbeScorer.reset_budget() restores the configured one).", retries, "y" if retries == 1 else "ies",
-                self.batcher.max_batch_tokens, self.batcher.max_batch_size, self.max_batch_tokens,
-                self.max_batch_size,
-            )
+        (scores, scored, generations), retries = run_with_backoff(
+            lambda: self._score_round(model, indices, items, round_variants), model, self.batcher, self._set_batcher,
+            lambda err, budget: smaller_budget(err, budget, synced_gpus=self.synced_gpus,
+                                               unbatched_engine=lambda: self._unbatched_engine(items)),
+        )
+        log_recovered_round(retries, self.batcher, Batcher(self.max_batch_tokens, self.max_batch_size))
         option_scores = option_roles = None
         if self.has_multiple_choice:
             scores, option_scores = scores[..., :2].copy(), scores[..., 2:].copy()
@@ -670,7 +342,7 @@ class ProbeScorer:
                 for item, text in zip(items, texts):
                     r, c = row_of[item.probe_index], col_of[item.variant]
                     generations[r][c] = text
-                    hits = _answer_hits(self.probes[item.probe_index], text)
+                    hits = answer_hits(self.probes[item.probe_index], text)
                     scores[r, c] = self._row(item.probe_index, [float(hit) for hit in hits], width)
                     scored[r, c] = True
         return scores, scored, generations
@@ -689,40 +361,12 @@ class ProbeScorer:
             out[2:2 + len(values)] = values
         return out
 
-    def _smaller_budget(self, err: BaseException, items: list[EncodedItem]) -> Batcher | None:
-        """The budget to retry a round that ran out of memory with, or ``None`` (after a warning) when a retry
-        cannot help: sharded parameters, an engine that does not batch, or one item per forward pass already."""
-        budget = self.batcher
-        reason = f"{type(err).__name__}: {quote_error(err, first_line=True)}"
-        if self.synced_gpus:
-            logger.warning(
-                "ctx_callback: out of memory in a probe forward pass (%s) under sharded parameters (FSDP / ZeRO-3): "
-                "not retried, since the other ranks wait inside that forward pass's collective. Lower "
-                "max_batch_tokens / max_batch_size (now %d / %d).", reason, budget.max_batch_tokens,
-                budget.max_batch_size,
-            )
-            return None
+    def _unbatched_engine(self, items: list[EncodedItem]) -> str | None:
+        """The name of the log-likelihood engine for ``items`` when it runs one row per forward pass (no batch an
+        out-of-memory retry could shrink), else ``None`` (also in generation mode, which batches)."""
         if self.mode == "loglik" and not self._loglik_engine_for(items).uses_batcher:
-            logger.warning(
-                "ctx_callback: out of memory in a probe forward pass (%s); the %r engine runs one row per forward pass "
-                "and does not batch, so there is no smaller batch to retry with.", reason,
-                self._loglik_engine_for(items).name,
-            )
-            return None
-        if budget.max_batch_size <= 1:
-            logger.warning(
-                "ctx_callback: out of memory in a probe forward pass even with one probe item per forward pass "
-                "(max_batch_tokens=%d, max_batch_size=1) (%s): the round fails. Use shorter or fewer probes or "
-                "variants, or probe while less memory is in use.", budget.max_batch_tokens, reason,
-            )
-            return None
-        smaller = Batcher(max(1, budget.max_batch_tokens // 2), max(1, budget.max_batch_size // 2))
-        logger.warning(
-            "ctx_callback: out of memory in a probe forward pass with max_batch_tokens=%d, max_batch_size=%d (%s); "
-            "retrying the round with max_batch_tokens=%d, max_batch_size=%d.", budget.max_batch_tokens,
-            budget.max_batch_size, reason, smaller.max_batch_tokens, smaller.max_batch_size,
-        )
-        return smaller
+            return self._loglik_engine_for(items).name
+        return None
 
     def _set_batcher(self, batcher: Batcher) -> None:
         """Cut every engine's later forward passes with ``batcher``."""
@@ -773,33 +417,3 @@ class ProbeScorer:
         return self._fallback_engine
 
 
-def _answer_hits(probe: Probe, text: str) -> list[bool]:
-    """Generation mode: which of the probe's answers (:attr:`~ctx_callback.probes.Probe.answers`) ``text`` names.
-
-    The longer answer is matched first: "New York" is no hit for "York" (see :mod:`ctx_callback.matching`). A
-    multiple-choice probe's options are one group each (its counterfactual and parametric options with their
-    aliases); when its prompt lists them (``list_options``), an output that opens with an option's letter ("B",
-    "(B)", "B. ...") names that option as well.
-    """
-    groups: list[tuple[str, ...]] = [(answer,) for answer in probe.answers]
-    groups[probe.counterfactual_index] += probe.counterfactual_aliases
-    if probe.parametric_index is not None:
-        groups[probe.parametric_index] += probe.parametric_aliases
-    hits = match_answers(text, groups)
-    if probe.list_options:  # the prompt showed the lettered options: "B" names option B
-        label = option_label(text, len(probe.options))
-        if label is not None:
-            hits[label] = True
-    return hits
-
-
-
-def _free_cached_memory(model: torch.nn.Module) -> None:
-    """Return the accelerator's cached blocks (``torch.cuda.empty_cache()`` and its kin) before a retry."""
-    device = device_of(model)
-    backend = getattr(torch, device.type, None)
-    empty_cache = getattr(backend, "empty_cache", None)
-    if device.type == "cuda" and not torch.cuda.is_initialized():
-        return
-    if callable(empty_cache):
-        empty_cache()

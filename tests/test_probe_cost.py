@@ -152,12 +152,12 @@ def test_bfloat16_warning_on_a_plain_x86_cpu_names_its_capability(tokenizer, cap
     """The same decision for torch's baseline x86 kernels (capability ``DEFAULT``), in this process."""
     import platform
 
-    import ctx_callback.scoring as scoring
+    import ctx_callback.precision as precision
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("x86 capabilities")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    monkeypatch.setattr(scoring, "_WARNED_SLOW_BF16", set())
+    monkeypatch.setattr(precision, "_WARNED_SLOW_BF16", set())
     assert cpu_has_native_bf16() is False
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

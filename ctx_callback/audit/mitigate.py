@@ -31,7 +31,8 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..matching import answers_overlap
 from .adapters import AUDIT_FORMATS, number_text
-from .core import AuditResult, load_audit_data, prepare_examples, row_keys
+from .data import load_audit_data, prepare_examples, row_keys
+from .result import AuditResult
 
 __all__ = [
     "MAX_FRACTION",

@@ -274,8 +274,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         CtxCallbackError: Bad input (missing data, columns, empty targets, an unloadable model, ...).
     """
-    from ..audit import audit_dataset, augment_dataset, filter_dataset, load_audit_data, prepare_examples
-    from ..audit.mitigate import MAX_FRACTION
+    from ..audit import audit_dataset, load_audit_data, prepare_examples
 
     if not args.model:
         raise UsageError("audit needs the model to score the data with: --model PATH|ID (the model you fine-tune)")
@@ -283,6 +282,44 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else Path(f"audit_{Path(data_name).stem}")
     fields = dict(args.fields)
     # Bad options are reported before the data is read, bad data before any model is loaded.
+    outputs = _check_outputs(args, out_dir)
+    rows = load_audit_data(args.data, split=args.data_split)
+    for option, (text, path) in outputs.items():
+        if path.suffix.lower() == ".csv":
+            _check_csv(option, text, rows)
+    invalid = "skip" if args.skip_invalid else "error"
+    prepare_examples(rows, data_format=args.data_format, fields=fields, invalid=invalid)
+    model, tokenizer = _load_model(args, len(rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores_path = out_dir / AUDIT_SCORES
+    if args.rescore and scores_path.exists():
+        scores_path.unlink()
+    result = audit_dataset(
+        rows, model, tokenizer, data_format=args.data_format, fields=fields, prompt_format=args.prompt_format,
+        system_prompt=args.system_prompt, rule=args.rule, statistic=args.statistic, quantile=args.quantile,
+        threshold=args.threshold, max_target_tokens=args.max_target_tokens, probe_dtype=args.probe_dtype,
+        max_batch_tokens=args.batch_tokens, invalid=invalid, resume_file=scores_path, progress=True,
+    )
+    cached = len(rows) - result.scored_now - result.counts().get("invalid", 0)
+    rate = result.scored_now / result.seconds if result.seconds > 0 else float("nan")
+    eprint(f"scored {result.scored_now} examples in {result.seconds:.1f}s ({rate:.1f} examples/s), {cached} from "
+           f"{scores_path.name}")
+    print(result.table())
+    written = _write_audit_files(args, result, out_dir)
+    written += _write_datasets(args, outputs, rows, result, fields)
+    print("wrote " + ", ".join(written))
+    return EXIT_OK
+
+
+def _check_outputs(args: argparse.Namespace, out_dir: Path) -> dict[str, tuple[str, Path]]:
+    """The dataset outputs asked for, checked before the data is read: ``{option: (as given, path)}``.
+
+    Raises:
+        UsageError: ``--augment`` out of range, an output that cannot be written, is the input, or is one of the
+            audit's own files, or ``--out`` and ``--augmented-out`` naming the same file.
+    """
+    from ..audit.mitigate import MAX_FRACTION
+
     if args.augment is not None and args.augment > MAX_FRACTION:
         raise UsageError(f"--augment {args.augment:g}: the counterfactual copies are a share of the rows, at most "
                          f"{MAX_FRACTION:g} (0.1 adds 10% more rows); pass a value between 0 and {MAX_FRACTION:g}.")
@@ -299,12 +336,15 @@ def run(args: argparse.Namespace) -> int:
         if path.resolve() in own_files:
             raise UsageError(f"{option} {text} is one of the files the audit itself writes in {out_dir}; pick "
                              "another name.")
-    rows = load_audit_data(args.data, split=args.data_split)
-    for option, (text, path) in outputs.items():
-        if path.suffix.lower() == ".csv":
-            _check_csv(option, text, rows)
-    invalid = "skip" if args.skip_invalid else "error"
-    prepare_examples(rows, data_format=args.data_format, fields=fields, invalid=invalid)
+    return outputs
+
+
+def _load_model(args: argparse.Namespace, rows: int) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model`` (its config first: a missing model is reported as such).
+
+    Raises:
+        UsageError: The model, its config or its tokenizer does not load.
+    """
     device = resolve_device(args.device)
     load_model_config(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -314,22 +354,12 @@ def run(args: argparse.Namespace) -> int:
         model, _ = loader.load(args.model)
     except OSError as err:
         raise UsageError(f"could not load model {args.model!r}: {one_line(err)}") from None
-    eprint(f"loaded {args.model} in {time.perf_counter() - start:.1f}s; auditing {len(rows)} examples")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scores_path = out_dir / AUDIT_SCORES
-    if args.rescore and scores_path.exists():
-        scores_path.unlink()
-    result = audit_dataset(
-        rows, model, tokenizer, data_format=args.data_format, fields=fields, prompt_format=args.prompt_format,
-        system_prompt=args.system_prompt, rule=args.rule, statistic=args.statistic, quantile=args.quantile,
-        threshold=args.threshold, max_target_tokens=args.max_target_tokens, probe_dtype=args.probe_dtype,
-        max_batch_tokens=args.batch_tokens, invalid=invalid, resume_file=scores_path, progress=True,
-    )
-    cached = len(rows) - result.scored_now - result.counts().get("invalid", 0)
-    rate = result.scored_now / result.seconds if result.seconds > 0 else float("nan")
-    eprint(f"scored {result.scored_now} examples in {result.seconds:.1f}s ({rate:.1f} examples/s), {cached} from "
-           f"{scores_path.name}")
-    print(result.table())
+    eprint(f"loaded {args.model} in {time.perf_counter() - start:.1f}s; auditing {rows} examples")
+    return model, tokenizer
+
+
+def _write_audit_files(args: argparse.Namespace, result: Any, out_dir: Path) -> list[str]:
+    """Write the audit's own files (records, summary, histogram) into ``out_dir``; returns what was written."""
     summary = result.summary
     summary["data"] = args.data
     result.to_jsonl(out_dir / AUDIT_JSONL)
@@ -343,6 +373,14 @@ def run(args: argparse.Namespace) -> int:
     if summary["too_long"]:
         warn(f"{summary['too_long']} example(s) do not fit the model and were not scored (category too_long, kept "
              f"by --out): {summary['too_long_indices']}")
+    return written
+
+
+def _write_datasets(args: argparse.Namespace, outputs: dict[str, tuple[str, Path]], rows: Any, result: Any,
+                    fields: dict[str, str]) -> list[str]:
+    """Write ``--out`` (the filtered dataset) and ``--augmented-out``; returns what was written."""
+    from ..audit import augment_dataset, filter_dataset
+
     # JSON outputs get the input's own records (each with exactly its keys); tables get the loaded dataset.
     raw = None
     if any(path.suffix.lower() in (".jsonl", ".json") for _, path in outputs.values()):
@@ -354,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
     def source_for(path: Path) -> Any:
         return raw if raw is not None and path.suffix.lower() in (".jsonl", ".json") else rows
 
+    written = []
     if "--out" in outputs:
         text, path = outputs["--out"]
         filtered = filter_dataset(source_for(path), result)
@@ -365,5 +404,4 @@ def run(args: argparse.Namespace) -> int:
                                     data_format=args.data_format, fields=fields)
         _write_rows(path, augmented)
         written.append(f"{text} ({len(augmented) - len(rows)} counterfactual rows added)")
-    print("wrote " + ", ".join(written))
-    return EXIT_OK
+    return written

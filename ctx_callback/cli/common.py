@@ -2,9 +2,11 @@
 
 Everything here is a thin command-line layer over the core: monitor names are parsed by
 :func:`ctx_callback.monitor.parse_monitor`, probe variants come from :data:`ctx_callback.encoding.ALL_VARIANTS`,
-metric labels and directions from :data:`ctx_callback.metrics.METRICS`, a model's length limit from
-:func:`ctx_callback.models.max_positions`. Bad input is raised as :class:`~ctx_callback.errors.UsageError` (or any
-other :class:`~ctx_callback.errors.CtxCallbackError`), which :func:`ctx_callback.cli.main` turns into exit code 2.
+metric labels and directions from :data:`ctx_callback.metrics.METRICS`, models, adapters and tokenizers are loaded by
+:mod:`ctx_callback.model_loading` (its :class:`~ctx_callback.errors.ModelLoadError` worded here as a
+:class:`~ctx_callback.errors.UsageError` that names the option to pass). Bad input is raised as
+:class:`~ctx_callback.errors.UsageError` (or any other :class:`~ctx_callback.errors.CtxCallbackError`), which
+:func:`ctx_callback.cli.main` turns into exit code 2.
 
 Module-level imports stay free of torch and transformers (``--help`` must be fast): those are imported inside the
 functions that need them.
@@ -17,15 +19,16 @@ import json
 import math
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import model_loading
 from ..encoding import ALL_VARIANTS
-from ..errors import CheckpointMismatchError, ConfigurationError, CtxCallbackError, UsageError, quote_error
+from ..errors import ConfigurationError, CtxCallbackError, ModelLoadError, UsageError, quote_error
 from ..metrics import METRIC_PREFIX as PREFIX
+from ..model_loading import check_loading_info, has_tokenizer, max_positions_of
 from ..monitor import Monitor, parse_monitor
 
 __all__ = [
@@ -80,7 +83,6 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 #: ``--probe-dtype`` (the autocast dtype of the forward passes; ``ctx_callback.scoring.PROBE_DTYPES``).
 PROBE_DTYPE_CHOICES = ("bfloat16", "float16")
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 EPILOG = """exit codes:
   0  success
@@ -272,81 +274,56 @@ def torch_dtype(name: str) -> Any:
 
 
 def resolve_name(name_or_path: str) -> str:
+    """The offline SmolLM2 alias as its cache directory; anything else as is
+    (:func:`~ctx_callback.models.resolve_model_path`)."""
     from ..models import resolve_model_path
 
     return resolve_model_path(name_or_path)
 
 
-def has_tokenizer(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES)
-
-
 def adapter_base(path: Path, override: str | None) -> str | None:
-    """Base model of a PEFT adapter directory (``--base-model`` wins), or None when ``path`` is no adapter.
+    """Base model of a PEFT adapter directory (``--base-model`` wins), or None when ``path`` is no adapter
+    (:func:`ctx_callback.model_loading.adapter_base`).
 
     Raises:
         UsageError: The adapter config is unreadable or names no base model (and ``--base-model`` is not given).
     """
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        return None
-    if override:
-        return override
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"unreadable {config_file}: {one_line(err)}") from None
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise UsageError(f"{config_file} names no base_model_name_or_path; pass --base-model")
-    return str(base)
+        return model_loading.adapter_base(path, override, hint="pass --base-model")
+    except ModelLoadError as err:
+        raise UsageError(str(err)) from None
 
 
 def load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer ``source`` names (:func:`ctx_callback.model_loading.load_tokenizer`).
 
+    Raises:
+        UsageError: It does not load; the message says to pass ``--tokenizer``.
+    """
     try:
-        return AutoTokenizer.from_pretrained(resolve_name(source))
-    except Exception as err:  # noqa: BLE001 - reported as bad input
-        raise UsageError(f"could not load a tokenizer from {source!r} ({type(err).__name__}: {one_line(err)}); "
-                         "pass --tokenizer") from None
+        return model_loading.load_tokenizer(source)
+    except ModelLoadError as err:
+        raise UsageError(f"{err}; pass --tokenizer") from None
 
 
 def load_model_config(source: str, name: str | None = None) -> Any:
-    """The config of the model ``source`` names (a directory, a Hub id or the SmolLM2 alias).
-
-    Loading the config first (it is small) tells a missing model from a missing tokenizer.
-
-    Args:
-        source: What to load the config from.
-        name: How the message names the model (default: ``repr(source)``).
+    """The config of the model ``source`` names (:func:`ctx_callback.model_loading.load_model_config`).
 
     Raises:
-        UsageError: ``could not load model NAME: ...`` when ``source`` is neither a model directory nor a loadable
-            Hub id.
+        UsageError: ``could not load model NAME: ...``.
     """
-    from transformers import AutoConfig
-
     try:
-        return AutoConfig.from_pretrained(resolve_name(source))
-    except Exception as err:  # noqa: BLE001 - reported as bad input
-        label = name if name is not None else repr(source)
-        raise UsageError(f"could not load model {label}: {type(err).__name__}: {one_line(err)}") from None
+        return model_loading.load_model_config(source, name)
+    except ModelLoadError as err:
+        raise UsageError(str(err)) from None
 
 
-def max_positions_of(source: str | None) -> int | None:
-    """The model's maximum length (what the callback passes to the scorer), or None when unknown."""
-    if source is None:
-        return None
-    try:
-        from transformers import AutoConfig
+class ModelLoader(model_loading.ModelLoader):
+    """The library's :class:`~ctx_callback.model_loading.ModelLoader`, a broken adapter config reported as a
+    :class:`~ctx_callback.errors.UsageError` that names ``--base-model`` (``scan`` skips that checkpoint)."""
 
-        config = AutoConfig.from_pretrained(resolve_name(source))
-    except Exception:  # noqa: BLE001 - only a length check: skip it
-        return None
-    from ..models import max_positions
-
-    return max_positions(config)
+    def base_model_of(self, path: Path) -> str | None:
+        return adapter_base(path, self.base_override)
 
 
 def build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, max_length: int | None) -> Any:
@@ -372,98 +349,6 @@ def build_scorer(args: argparse.Namespace, probes: list[Any], tokenizer: Any, ma
         raise
     except (ValueError, TypeError) as err:
         raise UsageError(one_line(err)) from None
-
-
-#: ``key_mapping`` for ``from_pretrained``: weights saved from a ``torch.compile``d model carry this prefix.
-_COMPILED_KEY_MAPPING = {r"^_orig_mod\.": ""}
-
-
-def _key_list(keys: Any) -> str:
-    names = sorted(k[0] if isinstance(k, tuple) else str(k) for k in keys)
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def check_loading_info(name: str, info: dict[str, Any]) -> None:
-    """Raise when ``from_pretrained(..., output_loading_info=True)`` left weights missing, unexpected or resized.
-
-    transformers initialises missing weights randomly and only logs it; scoring such a model measures noise. Tied
-    weights (``lm_head.weight`` with ``tie_word_embeddings=True``) are not missing: transformers leaves them out.
-
-    Raises:
-        CheckpointMismatchError: Naming up to five keys of each kind.
-    """
-    parts = [f"{label} {_key_list(info.get(key) or ())}"
-             for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                                ("mismatched_keys", "wrong shape"))
-             if info.get(key)]
-    if parts:
-        raise CheckpointMismatchError(
-            f"checkpoint {name} does not match the model its config describes (scoring it would measure randomly "
-            "initialised weights): " + "; ".join(parts))
-
-
-class ModelLoader:
-    """Loads full checkpoints and PEFT adapters; keeps one base model around to swap adapters on it.
-
-    Weights must match the model exactly (a :class:`~ctx_callback.errors.CheckpointMismatchError` otherwise, which
-    ``scan`` reports as a broken checkpoint); the ``_orig_mod.`` prefix of weights saved from a ``torch.compile``d
-    model is removed first.
-    """
-
-    def __init__(self, dtype: Any, device: str, base_override: str | None = None) -> None:
-        self.dtype = dtype
-        self.device = device
-        self.base_override = base_override
-        self._base_name: str | None = None
-        self._base: Any = None
-
-    def _from_pretrained(self, name: str) -> Any:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our own progress line per checkpoint is enough
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # no load-report table: a mismatch is raised below, naming the keys
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter between library versions
-                model, info = AutoModelForCausalLM.from_pretrained(
-                    resolve_name(name), dtype=self.dtype, output_loading_info=True, key_mapping=_COMPILED_KEY_MAPPING)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        check_loading_info(name, info)
-        return model.to(self.device).eval()
-
-    def load(self, path: str) -> tuple[Any, str]:
-        """``(model, kind)`` where kind is ``"full"`` or ``"peft"``. Call :meth:`release` after scoring."""
-        local = Path(path)
-        base = adapter_base(local, self.base_override) if local.is_dir() else None
-        if base is None:
-            return self._from_pretrained(path), "full"
-        from peft import PeftModel
-
-        if self._base is None or self._base_name != base:
-            self._base = None
-            self._base = self._from_pretrained(base)
-            self._base_name = base
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model = PeftModel.from_pretrained(self._base, path, is_trainable=False)
-        except Exception:
-            self._base = None  # the base may hold half-injected adapter layers: reload it next time
-            raise
-        return model.to(self.device).eval(), "peft"
-
-    def release(self, model: Any, kind: str) -> None:
-        """Undo an adapter so the cached base model is clean for the next one (reload it if that fails)."""
-        if kind != "peft":
-            return
-        try:
-            self._base = model.unload()
-        except Exception:  # noqa: BLE001 - correctness first: reload the base next time
-            self._base = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -274,14 +274,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         CtxCallbackError: Bad input (missing directory, no checkpoints, bad ``--monitor``, bad probes, ...).
     """
-    output_dir = Path(args.output_dir).expanduser()
-    if not output_dir.exists():
-        raise UsageError(f"no such directory: {output_dir}")
-    if not output_dir.is_dir():
-        raise UsageError(f"not a directory: {output_dir}")
-    checkpoints = find_checkpoints(output_dir)
-    if not checkpoints:
-        raise UsageError(f"no checkpoint-* directories in {output_dir} (train with save_strategy='steps')")
+    output_dir, checkpoints = _checkpoints(args.output_dir)
     results_dir = Path(args.results_dir).expanduser() if args.results_dir else output_dir
     monitor = parse_monitor_option(args.monitor, args.mode, args.variants)
     monitor_key, greater_is_better = monitor.key, monitor.greater_is_better
@@ -292,23 +285,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     # One tokenizer (and one scorer: tokenization is cached) for the whole run.
-    tokenizer_source = args.tokenizer
-    model_source = None  # for the maximum length
-    for ckpt in checkpoints:
-        try:
-            base = adapter_base(ckpt.path, args.base_model)
-        except UsageError:  # a broken adapter config: that checkpoint is skipped (with a warning) when scored
-            continue
-        model_source = model_source or base or str(ckpt.path)
-        if tokenizer_source is None and has_tokenizer(ckpt.path):
-            tokenizer_source = str(ckpt.path)
-        if tokenizer_source is None and base is not None:
-            tokenizer_source = base
-        if tokenizer_source is not None:
-            break
-    if tokenizer_source is None:
-        raise UsageError(f"no tokenizer files in the checkpoints of {output_dir} and no PEFT base model to take "
-                         "them from; pass --tokenizer PATH_OR_ID")
+    tokenizer_source, model_source = _tokenizer_source(checkpoints, args, output_dir)
     tokenizer = load_tokenizer(tokenizer_source)
     scorer = build_scorer(args, probes, tokenizer, max_positions_of(model_source))
     fingerprint, settings = _fingerprint(scorer, args)
@@ -336,37 +313,13 @@ def run(args: argparse.Namespace) -> int:
             cached += 1
             eprint(f"{prefix} ... cached")
             continue
-        start = time.perf_counter()
-        model, kind = None, "full"
-        try:
-            if not signature:
-                raise FileNotFoundError("no model or adapter weights in it")
-            model, kind = loader.load(str(ckpt.path))
-            report = scorer.score(model)
-        except Exception as err:  # noqa: BLE001 - a broken checkpoint must not end the scan
-            if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-                raise
-            eprint(f"{prefix} ... failed")
+        result = _score_checkpoint(ckpt, signature, loader, scorer, monitor, prefix, args.debug)
+        if result is None:
             cache.pop(ckpt.name, None)  # never show a stale result for a checkpoint that changed and broke
-            warn(f"skipping {ckpt.name}: {type(err).__name__}: {one_line(err)}")
             failed.append(ckpt.name)
-            if args.debug:
-                import traceback
-
-                traceback.print_exc()
             continue
-        finally:
-            if model is not None:
-                loader.release(model, kind)
-                del model
-        seconds = time.perf_counter() - start
-        cache[ckpt.name] = {
-            "checkpoint": ckpt.name, "step": ckpt.step, "kind": kind, "weights": signature,
-            "seconds": round(seconds, 3), "metrics": report.metrics,
-            "intervals": _intervals(report, monitor),
-        }
+        cache[ckpt.name] = result
         scored += 1
-        eprint(f"{prefix} ... {seconds:.1f}s")
         save()  # after every checkpoint: an interrupted scan keeps what it did
 
     rows, peak = save()
@@ -379,10 +332,98 @@ def run(args: argparse.Namespace) -> int:
     if not rows:  # nothing written (see _write_results)
         eprint("ctx-callback: error: no checkpoint could be scored")
         return EXIT_FAILURE
+    _print_outcome(peak, monitor_key, csv_path, json_path)
+    return EXIT_OK
+
+
+def _checkpoints(text: str) -> tuple[Path, list[Checkpoint]]:
+    """The training output directory and its checkpoints.
+
+    Raises:
+        UsageError: The directory does not exist, is a file, or holds no ``checkpoint-*`` directory.
+    """
+    output_dir = Path(text).expanduser()
+    if not output_dir.exists():
+        raise UsageError(f"no such directory: {output_dir}")
+    if not output_dir.is_dir():
+        raise UsageError(f"not a directory: {output_dir}")
+    checkpoints = find_checkpoints(output_dir)
+    if not checkpoints:
+        raise UsageError(f"no checkpoint-* directories in {output_dir} (train with save_strategy='steps')")
+    return output_dir, checkpoints
+
+
+def _tokenizer_source(checkpoints: list[Checkpoint], args: argparse.Namespace,
+                      output_dir: Path) -> tuple[str, str | None]:
+    """``(tokenizer source, model source)``: ``--tokenizer``, else the first checkpoint with tokenizer files or a
+    PEFT base model; the model source (for the maximum length) is that checkpoint's base model or itself.
+
+    Raises:
+        UsageError: No tokenizer anywhere (and no ``--tokenizer``).
+    """
+    tokenizer_source = args.tokenizer
+    model_source = None
+    for ckpt in checkpoints:
+        try:
+            base = adapter_base(ckpt.path, args.base_model)
+        except UsageError:  # a broken adapter config: that checkpoint is skipped (with a warning) when scored
+            continue
+        model_source = model_source or base or str(ckpt.path)
+        if tokenizer_source is None and has_tokenizer(ckpt.path):
+            tokenizer_source = str(ckpt.path)
+        if tokenizer_source is None and base is not None:
+            tokenizer_source = base
+        if tokenizer_source is not None:
+            break
+    if tokenizer_source is None:
+        raise UsageError(f"no tokenizer files in the checkpoints of {output_dir} and no PEFT base model to take "
+                         "them from; pass --tokenizer PATH_OR_ID")
+    return tokenizer_source, model_source
+
+
+def _score_checkpoint(ckpt: Checkpoint, signature: list[list[Any]], loader: ModelLoader, scorer: Any, monitor: Any,
+                      prefix: str, debug: bool) -> dict[str, Any] | None:
+    """Load and score one checkpoint: its entry of the scan file, or ``None`` (after a warning) when it failed.
+
+    Raises:
+        MemoryError: Out of memory (``torch.OutOfMemoryError`` too): the scan stops.
+    """
+    start = time.perf_counter()
+    model, kind = None, "full"
+    try:
+        if not signature:
+            raise FileNotFoundError("no model or adapter weights in it")
+        model, kind = loader.load(str(ckpt.path))
+        report = scorer.score(model)
+    except Exception as err:  # noqa: BLE001 - a broken checkpoint must not end the scan
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            raise
+        eprint(f"{prefix} ... failed")
+        warn(f"skipping {ckpt.name}: {type(err).__name__}: {one_line(err)}")
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        return None
+    finally:
+        if model is not None:
+            loader.release(model, kind)
+            del model
+    seconds = time.perf_counter() - start
+    entry = {
+        "checkpoint": ckpt.name, "step": ckpt.step, "kind": kind, "weights": signature,
+        "seconds": round(seconds, 3), "metrics": report.metrics,
+        "intervals": _intervals(report, monitor),
+    }
+    eprint(f"{prefix} ... {seconds:.1f}s")
+    return entry
+
+
+def _print_outcome(peak: dict[str, Any] | None, monitor_key: str, csv_path: Path, json_path: Path) -> None:
+    """The last lines of a scan: the peak (or why there is none) and the files written."""
     if peak is not None:
         print(f"peak {monitor_key} = {peak['value']:.4f} at {peak['checkpoint']} (step {peak['step']}): "
               f"{peak['path']}")
     else:
         print(f"no peak: {monitor_key} is missing or NaN for every checkpoint")
     print(f"results: {csv_path} {json_path}")
-    return EXIT_OK
