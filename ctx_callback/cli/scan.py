@@ -203,12 +203,12 @@ def _write_results(json_path: Path, csv_path: Path, data: dict[str, Any], scans:
 
 
 def _intervals(report: Any, monitor: Any) -> dict[str, float]:
-    """Standard errors and 95% intervals (Wilson / t) of the monitored metric and the overall accuracies."""
+    """Standard errors and 95% intervals (Wilson / t) of the monitored metric and the :data:`INTERVAL_METRICS`."""
+    from ..metrics import INTERVAL_METRICS, metric_key
     from ..outcomes import uncertainty
 
     targets = [(monitor.key, monitor.metric, monitor.family)]
-    targets += [(f"ctx_reliance/{m}", m, None) for m in ("counterfactual_accuracy", "parametric_accuracy",
-                                                          "closed_book_accuracy") if f"ctx_reliance/{m}" != monitor.key]
+    targets += [(metric_key(m), m, None) for m in INTERVAL_METRICS if metric_key(m) != monitor.key]
     result = report.result
     families = [report.probes[int(i)].family for i in result.probe_indices]
     options = {} if result.option_scores is None else {"options": result.option_scores,
