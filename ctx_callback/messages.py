@@ -1,0 +1,40 @@
+"""The callback's messages: one logger, information at INFO, warnings where the user should act, main process only.
+
+Every part of the callback logs through :data:`logger` (``ctx_callback.callback``), so one logger configures them
+all. As Lightning's ``rank_zero_warn`` / ``rank_zero_info``: a fact that is the same on every rank (a selection's
+result, restored weights, a configuration warning) is logged by the main process only
+(:func:`rank_zero_info`, :func:`rank_zero_warn`); a fact about one rank (a probe round or a save that failed there, a
+file it could not write) is logged where it happened (:func:`warn`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ["logger", "is_main_process", "rank_zero_info", "rank_zero_warn", "warn"]
+
+#: The logger of the callback and its parts.
+logger = logging.getLogger("ctx_callback.callback")
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of the default process group (``True`` without one)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def warn(message: str, *args: Any) -> None:
+    """A warning about this process (logged on whichever rank it happened)."""
+    logger.warning(message, *args)
+
+
+def rank_zero_warn(message: str, *args: Any) -> None:
+    """A warning that is the same on every rank: logged by the main process only."""
+    logger.warning(message, *args)
+
+
+def rank_zero_info(message: str, *args: Any) -> None:
+    """Information that is the same on every rank: logged by the main process only."""
+    logger.warning(message, *args)
