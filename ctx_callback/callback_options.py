@@ -38,6 +38,7 @@ __all__ = [
     "CallbackOptions",
     "check_best_metric",
     "check_significant_probe_count",
+    "check_wiring",
     "probe_set_digest",
     "validate_arguments",
     "warn_about_training_arguments",
@@ -196,6 +197,14 @@ def check_significant_probe_count(count: int, when: str, monitor: Monitor, alpha
     directions alone can be significant (:func:`~ctx_callback.decisions.min_probes_for_significance`), warn below
     :data:`~ctx_callback.decisions.RECOMMENDED_PROBES`.
 
+    How many probes ``stop_rule="significant_decline"`` needs: with ``n`` monitored probes, even a decline on every
+    probe gives an exact sign test (McNemar on accuracies) ``p = 2^(1 - n)``, so below
+    :func:`~ctx_callback.decisions.min_probes_for_significance` (6 probes at ``alpha=0.05``) the rule could never
+    stop on accuracy and would rest on the normality of a handful of differences on probabilities: refused with a
+    :class:`~ctx_callback.errors.ConfigurationError` (at construction, and at train begin after ``known_only`` /
+    ``informative_band`` selected); below :data:`~ctx_callback.decisions.RECOMMENDED_PROBES` (100 on probabilities,
+    200 on accuracies, from the README's simulation) a warning says how much it misses.
+
     Raises:
         ConfigurationError: Too few probes for the test ever to be significant at ``alpha``.
     """
@@ -291,4 +300,28 @@ def warn_about_training_arguments(args: TrainingArguments, probe_on: str, save_p
             "save_total_limit=%d may rotate the reliance-peak checkpoint away. Use "
             "metric_for_best_model=%r to select on reliance, or unset save_total_limit.",
             args.metric_for_best_model, args.save_total_limit, monitor_key,
+        )
+
+
+def check_wiring(trainer: Any, state: Any, has_tokenizer: bool) -> None:
+    """At train begin: the callback was given the trainer that is training, and has a tokenizer.
+
+    Raises:
+        TrainerWiringError: No trainer, another one, or no tokenizer.
+    """
+    if trainer is None:
+        raise TrainerWiringError(
+            "ContextRelianceCallback needs the trainer to log to your trackers (TensorBoard, W&B, MLflow, ...). "
+            "Create it with the trainer and then add it: "
+            "`trainer.add_callback(ContextRelianceCallback(trainer, probes=...))`."
+        )
+    if trainer.state is not state:
+        raise TrainerWiringError(
+            "ContextRelianceCallback was created with a different trainer than the one that is training. Pass the "
+            "trainer you call .train() on: `trainer.add_callback(ContextRelianceCallback(trainer, ...))`."
+        )
+    if not has_tokenizer:
+        raise TrainerWiringError(
+            "ContextRelianceCallback has no tokenizer: pass tokenizer=... to the callback, or "
+            "processing_class=tokenizer to the trainer."
         )

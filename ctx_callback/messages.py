@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["logger", "is_main_process", "rank_zero_info", "rank_zero_warn", "warn"]
+__all__ = ["announce", "logger", "is_main_process", "rank_zero_info", "rank_zero_warn", "warn"]
 
 #: The logger of the callback and its parts.
 logger = logging.getLogger("ctx_callback.callback")
@@ -38,3 +38,10 @@ def rank_zero_warn(message: str, *args: Any) -> None:
 def rank_zero_info(message: str, *args: Any) -> None:
     """Information that is the same on every rank: logged by the main process only."""
     logger.warning(message, *args)
+
+
+def announce(message: str, show: bool) -> None:
+    """Log ``message`` at INFO; when ``show`` (``verbose=True`` on the main process), also print it."""
+    logger.info(message)
+    if show:
+        print(message, flush=True)

@@ -26,9 +26,12 @@ the message (summary, stop message, summary text), and ``restore_peak_at_end`` k
 instead of restoring a missing or partial folder. Training continues; a later peak that saves clears the error.
 ``strict=True`` raises instead (a ``RuntimeError`` on every rank).
 
-The baseline (step 0) is never saved as a checkpoint: while it is the peak, its trainable parameters are kept as an
-in-memory CPU copy (:meth:`PeakCheckpointer.keep_baseline`; not under FSDP / ZeRO-3), freed once a later peak is
-saved.
+Restoring (``restore_peak_at_end``): a peak after step 0 is loaded from its checkpoint. The baseline (step 0) is
+never saved as a checkpoint, so when the baseline is the peak its weights come from an in-memory copy taken at train
+begin (:meth:`PeakCheckpointer.keep_baseline`): memory cost, one CPU copy of the parameters that require grad
+(everything the optimizer can change: the whole model's size for full fine-tuning, only the adapter weights for
+PEFT/LoRA; buffers are not copied), held until a later peak is saved as a checkpoint, then freed. Not taken under
+FSDP / DeepSpeed ZeRO-3 (sharded parameters), where a baseline peak cannot be restored (a warning says so).
 """
 
 from __future__ import annotations
@@ -97,6 +100,14 @@ class PeakCheckpointer:
                                      os.path.basename(os.path.normpath(p)) == name and os.path.isdir(p)), None)
         if self.peak_checkpoint is None and saved_error is not None:
             self.peak_save_error = saved_error
+
+    def note(self) -> str:
+        """What the stop message says about the peak checkpoint: its folder, why it was not saved, or nothing."""
+        if self.peak_checkpoint:
+            return f" Peak checkpoint: {self.peak_checkpoint}."
+        if self.peak_save_error:
+            return f" The peak checkpoint was not saved ({self.peak_save_error})."
+        return ""
 
     def check_output_dir_writable(self, args: TrainingArguments) -> None:
         """Raise before the first step if the peak checkpoints could not be written (every rank raises alike)."""

@@ -21,8 +21,8 @@ from typing import Any
 
 from .messages import warn
 from .metrics import METRIC_PREFIX
-from .outcomes import PROBES_FILE, ProbeLog
-from .reliance_row import KEY_FLIPS_SINCE_PREVIOUS, KEY_FLIPS_TO_CONTEXT, KEY_FLIPS_TO_MEMORY
+from .outcomes import PROBES_FILE, ProbeLog, probe_rows
+from .reliance_row import KEY_FLIPS_SINCE_PREVIOUS, KEY_FLIPS_TO_CONTEXT, KEY_FLIPS_TO_MEMORY, option_kwargs
 
 __all__ = ["FLIP_COLUMNS", "ProbeReports"]
 
@@ -69,6 +69,17 @@ class ProbeReports:
             out[KEY_FLIPS_SINCE_PREVIOUS] = float(sum(a != b for a, b in zip(self.previous_preferred, preferred)))
         self.previous_preferred = preferred
         return out
+
+    def after_event(self, step: int, result: Any, probes: Sequence[Any], preferred: list[str | None],
+                    output_dir: str, peak_step: int | None, callbacks: Sequence[Any], global_step: int) -> None:
+        """Main process, with ``probe_log``: append the event's rows (:func:`~ctx_callback.outcomes.probe_rows` of the
+        round's ``result``) to the probe log, and send the new flips since the peak (``peak_step``) to the trackers'
+        tables among ``callbacks``."""
+        chosen = [probes[int(i)] for i in result.probe_indices]
+        log_rows = probe_rows(step, [p.id for p in chosen], [p.family for p in chosen], result.scores,
+                              result.variants, result.mode, result.generations, **option_kwargs(result))
+        self.write_probe_log(output_dir, log_rows)
+        self.report_flips(step, peak_step, log_rows, preferred, callbacks, global_step)
 
     @staticmethod
     def prepare_probe_log(output_dir: str, resumed_step: int) -> None:

@@ -4,6 +4,11 @@ Pure functions of what the run measured (:class:`RunFacts`: its rows, peak, stop
 be read, tested and changed without the callback. The summary file and the plot never fail a finished run: an OS
 error is a warning naming the file and the error.
 
+The summary (:meth:`summary`) reports ``trained_steps``, the optimizer steps this ``train()`` call ran; ``final``
+is the last probe event. When no step ran, ``final_step`` equals the baseline step and :meth:`summary_text` says
+that nothing was measured after training instead of presenting the baseline as a final value. The last step is
+always probed with ``probe_at_end`` (also when transformers runs a step for ``max_steps=0``).
+
 Where a change goes: a new summary field is a line in :func:`summarize` (and, to show it, :func:`summary_text`).
 """
 
@@ -70,7 +75,18 @@ class RunFacts:
 
 
 def summarize(facts: RunFacts, restored: bool = False) -> dict[str, Any]:
-    """The summary dict (documented by :meth:`~ctx_callback.ContextRelianceCallback.summary`)."""
+    """The summary dict of :meth:`~ctx_callback.ContextRelianceCallback.summary`.
+
+    Baseline, peak and final values of the monitored metric, the stop step and the peak checkpoint. ``final`` is the
+    last probe event (``final_step`` its step); ``trained_steps`` the optimizer steps the last ``train()`` call ran
+    (``None`` before training) and ``end_step`` the global step training ended (or is) at. With ``trained_steps == 0``
+    no measurement was taken after training: ``final_step`` is the baseline step. ``restored_from`` says where
+    restored weights came from: the checkpoint's path, ``"baseline (in memory)"`` (then ``peak_checkpoint`` is
+    ``None``), or ``None`` when nothing was restored. ``peak_save_error`` says why the current peak has no checkpoint
+    when saving it failed (then ``peak_checkpoint`` is ``None``). ``curve_start_step``: the step a new reliance curve
+    began at after a resume with another probe set (``on_probe_set_change="new_curve"``; ``baseline`` is then the new
+    curve's first event), else ``None``.
+    """
     key = facts.monitor_key
     values = [(row["step"], row.get(key)) for row in facts.history if key in row]
     rows = {row["step"]: row for row in facts.history if key in row}

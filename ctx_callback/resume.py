@@ -6,6 +6,18 @@ rebuilt by feeding the callback's own rows of ``state.log_history`` (which the T
 answers of the peak and previous events kept in the checkpoint's :class:`~ctx_callback.resume_state.ResumeState`.
 Before that, :func:`check_probe_set` refuses a checkpoint probed with another probe set
 (``on_probe_set_change="error"``) or starts a new curve at the resumed step (``"new_curve"``).
+Each ``trainer.train()`` that starts at step 0 is a fresh run: the baseline is probed again and the peak,
+patience, history, stop information and (with ``known_only``) the probe selection start over. A run resumed from
+a checkpoint instead rebuilds them from ``state.log_history``, and takes the ``known_only`` selection made at the
+run's start from the checkpoint's Trainer state (never a new selection on the fine-tuned weights, which can
+differ). A checkpoint without that state (an older ctx_callback) gets a warning, then a recomputed selection.
+
+
+A new curve (``on_probe_set_change="new_curve"``): the old peak, smoothing, patience, stop-rule and paired state are
+forgotten (the old rows stay in ``state.log_history`` and on the trackers, but no decision reads them), the first
+probe event after the resumed step is the new curve's first (its baseline), ``known_only`` / ``informative_band``
+select again on the current weights, and the summary's ``curve_start_step`` says where the curve began. Later resumes
+of that run with the new probes continue the new curve.
 """
 
 from __future__ import annotations
@@ -16,14 +28,32 @@ from typing import Any
 
 from .decisions import ProbeEvent
 from .errors import ConfigurationError
-from .messages import rank_zero_warn
+from .messages import logger, rank_zero_warn
 from .metrics import METRIC_PREFIX, metric_key
+from .peak_checkpoint import PeakCheckpointer
 from .probe_reports import ProbeReports
+from .probe_selection import ProbeSelection
 from .reliance_row import KEY_NONFINITE, KEY_PEAK_STEP, KEY_SECONDS
-from .resume_state import KeptEvent, saved_probe_set, saved_selection_exists
+from .resume_state import (
+    TRAINER_STATE_FILE,
+    KeptEvent,
+    PairedEvents,
+    ResumeState,
+    read_state,
+    saved_probe_set,
+    saved_selection_exists,
+)
 from .stopping import StopDecider
 
-__all__ = ["ProbeSetCheck", "Replayed", "check_probe_set", "logged_before", "replay_rows"]
+__all__ = [
+    "ProbeSetCheck",
+    "Replayed",
+    "check_probe_set",
+    "current_state",
+    "logged_before",
+    "rebuild",
+    "replay_rows",
+]
 
 
 def logged_before(log_history: list[dict[str, Any]], step: int, key: str) -> Any:
@@ -128,3 +158,62 @@ def replay_rows(log_history: list[dict[str, Any]], step: int, curve_start_step: 
             replayed.last_probe_step = row_step
             replayed.probe_seconds_total += float(row.get(KEY_SECONDS, 0.0))
     return replayed
+
+
+def current_state(*, num_probes: int, sha1: str, curve_start_step: int | None, selection: ProbeSelection,
+                  decider: StopDecider, reports: ProbeReports, checkpointer: PeakCheckpointer) -> ResumeState:
+    """What a resume from a checkpoint saved now needs, gathered from the parts that hold it."""
+    peak, previous = decider.peak_event, decider.previous_event
+    paired = None if peak is None else PairedEvents(
+        selection.ids_digest(), KeptEvent(peak.step, peak.outcomes, reports.peak_preferred),
+        None if previous is None else KeptEvent(previous.step, previous.outcomes, reports.previous_preferred))
+    band = selection.informative_band
+    return ResumeState(
+        num_probes=num_probes, probe_set_sha1=sha1, curve_start_step=curve_start_step,
+        selected_ids=selection.saved_ids(), known_counts=selection.known_counts if selection.selects else None,
+        informative_band=None if band is None else list(band), peak_checkpoint=checkpointer.peak_checkpoint,
+        peak_save_error=checkpointer.peak_save_error, paired=paired)
+
+
+def rebuild(state: Any, *, monitor_key: str, binary: bool, num_probes: int, sha1: str, on_change: str,
+            selection: ProbeSelection, decider: StopDecider, reports: ProbeReports, checkpointer: PeakCheckpointer,
+            output_dir: str) -> tuple[ProbeSetCheck, Replayed]:
+    """Resume at ``state.global_step``: check the probe set (refuse, or start a new curve), restore the probe
+    selection, replay this curve's rows into ``decider`` and ``reports``, and find the peak checkpoint.
+
+    Args:
+        state: The resumed ``TrainerState``.
+        monitor_key: The monitored metric's key (whose resume state is read).
+        binary: Its per-probe outcomes are hit/miss.
+        num_probes: Size of this callback's probe set.
+        sha1: Its digest.
+        on_change: ``on_probe_set_change``.
+        selection: The probe selection (restored).
+        decider: The stop decider (rebuilt).
+        reports: The per-probe reports (their peak and previous answers rebuilt).
+        checkpointer: The peak checkpointer (its peak checkpoint found).
+        output_dir: The trainer's output folder (where ``checkpoint-{peak}`` is looked for).
+
+    Raises:
+        ConfigurationError: Another probe set and ``on_change="error"``.
+    """
+    step = state.global_step
+    check = check_probe_set(state.stateful_callbacks, state.log_history, step, monitor_key=monitor_key,
+                            num_probes=num_probes, sha1=sha1, selects=selection.selects, on_change=on_change)
+    saved = read_state(state.stateful_callbacks, monitor_key, binary)
+    selection.resume(saved, step, check.new_curve)  # first: the kept records are for the selected probes
+    kept = saved.paired.by_step(selection.ids_digest()) if saved and saved.paired else {}
+    replayed = replay_rows(state.log_history, step, check.curve_start_step, monitor_key, kept, decider, reports)
+    checkpointer.resume(decider.peak_step, output_dir, saved.peak_checkpoint if saved else None,
+                        saved.peak_save_error if saved else None)
+    peak = decider.peak_event
+    if peak is not None and peak.outcomes is None and decider.rules:
+        rank_zero_warn(
+            "ctx_callback: the checkpoint's %s holds no per-probe outcomes of the peak event (step %s; saved by "
+            "an older ctx_callback, or with another probe selection): the paired comparison with the peak (and "
+            "stop_rule='significant_decline') resumes at the next new peak.", TRAINER_STATE_FILE, peak.step)
+    tracker = decider.tracker
+    if tracker.num_events:
+        logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
+                    tracker.peak_value, tracker.peak_step)
+    return check, replayed

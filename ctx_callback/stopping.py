@@ -8,6 +8,21 @@ not, why, by which rule, the new peak, and the comparison the callback logs. As 
 (hook -> check -> ``(stop, reason)``), and like it the state is rebuilt on resume: :meth:`StopDecider.reset`, then
 the logged events fed again in order (with the kept per-probe outcomes of the peak and previous events).
 
+Decisions that know about noise (see the README's "How sure is the stop?"): every probe event also logs the
+standard error and 95% interval of the monitored metric and the overall accuracies (Wilson / Student's t), and
+compares itself with the peak event on the same probes (``decline_from_peak``, its interval and a paired
+p-value: exact McNemar or paired t-test, from :mod:`ctx_callback.stats`). The stop rules (``patience``,
+``stop_rule``, ``divergence_threshold``, ``stopping_threshold``) live in :mod:`ctx_callback.decisions`; the
+per-probe outcomes of the peak and previous events are kept in the checkpoints' Trainer state (``paired``), so
+a resumed run takes the same decisions, and are those of the merged result under DDP, identical on every rank.
+
+Stopping at the baseline: the Trainer takes its first optimizer step whatever a callback decides before it, so a
+stop rule that fires on the baseline (only ``stopping_threshold`` can: the value is already past the floor before
+any training) cannot stop training "at step 0". The callback then refuses to start instead: a
+:class:`~ctx_callback.errors.ConfigurationError` from ``trainer.train()`` after the baseline row is logged, before
+any optimizer step (the model is untouched), naming the value and the floor. Lower the floor, or set
+``warmup_steps`` so that it applies later.
+
 Where a change goes: a new stop criterion is a :class:`~ctx_callback.decisions.StopRule` (and an option of
 :func:`~ctx_callback.decisions.make_stop_rules`); how the peak is smoothed is :mod:`ctx_callback.peak`.
 """
@@ -19,10 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .decisions import Comparison, ProbeEvent, RuleInput, StopDecision, StopRule, compare_events, make_stop_rules
+from .comparison import Comparison, ProbeEvent, compare_events
+from .decisions import RuleInput, StopDecision, StopRule, make_stop_rules
+from .errors import ConfigurationError
 from .peak import PeakDecision, PeakTracker
 
-__all__ = ["RoundDecision", "StopDecider"]
+__all__ = ["RoundDecision", "StopDecider", "baseline_stop_error"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +148,14 @@ class StopDecider:
     def peak_step(self) -> int | None:
         """Step of the peak of the smoothed metric (``None`` before the first valid event)."""
         return self.tracker.peak_step
+
+
+def baseline_stop_error(decision: RoundDecision) -> ConfigurationError:
+    """The error for a stop rule that fires on the baseline (module docstring: the run refuses to start)."""
+    return ConfigurationError(
+        f"{decision.rule or 'a stop rule'} fired on the baseline, before any training: "
+        f"{decision.reason}. The Trainer cannot stop before its first optimizer step, so rather than train an "
+        "unprobed step and report a stop at step 0, ctx_callback refuses to start (the model is untouched). "
+        "The floor is already crossed by the model you start from: lower stopping_threshold below the "
+        "baseline value, set warmup_steps=N so that it applies from step N on, or remove it."
+    )
