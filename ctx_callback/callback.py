@@ -315,7 +315,7 @@ class ContextRelianceCallback(TrainerCallback):
         except Exception as err:  # noqa: BLE001 - a failed probe must not kill a long run unless strict
             if self.strict:
                 raise
-            warn("ctx_callback: probe at step %d failed (%s: %s); training continues.", step, type(err).__name__, err)
+            warn("probe at step %d failed (%s: %s); training continues.", step, type(err).__name__, err)
             self.row_logger.log({KEY_FAILED: 1.0}, control)
             return None
         self.probe_seconds_total += result.seconds

@@ -186,7 +186,7 @@ def _check_parametric_answers(probes: list[Probe], monitor: Monitor, name: str |
             "these probes, or add probes with a parametric answer."
         )
     rank_zero_warn(
-        "ctx_callback: known_only=True: %d of the %d probes have no parametric answer (multiple choice without a "
+        "known_only=True: %d of the %d probes have no parametric answer (multiple choice without a "
         "parametric option, e.g. %r), so the knowledge check never keeps them.", len(without), len(probes),
         without[0].id,
     )
@@ -224,7 +224,7 @@ def check_significant_probe_count(count: int, when: str, monitor: Monitor, alpha
         )
     if warn and count < recommended:
         rank_zero_warn(
-            "ctx_callback: stop_rule='significant_decline' on %d monitored probes (%s): in the README's "
+            "stop_rule='significant_decline' on %d monitored probes (%s): in the README's "
             "simulation ('How many probes do I need?') the rule missed most 5-point falls and many 10-point "
             "falls below %d probes for this test (it missed 23%% of 10-point falls at 50 probes on "
             "probabilities, 95%% at 50 and 34%% at 100 on accuracies). Its stops stay rare on flat runs; it is "
@@ -296,7 +296,7 @@ def warn_about_training_arguments(args: TrainingArguments, probe_on: str, save_p
         )
     if save_peak_checkpoint and args.metric_for_best_model is not None and args.save_total_limit:
         rank_zero_warn(
-            "ctx_callback: metric_for_best_model=%r is set, so the Trainer owns the 'best' checkpoint and "
+            "metric_for_best_model=%r is set, so the Trainer owns the 'best' checkpoint and "
             "save_total_limit=%d may rotate the reliance-peak checkpoint away. Use "
             "metric_for_best_model=%r to select on reliance, or unset save_total_limit.",
             args.metric_for_best_model, args.save_total_limit, monitor_key,

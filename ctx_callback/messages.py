@@ -4,7 +4,9 @@ Every part of the callback logs through :data:`logger` (``ctx_callback.callback`
 all. As Lightning's ``rank_zero_warn`` / ``rank_zero_info``: a fact that is the same on every rank (a selection's
 result, restored weights, a configuration warning) is logged by the main process only
 (:func:`rank_zero_info`, :func:`rank_zero_warn`); a fact about one rank (a probe round or a save that failed there, a
-file it could not write) is logged where it happened (:func:`warn`).
+file it could not write) is logged where it happened (:func:`warn`). The logger's name says where a message comes
+from, so messages carry no hand-written prefix; what ``verbose=True`` prints (the stop message and the train-end
+summary, :func:`announce`) keeps its ``ctx_callback`` prefix, since it is read without a logger's name.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ def warn(message: str, *args: Any) -> None:
 
 def rank_zero_warn(message: str, *args: Any) -> None:
     """A warning that is the same on every rank: logged by the main process only."""
-    logger.warning(message, *args)
+    if is_main_process():
+        logger.warning(message, *args)
 
 
 def rank_zero_info(message: str, *args: Any) -> None:
-    """Information that is the same on every rank: logged by the main process only."""
-    logger.warning(message, *args)
+    """Information that is the same on every rank (a selection's result, restored weights): logged at INFO by the
+    main process only."""
+    if is_main_process():
+        logger.info(message, *args)
 
 
 def announce(message: str, show: bool) -> None:

@@ -48,7 +48,7 @@ from transformers.trainer_callback import ExportableState
 
 from .distributed import gather_outcomes, params_are_sharded, plan_probes
 from .errors import ConfigurationError
-from .messages import rank_zero_info, warn
+from .messages import rank_zero_info, rank_zero_warn, warn
 from .resume_state import TRAINER_STATE_FILE
 
 __all__ = ["RESTORED_FROM_BASELINE", "PeakCheckpointer"]
@@ -174,7 +174,7 @@ class PeakCheckpointer:
         if self.strict:
             raise RuntimeError(f"ctx_callback: {self.peak_save_error}")
         warn(
-            "ctx_callback: could not save the peak checkpoint %s (%s); training continues. %s The summary reports "
+            "could not save the peak checkpoint %s (%s); training continues. %s The summary reports "
             "peak_checkpoint: null and the error as peak_save_error, and restore_peak_at_end keeps the final weights "
             "unless a later peak is saved (free space or fix permissions in output_dir for that).",
             path, "; ".join(errors), cleanup,
@@ -230,7 +230,7 @@ class PeakCheckpointer:
         try:
             state.save_to_json(os.path.join(path, TRAINER_STATE_FILE))
         except OSError as err:
-            warn("ctx_callback: could not update %s in %s (%s: %s); the checkpoint stays resumable, but its state "
+            warn("could not update %s in %s (%s: %s); the checkpoint stays resumable, but its state "
                  "lacks what the Trainer logged at step %d after the save.", TRAINER_STATE_FILE, path,
                  type(err).__name__, err, state.global_step)
 
@@ -240,7 +240,7 @@ class PeakCheckpointer:
     def keep_baseline(self, model: torch.nn.Module) -> None:
         """Copy the baseline's trainable parameters to CPU (the baseline is the peak and is never checkpointed)."""
         if params_are_sharded(self.trainer):
-            warn("ctx_callback: parameters are sharded (FSDP / ZeRO-3): no in-memory baseline copy is kept, so "
+            rank_zero_warn("parameters are sharded (FSDP / ZeRO-3): no in-memory baseline copy is kept, so "
                  "restore_peak_at_end cannot restore the baseline if it stays the peak.")
             return
         self.baseline_weights = {
@@ -256,10 +256,10 @@ class PeakCheckpointer:
         if self.peak_checkpoint:
             return self._restore(model, self.peak_checkpoint)
         if self.peak_save_error:
-            warn("ctx_callback: restore_peak_at_end=True, but the peak (step %d) was not saved (%s); the model keeps "
+            rank_zero_warn("restore_peak_at_end=True, but the peak (step %d) was not saved (%s); the model keeps "
                  "its final weights (step %d).", peak_step, self.peak_save_error, end_step)
         else:
-            warn("ctx_callback: restore_peak_at_end=True, but the peak (step %d) has neither a checkpoint nor an "
+            rank_zero_warn("restore_peak_at_end=True, but the peak (step %d) has neither a checkpoint nor an "
                  "in-memory copy (the baseline of a resumed run, or a run with sharded parameters); the model keeps "
                  "its final weights (step %d).", peak_step, end_step)
         return False
@@ -272,10 +272,10 @@ class PeakCheckpointer:
         except Exception as err:  # noqa: BLE001
             if self.strict:
                 raise
-            warn("ctx_callback: could not restore the peak checkpoint %s (%s: %s); the model keeps its final "
+            warn("could not restore the peak checkpoint %s (%s: %s); the model keeps its final "
                  "weights.", path, type(err).__name__, err)
             return False
-        rank_zero_info("ctx_callback: restored the peak weights from %s.", path)
+        rank_zero_info("restored the peak weights from %s.", path)
         self.restored_from = path
         return True
 
@@ -288,7 +288,7 @@ class PeakCheckpointer:
         if missing:
             if self.strict:
                 raise RuntimeError(f"cannot restore the baseline: the model lacks parameters {missing[:5]}")
-            warn("ctx_callback: could not restore the baseline weights (the model lacks parameters %s); the model "
+            warn("could not restore the baseline weights (the model lacks parameters %s); the model "
                  "keeps its final weights.", missing[:5])
             return False
         with torch.no_grad():
@@ -296,7 +296,7 @@ class PeakCheckpointer:
                 params[name].copy_(value)
         self.baseline_weights = None
         count = sum(v.numel() for v in saved.values())
-        rank_zero_info("ctx_callback: the peak is the baseline (step 0), which has no checkpoint: restored the "
+        rank_zero_info("the peak is the baseline (step 0), which has no checkpoint: restored the "
                        "baseline weights from their in-memory copy (%d trainable tensors, %d values).",
                        len(saved), count)
         self.restored_from = RESTORED_FROM_BASELINE

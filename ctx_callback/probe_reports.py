@@ -89,7 +89,7 @@ class ProbeReports:
         try:
             log.truncate_after(resumed_step if resumed_step > 0 else None)
         except OSError as err:
-            warn("ctx_callback: could not prepare %s (%s: %s); training is unaffected.", log.path,
+            warn("could not prepare %s (%s: %s); training is unaffected.", log.path,
                  type(err).__name__, err)
 
     def write_probe_log(self, output_dir: str, rows: list[dict[str, Any]]) -> None:
@@ -100,7 +100,7 @@ class ProbeReports:
             ProbeLog(os.path.join(output_dir, PROBES_FILE)).append(rows)
         except OSError as err:
             if not self._probe_log_failed:
-                warn("ctx_callback: could not append to %s (%s: %s); training is unaffected.",
+                warn("could not append to %s (%s: %s); training is unaffected.",
                      os.path.join(output_dir, PROBES_FILE), type(err).__name__, err)
             self._probe_log_failed = True
 
@@ -144,5 +144,5 @@ class ProbeReports:
             except Exception as err:  # noqa: BLE001 - a tracker failing on our table must not end a run
                 if self.strict:
                     raise
-                warn("ctx_callback: could not log the flips table to %s (%s: %s).", type(callback).__name__,
+                warn("could not log the flips table to %s (%s: %s).", type(callback).__name__,
                      type(err).__name__, err)

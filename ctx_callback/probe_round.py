@@ -71,12 +71,12 @@ def event_row(metrics: dict[str, float], result: ScoreResult, probes: Sequence[P
     row = {**metrics, **uncertainty_row(result, probes, monitor), **decline_row(decision.comparison), **flips}
     row.update(decision_row(decision, result.seconds, nonfinite))
     if nonfinite:
-        rank_zero_warn("ctx_callback: %d probe score(s) at step %d are not finite (NaN/inf logits?): the round is "
+        rank_zero_warn("%d probe score(s) at step %d are not finite (NaN/inf logits?): the round is "
                        "flagged (%s = 1.0) and can neither be the peak nor count toward patience; its metrics over "
                        "the finite scores are logged for diagnosis only.", nonfinite, step, KEY_FAILED)
         row[KEY_FAILED] = 1.0
     elif math.isnan(value):
-        rank_zero_warn("ctx_callback: the monitored metric %s is NaN at step %d (NaN logits?).", monitor.key, step)
+        rank_zero_warn("the monitored metric %s is NaN at step %d (NaN logits?).", monitor.key, step)
         row[KEY_FAILED] = 1.0
     if decision.stop:
         row[KEY_STOPPED] = 1.0
@@ -115,7 +115,7 @@ class RowLogger:
                 raise
             self.failures += 1
             (logger.debug if self.failures > 1 else logger.warning)(
-                "ctx_callback: a tracker raised while logging the ctx_reliance row at step %d (%s: %s); training "
+                "a tracker raised while logging the ctx_reliance row at step %d (%s: %s); training "
                 "continues. The row is in trainer.state.log_history (and trainer_state.json); the trackers from the "
                 "failing one on missed it. Further tracker errors on these rows are logged at DEBUG level.",
                 self.trainer.state.global_step, type(err).__name__, err,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import ConfigurationError
-from .messages import logger, rank_zero_info, rank_zero_warn
+from .messages import rank_zero_info, rank_zero_warn
 from .outcomes import metric_outcomes
 from .probes import Probe
 from .reliance_row import option_kwargs
@@ -110,7 +110,7 @@ class ProbeSelection:
         if self.known_only and self.active_indices is None:
             self.active_indices, self.known_counts = scorer.known_probe_indices(model)
             summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(self.known_counts.items()))
-            rank_zero_info("ctx_callback: knowledge verification kept %d/%d probes (%s).", len(self.active_indices),
+            rank_zero_info("knowledge verification kept %d/%d probes (%s).", len(self.active_indices),
                            len(self.probes), summary)
             if not self.active_indices:
                 raise ConfigurationError(
@@ -142,7 +142,7 @@ class ProbeSelection:
                 counts[self.probes[int(index)].family]["kept"] += 1
         self.active_indices, self.known_counts = kept, counts
         summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(counts.items()))
-        rank_zero_info("ctx_callback: informative_band=%s kept %d/%d probes (%s).", self.informative_band,
+        rank_zero_info("informative_band=%s kept %d/%d probes (%s).", self.informative_band,
                        len(kept), len(self.probes), summary)
         if not kept:
             raise ConfigurationError(
@@ -162,7 +162,7 @@ class ProbeSelection:
         if not self.selects:
             if ids is not None:
                 rank_zero_warn(
-                    "ctx_callback: the resumed run was started with known_only=True (%d probes monitored), but this "
+                    "the resumed run was started with known_only=True (%d probes monitored), but this "
                     "callback has known_only=False: it monitors all %d probes from step %d on, so its values are not "
                     "comparable with the rows logged before.", len(ids), len(self.probes), step,
                 )
@@ -179,12 +179,12 @@ class ProbeSelection:
             if not missing:
                 self.active_indices = [index[probe_id] for probe_id in ids]
                 self.known_counts = saved.known_counts
-                logger.info("ctx_callback: resumed with the known_only probe selection made at the start of the "
-                            "run (%d/%d probes).", len(ids), len(self.probes))
+                rank_zero_info("resumed with the known_only probe selection made at the start of the run "
+                               "(%d/%d probes).", len(ids), len(self.probes))
                 return
             reason = f"{len(missing)} of its probe ids are not among this callback's probes ({missing[:3]})"
         rank_zero_warn(
-            "ctx_callback: known_only=True on a resumed run, but the probe selection made at the start of the run "
+            "known_only=True on a resumed run, but the probe selection made at the start of the run "
             "cannot be restored: %s. Recomputing it on the current, already fine-tuned weights (step %d): it can "
             "differ from the probes the logged history measured, and then the resumed run's peak and stop decisions "
             "can differ from an uninterrupted run's.", reason, step,

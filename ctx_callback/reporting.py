@@ -176,7 +176,7 @@ def write_summary(output_dir: str, summary: dict[str, Any], history: list[dict[s
         with open(path, "w") as f:
             json.dump(payload, f, indent=2, default=float)
     except OSError as err:
-        warn("ctx_callback: could not write %s (%s: %s); training is unaffected, and the summary is still in "
+        warn("could not write %s (%s: %s); training is unaffected, and the summary is still in "
              "callback.summary() and the metrics in trainer.state.log_history.", path, type(err).__name__, err)
 
 
@@ -185,11 +185,11 @@ def write_plot(output_dir: str, log_history: list[dict[str, Any]], monitor_key: 
     try:
         from .plotting import plot_reliance
     except ImportError as err:  # pragma: no cover - matplotlib missing
-        warn("ctx_callback: plot=True needs matplotlib (%s).", err)
+        warn("plot=True needs matplotlib (%s).", err)
         return
     path = os.path.join(output_dir, PLOT_FILE)
     try:
         plot_reliance(log_history, path, monitor_key=monitor_key, stop_step=stop_step)
     except OSError as err:
-        warn("ctx_callback: could not write the plot %s (%s: %s); training is unaffected.", path,
+        warn("could not write the plot %s (%s: %s); training is unaffected.", path,
              type(err).__name__, err)

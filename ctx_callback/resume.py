@@ -28,7 +28,7 @@ from typing import Any
 
 from .decisions import ProbeEvent
 from .errors import ConfigurationError
-from .messages import logger, rank_zero_warn
+from .messages import rank_zero_info, rank_zero_warn
 from .metrics import METRIC_PREFIX, metric_key
 from .peak_checkpoint import PeakCheckpointer
 from .probe_reports import ProbeReports
@@ -109,7 +109,7 @@ def check_probe_set(stateful_callbacks: dict[str, Any] | None, log_history: list
     reselect = (" The known_only / informative_band selection is made again, on the current weights."
                 if selects else "")
     rank_zero_warn(
-        "ctx_callback: on_probe_set_change='new_curve': the checkpoint resumed at step %d was probed with %s; "
+        "on_probe_set_change='new_curve': the checkpoint resumed at step %d was probed with %s; "
         "this callback has %s. Starting a NEW reliance curve at step %d: the old curve's peak%s, smoothing, "
         "patience, stop-rule state and paired per-probe outcomes are forgotten, and the first probe event after "
         "step %d is the new curve's baseline.%s The old rows stay in state.log_history and on your trackers: the "
@@ -209,11 +209,11 @@ def rebuild(state: Any, *, monitor_key: str, binary: bool, num_probes: int, sha1
     peak = decider.peak_event
     if peak is not None and peak.outcomes is None and decider.rules:
         rank_zero_warn(
-            "ctx_callback: the checkpoint's %s holds no per-probe outcomes of the peak event (step %s; saved by "
+            "the checkpoint's %s holds no per-probe outcomes of the peak event (step %s; saved by "
             "an older ctx_callback, or with another probe selection): the paired comparison with the peak (and "
             "stop_rule='significant_decline') resumes at the next new peak.", TRAINER_STATE_FILE, peak.step)
     tracker = decider.tracker
     if tracker.num_events:
-        logger.info("ctx_callback: resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
-                    tracker.peak_value, tracker.peak_step)
+        rank_zero_info("resumed with %d probe events, peak %.4f at step %s.", tracker.num_events,
+                       tracker.peak_value, tracker.peak_step)
     return check, replayed
