@@ -61,7 +61,7 @@ def main(out: Path) -> None:
     work = Path(tempfile.mkdtemp())
     try:
         trainer = make_trainer(make_tiny_llama(tokenizer), tokenizer, work, max_steps=30, save_strategy="steps",
-                               save_steps=5, save_total_limit=1)
+                               save_steps=5)
         callback = ContextRelianceCallback(trainer, PROBES, **OPTIONS)
         trainer.add_callback(callback)
         trainer.add_callback(StopAt(INTERRUPT_AT))
