@@ -22,12 +22,12 @@ The rules (:func:`make_stop_rules` builds them from the callback's options):
 - ``stopping_threshold`` (:class:`StoppingThresholdRule`): stop once the metric is below this absolute floor
   (above it for metrics where lower is better).
 
-Shared conventions: the peak is the peak of the *smoothed* metric (the same :class:`~ctx_callback.peak.PeakTracker`
-as the callback's, so the peak a rule compares against is the checkpoint the callback saves and restores); the
-decline is measured on the *raw* values, peak event minus current event, in the metric's own units (0.05 = 5 points
-of accuracy), positive when the metric got worse (direction-aware: for ``greater_is_better=False`` a rise is a
-decline). No rule stops before global step ``warmup``. An event whose value is NaN (a failed or flagged probe
-round) changes no state and never stops.
+Shared conventions: the peak is the peak of the *smoothed* metric (the decider's one
+:class:`~ctx_callback.peak.PeakTracker`, so the peak a rule compares against is the checkpoint the callback saves and
+restores); the decline is measured on the *raw* values, peak event minus current event, in the metric's own units
+(0.05 = 5 points of accuracy), positive when the metric got worse (direction-aware: for ``greater_is_better=False`` a
+rise is a decline). No rule stops before global step ``warmup``. An event whose value is NaN (a failed or flagged
+probe round) changes no peak and never stops.
 """
 
 from __future__ import annotations
