@@ -3,9 +3,12 @@
 A run is a sequence of probe events (:class:`ProbeEvent`): the global step, the monitored metric's value and,
 when available, the per-probe outcomes behind it (``bool`` hit/miss per probe for accuracies, a ``float`` per probe
 for probabilities and margins), always in the same probe order. A :class:`StopRule` is fed the events in order and
-answers each with a :class:`StopDecision`. Rules hold their own state (peak, patience, the peak event's per-probe
-outcomes); :meth:`StopRule.reset` forgets it, and feeding the same events again (a resume replaying
-``state.log_history`` plus the stored per-probe outcomes of the peak) rebuilds it exactly.
+answers each with a :class:`StopDecision`. A rule is one criterion and keeps no state: the peak, the peak and
+previous events and the comparison with the peak are computed once per event by
+:class:`~ctx_callback.stopping.StopDecider`, which feeds them to every rule (:class:`RuleInput`) and returns one
+decision; feeding it the same events again (a resume replaying ``state.log_history`` plus the stored per-probe
+outcomes of the peak) rebuilds its state exactly. A rule fed on its own (:meth:`StopRule.update`) gets a decider of
+its own.
 
 The rules (:func:`make_stop_rules` builds them from the callback's options):
 
@@ -19,12 +22,12 @@ The rules (:func:`make_stop_rules` builds them from the callback's options):
 - ``stopping_threshold`` (:class:`StoppingThresholdRule`): stop once the metric is below this absolute floor
   (above it for metrics where lower is better).
 
-Shared conventions: the peak is the peak of the *smoothed* metric (the same :class:`~ctx_callback.peak.PeakTracker`
-as the callback's, so the peak a rule compares against is the checkpoint the callback saves and restores); the
-decline is measured on the *raw* values, peak event minus current event, in the metric's own units (0.05 = 5 points
-of accuracy), positive when the metric got worse (direction-aware: for ``greater_is_better=False`` a rise is a
-decline). No rule stops before global step ``warmup``. An event whose value is NaN (a failed or flagged probe
-round) changes no state and never stops.
+Shared conventions: the peak is the peak of the *smoothed* metric (the decider's one
+:class:`~ctx_callback.peak.PeakTracker`, so the peak a rule compares against is the checkpoint the callback saves and
+restores); the decline is measured on the *raw* values, peak event minus current event, in the metric's own units
+(0.05 = 5 points of accuracy), positive when the metric got worse (direction-aware: for ``greater_is_better=False`` a
+rise is a decline). No rule stops before global step ``warmup``. An event whose value is NaN (a failed or flagged
+probe round) changes no peak and never stops.
 """
 
 from __future__ import annotations
@@ -32,12 +35,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
+from .comparison import Comparison, ProbeEvent, compare_events
 from .errors import ConfigurationError
-from .peak import PeakTracker
-from .stats import mcnemar_exact, mean_interval, paired_t_test
+from .peak import PeakDecision, check_peak_options
 
 __all__ = [
     "CORRECTIONS",
@@ -49,6 +51,7 @@ __all__ = [
     "PatienceRule",
     "ProbeEvent",
     "RECOMMENDED_PROBES",
+    "RuleInput",
     "SignificantDeclineRule",
     "StopDecision",
     "StopRule",
@@ -104,22 +107,6 @@ def min_probes_for_significance(alpha: float) -> int:
 
 
 @dataclass(frozen=True)
-class ProbeEvent:
-    """One probe event, as the stop rules see it.
-
-    Attributes:
-        step: Global optimizer step of the event.
-        value: The monitored metric (NaN for a failed or flagged round).
-        outcomes: Per-probe outcomes behind ``value`` in a fixed probe order (``bool`` for accuracies, ``float``
-            otherwise; NaN = probe not scored), or ``None`` when unknown (events replayed from logs).
-    """
-
-    step: int
-    value: float
-    outcomes: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
 class StopDecision:
     """A rule's answer to one event.
 
@@ -141,71 +128,33 @@ class StopDecision:
     p_value: float | None = None
 
 
+
 @dataclass(frozen=True)
-class Comparison:
-    """The paired comparison of an event with the peak event (:func:`compare_events`).
+class RuleInput:
+    """What a stop rule reads at one event; computed once, by :class:`~ctx_callback.stopping.StopDecider`.
 
     Attributes:
-        decline: ``peak.value - now.value`` (negated when lower is better): positive when the metric got worse.
-        interval: t interval of the mean per-probe decline (``None`` without paired outcomes).
-        p_value: Two-sided exact McNemar (binary outcomes) or paired t-test (otherwise) p-value, ``None`` without
-            paired outcomes.
-        test: ``"mcnemar"``, ``"t"`` or ``None``.
-        lost: Probes that were a hit at the peak and are not now (binary outcomes), or that got worse (otherwise).
-        gained: The reverse.
+        event: The event being decided.
+        peak: The shared peak tracker's answer to ``event`` (smoothed value, peak, events since the peak, and the
+            ``patience`` verdict).
+        peak_event: The event at the peak of the smoothed metric (``None`` before the first valid event).
+        comparison: ``event`` compared with ``peak_event`` (:func:`compare_events`); ``None`` for a NaN event.
+        num_valid_events: Events with a value since the last reset, this one included.
     """
 
-    decline: float
-    interval: tuple[float, float] | None
-    p_value: float | None
-    test: str | None
-    lost: int | None = None
-    gained: int | None = None
-
-
-def _is_binary(outcomes: np.ndarray) -> bool:
-    if outcomes.dtype == np.bool_:
-        return True
-    finite = outcomes[~np.isnan(outcomes)]
-    return bool(np.isin(finite, (0.0, 1.0)).all())
-
-
-def compare_events(peak: ProbeEvent, now: ProbeEvent, greater_is_better: bool = True,
-                   confidence: float = 0.95) -> Comparison:
-    """Compare ``now`` with ``peak`` on the same probes.
-
-    The decline is the difference of the two events' values. When both events carry per-probe outcomes of the
-    same length, the paired test and the decline's interval come from them: an exact McNemar test when both are
-    binary (bool, or 0/1 with NaN for unscored probes), a paired t-test otherwise, and a t interval of the
-    per-probe differences. Probes unscored at either event are dropped pairwise.
-    """
-    sign = 1.0 if greater_is_better else -1.0
-    decline = sign * (float(peak.value) - float(now.value))
-    a, b = peak.outcomes, now.outcomes
-    if a is None or b is None or np.asarray(a).shape != np.asarray(b).shape or np.asarray(a).size == 0:
-        return Comparison(decline=decline, interval=None, p_value=None, test=None)
-    a_f = np.asarray(a, dtype=np.float64)
-    b_f = np.asarray(b, dtype=np.float64)
-    low, high = mean_interval(sign * (a_f - b_f), confidence)
-    interval = None if math.isnan(low) else (low, high)
-    diff = sign * (b_f - a_f)
-    valid = ~np.isnan(diff)
-    lost = int(np.count_nonzero(diff[valid] < 0))
-    gained = int(np.count_nonzero(diff[valid] > 0))
-    if _is_binary(np.asarray(a)) and _is_binary(np.asarray(b)):
-        if greater_is_better:
-            result = mcnemar_exact(a_f, b_f)
-        else:
-            result = mcnemar_exact(1.0 - a_f, 1.0 - b_f)
-        return Comparison(decline=decline, interval=interval, p_value=result.p_value, test="mcnemar",
-                          lost=result.b, gained=result.c)
-    p_value = paired_t_test(a_f, b_f)
-    return Comparison(decline=decline, interval=interval, p_value=None if math.isnan(p_value) else p_value, test="t",
-                      lost=lost, gained=gained)
+    event: ProbeEvent
+    peak: PeakDecision
+    peak_event: ProbeEvent | None
+    comparison: Comparison | None
+    num_valid_events: int
 
 
 class StopRule(ABC):
-    """A stop rule, fed probe events in order (see the module docstring).
+    """A stop rule: one criterion, read at each event (see the module docstring).
+
+    A rule keeps no state of its own: :meth:`check` reads the peak, the comparison with the peak event and the
+    event count that :class:`~ctx_callback.stopping.StopDecider` computed once for all rules. :meth:`update` and
+    :meth:`reset` feed a rule on its own (a decider of this rule alone), as before.
 
     Attributes:
         name: The rule's name, as :attr:`StopDecision.rule`.
@@ -213,63 +162,68 @@ class StopRule(ABC):
 
     name: str = "rule"
 
-    @abstractmethod
-    def reset(self) -> None:
-        """Forget every event (a fresh run, or before replaying events on resume)."""
-
-    @abstractmethod
-    def update(self, event: ProbeEvent) -> StopDecision:
-        """Feed the next event; the decision for it."""
-
-
-class _PeakRule(StopRule):
-    """A rule that compares each event with the peak event of the smoothed metric."""
-
-    def __init__(self, *, greater_is_better: bool = True, smoothing: str = "ema", ema: float = 0.5,
-                 window: int = 3, min_delta: float = 0.0, warmup: int = 0, metric: str = "the monitored metric",
+    def __init__(self, *, greater_is_better: bool = True, smoothing: str = "ema", ema: float = 0.5, window: int = 3,
+                 min_delta: float = 0.0, warmup: int = 0, metric: str = "the monitored metric",
                  confidence: float = 0.95) -> None:
         self.greater_is_better = bool(greater_is_better)
         self.warmup = int(warmup)
         self.metric = metric
         self.confidence = float(confidence)
-        self.tracker = PeakTracker(mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema,
-                                   window=window, min_delta=min_delta, patience=None, warmup_steps=warmup)
-        self.peak_event: ProbeEvent | None = None
-        self.previous_event: ProbeEvent | None = None
-        #: Events with a value (NaN events excluded) fed since the last reset, this one included.
-        self.num_valid_events = 0
+        #: Peak smoothing options (the :class:`~ctx_callback.peak.PeakTracker` of a rule used on its own).
+        self.smoothing, self.ema, self.window, self.min_delta = smoothing, ema, window, min_delta
+        self._alone: Any = None
+
+    @abstractmethod
+    def check(self, seen: RuleInput) -> StopDecision:
+        """The decision for ``seen.event``."""
+
+    def own_patience(self) -> int | None:
+        """The patience of the peak tracker this rule needs when used on its own (``None``: it never stops by it)."""
+        return None
 
     def reset(self) -> None:
-        self.tracker.reset()
-        self.peak_event = None
-        self.previous_event = None
-        self.num_valid_events = 0
+        """Forget every event fed through :meth:`update` (a fresh run, or before replaying events on resume)."""
+        self._alone = None
 
     def update(self, event: ProbeEvent) -> StopDecision:
-        value = float(event.value)
-        if math.isnan(value):
+        """Feed the next event to this rule on its own; the decision for it."""
+        if self._alone is None:
+            from .stopping import StopDecider  # noqa: PLC0415 - the decider imports this module
+
+            self._alone = StopDecider([self], greater_is_better=self.greater_is_better, smoothing=self.smoothing,
+                                      ema_alpha=self.ema, window=self.window, min_delta=self.min_delta,
+                                      patience=self.own_patience(), warmup=self.warmup, confidence=self.confidence)
+        return self._alone.update(event).decisions[0]
+
+    @property
+    def num_valid_events(self) -> int:
+        """Events with a value fed through :meth:`update` since the last reset."""
+        return 0 if self._alone is None else self._alone.num_valid_events
+
+
+class _PeakRule(StopRule):
+    """A rule that compares each event with the peak event of the smoothed metric."""
+
+    def check(self, seen: RuleInput) -> StopDecision:
+        event, comparison = seen.event, seen.comparison
+        if comparison is None:
             return StopDecision(False, self.name, f"step {event.step}: no value (failed or flagged probe round)")
-        self.num_valid_events += 1
-        peak = self.tracker.update(int(event.step), value)
-        if peak.is_new_peak:
-            self.peak_event = event
-        assert self.peak_event is not None
-        comparison = compare_events(self.peak_event, event, self.greater_is_better, self.confidence)
-        decision = self._decide(event, comparison)
-        self.previous_event = event
+        assert seen.peak_event is not None
+        decision = self._decide(seen, comparison)
         if decision.stop and event.step < self.warmup:
             return StopDecision(False, self.name, f"{decision.message} (not stopping before warmup step "
                                 f"{self.warmup})", comparison.decline, comparison.interval, comparison.p_value)
         return decision
 
-    def _head(self, event: ProbeEvent, comparison: Comparison) -> str:
-        assert self.peak_event is not None
-        return (f"{self.metric} declined {comparison.decline:.4f} from the peak event at step {self.peak_event.step} "
-                f"({self.peak_event.value:.4f} -> {event.value:.4f} at step {event.step})")
+    def _head(self, seen: RuleInput, comparison: Comparison) -> str:
+        peak, event = seen.peak_event, seen.event
+        assert peak is not None
+        return (f"{self.metric} declined {comparison.decline:.4f} from the peak event at step {peak.step} "
+                f"({peak.value:.4f} -> {event.value:.4f} at step {event.step})")
 
     @abstractmethod
-    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
-        """The decision for ``event`` given its comparison with the peak event."""
+    def _decide(self, seen: RuleInput, comparison: Comparison) -> StopDecision:
+        """The decision for ``seen.event`` given its comparison with the peak event."""
 
 
 def _interval_text(comparison: Comparison, confidence: float) -> str:
@@ -297,21 +251,22 @@ class SignificantDeclineRule(_PeakRule):
     name = "significant_decline"
 
     def __init__(self, *, min_decline: float = DEFAULT_MIN_DECLINE, alpha: float = DEFAULT_ALPHA,
-                 correction: str = "pairs", **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+                 correction: str = "pairs", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.min_decline = float(min_decline)
         self.alpha = float(alpha)
         self.correction = correction
 
-    def level(self) -> float:
-        """The per-look significance level at the current event (``alpha`` after the correction)."""
-        t = self.num_valid_events
+    def level(self, num_valid_events: int | None = None) -> float:
+        """The per-look significance level at the ``num_valid_events``-th valid event (``alpha`` after the
+        correction); default: the events fed through :meth:`update`."""
+        t = self.num_valid_events if num_valid_events is None else num_valid_events
         if self.correction == "none" or t < 2:
             return self.alpha
         return self.alpha / (t * (t - 1) / 2)
 
-    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
-        head = self._head(event, comparison)
+    def _decide(self, seen: RuleInput, comparison: Comparison) -> StopDecision:
+        head = self._head(seen, comparison)
         p = comparison.p_value
         if p is None:
             return StopDecision(False, self.name, f"{head}; no paired per-probe outcomes to test",
@@ -319,10 +274,10 @@ class SignificantDeclineRule(_PeakRule):
         test = "exact McNemar" if comparison.test == "mcnemar" else "t-test"
         detail = (f"{_interval_text(comparison, self.confidence)}; paired {test} p = {p:.3g} "
                   f"({comparison.lost} probes worse, {comparison.gained} better)")
-        level = self.level()
+        level = self.level(seen.num_valid_events)
         stop = comparison.decline >= self.min_decline and comparison.decline > 0 and p < level
         corrected = ("" if level == self.alpha
-                     else f" (alpha {self.alpha:g} corrected for {self.num_valid_events} events)")
+                     else f" (alpha {self.alpha:g} corrected for {seen.num_valid_events} events)")
         verdict = (f": at least min_decline {self.min_decline:g} and p < {level:.3g}{corrected}" if stop
                    else f"; stops at a decline >= {self.min_decline:g} with p < {level:.3g}{corrected}")
         return StopDecision(stop, self.name, head + detail + verdict, comparison.decline, comparison.interval, p)
@@ -333,13 +288,13 @@ class DivergenceRule(_PeakRule):
 
     name = "divergence_threshold"
 
-    def __init__(self, *, threshold: float, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, threshold: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.threshold = float(threshold)
 
-    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
+    def _decide(self, seen: RuleInput, comparison: Comparison) -> StopDecision:
         stop = comparison.decline >= self.threshold
-        message = (self._head(event, comparison) + _interval_text(comparison, self.confidence)
+        message = (self._head(seen, comparison) + _interval_text(comparison, self.confidence)
                    + (f", at least divergence_threshold {self.threshold:g}" if stop else ""))
         return StopDecision(stop, self.name, message, comparison.decline, comparison.interval, comparison.p_value)
 
@@ -349,15 +304,15 @@ class StoppingThresholdRule(_PeakRule):
 
     name = "stopping_threshold"
 
-    def __init__(self, *, threshold: float, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, threshold: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.threshold = float(threshold)
 
-    def _decide(self, event: ProbeEvent, comparison: Comparison) -> StopDecision:
-        value = float(event.value)
+    def _decide(self, seen: RuleInput, comparison: Comparison) -> StopDecision:
+        value = float(seen.event.value)
         stop = value < self.threshold if self.greater_is_better else value > self.threshold
         side = "below the floor" if self.greater_is_better else "above the ceiling"
-        message = (f"{self.metric} is {value:.4f} at step {event.step}, "
+        message = (f"{self.metric} is {value:.4f} at step {seen.event.step}, "
                    f"{side if stop else 'within the bound'} stopping_threshold {self.threshold:g}")
         return StopDecision(stop, self.name, message, comparison.decline, comparison.interval, comparison.p_value)
 
@@ -365,22 +320,21 @@ class StoppingThresholdRule(_PeakRule):
 class PatienceRule(StopRule):
     """Today's rule: stop after ``patience`` events without a new peak of the smoothed metric (after ``warmup``).
 
-    A thin wrapper of :class:`~ctx_callback.peak.PeakTracker`; its stop message is the tracker's reason, unchanged.
+    It reads the verdict of the shared :class:`~ctx_callback.peak.PeakTracker` (built with this ``patience``); its
+    stop message is the tracker's reason, unchanged.
     """
 
     name = "patience"
 
-    def __init__(self, *, patience: int, greater_is_better: bool = True, smoothing: str = "ema", ema: float = 0.5,
-                 window: int = 3, min_delta: float = 0.0, warmup: int = 0) -> None:
-        self.greater_is_better = bool(greater_is_better)
-        self.tracker = PeakTracker(mode="max" if greater_is_better else "min", smoothing=smoothing, ema_alpha=ema,
-                                   window=window, min_delta=min_delta, patience=patience, warmup_steps=warmup)
+    def __init__(self, *, patience: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.patience = patience
 
-    def reset(self) -> None:
-        self.tracker.reset()
+    def own_patience(self) -> int | None:
+        return self.patience
 
-    def update(self, event: ProbeEvent) -> StopDecision:
-        decision = self.tracker.update(int(event.step), float(event.value))
+    def check(self, seen: RuleInput) -> StopDecision:
+        decision = seen.peak
         sign = 1.0 if self.greater_is_better else -1.0
         decline = None if math.isnan(decision.peak_value) else sign * (decision.peak_value - decision.smoothed)
         if decision.should_stop:
@@ -465,15 +419,13 @@ def make_stop_rules(
                                            allowed="None or a finite number (an absolute floor of the metric)")
     if not isinstance(greater_is_better, bool):
         raise ConfigurationError(f"greater_is_better must be True or False, got {greater_is_better!r}.")
-    smooth = dict(greater_is_better=greater_is_better, smoothing=smoothing, ema=ema, window=window,
-                  min_delta=min_delta, warmup=warmup)
-    # PeakTracker validates smoothing, ema, window, min_delta, patience and warmup (and raises ConfigurationError).
+    check_peak_options(smoothing=smoothing, ema_alpha=ema, window=window, min_delta=min_delta, patience=patience,
+                       warmup_steps=warmup)
+    extra: dict[str, Any] = dict(greater_is_better=greater_is_better, smoothing=smoothing, ema=ema, window=window,
+                                 min_delta=min_delta, warmup=warmup, metric=metric, confidence=confidence)
     rules: list[StopRule] = []
     if patience is not None:
-        rules.append(PatienceRule(patience=patience, **smooth))  # type: ignore[arg-type]
-    else:
-        PeakTracker(smoothing=smoothing, ema_alpha=ema, window=window, min_delta=min_delta, warmup_steps=warmup)
-    extra = dict(smooth, metric=metric, confidence=confidence)
+        rules.append(PatienceRule(patience=patience, **extra))
     if stop_rule == "significant_decline":
         rules.append(SignificantDeclineRule(min_decline=min_decline, alpha=alpha, correction=correction, **extra))
     if divergence_threshold is not None:
@@ -484,6 +436,7 @@ def make_stop_rules(
 
 
 def first_stop(rules: list[StopRule], event: ProbeEvent) -> tuple[StopDecision | None, list[StopDecision]]:
-    """Feed ``event`` to every rule (each must see every event); the first stopping decision (or ``None``) and all."""
+    """Feed ``event`` to every rule on its own (each must see every event); the first stopping decision (or ``None``)
+    and all. :class:`~ctx_callback.stopping.StopDecider` does the same for rules that share one peak."""
     decisions = [rule.update(event) for rule in rules]
     return next((d for d in decisions if d.stop), None), decisions

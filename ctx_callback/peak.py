@@ -17,10 +17,33 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
-__all__ = ["PeakDecision", "PeakTracker"]
+__all__ = ["PeakDecision", "PeakTracker", "check_peak_options"]
 
 _SMOOTHING = ("ema", "mean", "none")
 _MODES = ("max", "min")
+
+
+def check_peak_options(mode: str = "max", smoothing: str = "ema", ema_alpha: float = 0.5, window: int = 3,
+                       min_delta: float = 0.0, patience: int | None = None, warmup_steps: int = 0) -> None:
+    """Validate the options of :class:`PeakTracker` (the stop rules share them) without building one.
+
+    Raises:
+        ConfigurationError: A bad value, naming the argument, the value and what is allowed.
+    """
+    if mode not in _MODES:
+        raise ConfigurationError(f"mode must be one of {list(_MODES)}, got {mode!r}.")
+    if smoothing not in _SMOOTHING:
+        raise ConfigurationError(f"smoothing must be one of {list(_SMOOTHING)}, got {smoothing!r}.")
+    if not (0.0 < ema_alpha <= 1.0):
+        raise ConfigurationError(f"ema_alpha must be in (0, 1], got {ema_alpha!r}.")
+    if not isinstance(window, int) or window < 1:
+        raise ConfigurationError(f"window must be an integer >= 1, got {window!r}.")
+    if not (isinstance(min_delta, (int, float)) and min_delta >= 0 and math.isfinite(min_delta)):
+        raise ConfigurationError(f"min_delta must be a finite number >= 0, got {min_delta!r}.")
+    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+        raise ConfigurationError(f"patience must be an integer >= 1 (or None to never stop), got {patience!r}.")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigurationError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
 
 
 @dataclass(frozen=True)
@@ -62,20 +85,7 @@ class PeakTracker:
         patience: int | None = 3,
         warmup_steps: int = 0,
     ) -> None:
-        if mode not in _MODES:
-            raise ConfigurationError(f"mode must be one of {list(_MODES)}, got {mode!r}.")
-        if smoothing not in _SMOOTHING:
-            raise ConfigurationError(f"smoothing must be one of {list(_SMOOTHING)}, got {smoothing!r}.")
-        if not (0.0 < ema_alpha <= 1.0):
-            raise ConfigurationError(f"ema_alpha must be in (0, 1], got {ema_alpha!r}.")
-        if not isinstance(window, int) or window < 1:
-            raise ConfigurationError(f"window must be an integer >= 1, got {window!r}.")
-        if not (isinstance(min_delta, (int, float)) and min_delta >= 0 and math.isfinite(min_delta)):
-            raise ConfigurationError(f"min_delta must be a finite number >= 0, got {min_delta!r}.")
-        if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
-            raise ConfigurationError(f"patience must be an integer >= 1 (or None to never stop), got {patience!r}.")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ConfigurationError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+        check_peak_options(mode, smoothing, ema_alpha, window, min_delta, patience, warmup_steps)
         self.mode = mode
         self.smoothing = smoothing
         self.ema_alpha = float(ema_alpha)

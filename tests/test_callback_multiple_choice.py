@@ -155,18 +155,21 @@ def test_every_preferred_label_survives_the_resume_state_codec(tmp_path):
 
     from ctx_callback import outcomes as outcomes_module
     from ctx_callback.decisions import ProbeEvent
+    from ctx_callback.resume_state import read_state
 
     labels = [*PREFERRED_LABELS, None]
     probes = probes_from_records(mc_records(family="a") + mc_records(family="b"))[: len(labels)]
     callback = ContextRelianceCallback(None, probes)
     values = np.linspace(0.1, 0.9, len(labels))
-    callback._peak_event = callback._previous_event = ProbeEvent(3, 0.5, values)
-    callback._peak_preferred = callback._previous_preferred = labels
+    callback.decider.peak_event = callback.decider.previous_event = ProbeEvent(3, 0.5, values)
+    callback.reports.peak_preferred = callback.reports.previous_preferred = labels
     state = TrainerState()
     callback._export_state(state)
     state.save_to_json(str(tmp_path / "trainer_state.json"))  # as every checkpoint writes it
     restored = TrainerState.load_from_json(str(tmp_path / "trainer_state.json"))
-    kept = callback._saved_paired(restored)
+    saved = read_state(restored.stateful_callbacks, callback.monitor_key)
+    kept = {step: (event.outcomes, event.preferred)
+            for step, event in saved.paired.by_step(callback.selection.ids_digest()).items()}
     assert kept[3][1] == labels
     assert kept[3][0] == pytest.approx(values)
     assert set(outcomes_module.PREFERRED_LABELS) == set(PREFERRED_LABELS)  # the labels above are all there are

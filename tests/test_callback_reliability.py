@@ -104,7 +104,7 @@ def test_restore_peak_at_end_restores_the_baseline_when_the_baseline_is_the_peak
     assert summary["restored_from"] == "baseline (in memory)"
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "restored the baseline weights" in logged
-    assert callback._baseline_weights is None  # freed once restored
+    assert callback.checkpointer.baseline_weights is None  # freed once restored
 
 
 def test_restore_peak_at_end_baseline_copy_holds_only_the_peft_adapter(tokenizer, tmp_path):
@@ -118,7 +118,7 @@ def test_restore_peak_at_end_baseline_copy_holds_only_the_peft_adapter(tokenizer
     class AtFirstStep(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0:
-                seen["copy"] = dict(callback._baseline_weights)
+                seen["copy"] = dict(callback.checkpointer.baseline_weights)
                 seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
 
     trainer.add_callback(callback)
