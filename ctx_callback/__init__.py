@@ -35,6 +35,7 @@ _EXPORTS = {
     "ConfigurationError": "errors",
     "ConfigurationTypeError": "errors",
     "CtxCallbackError": "errors",
+    "ModelLoadError": "errors",
     "ProbeFormatError": "errors",
     "ProbeLengthError": "errors",
     "ProbeSourceError": "errors",
@@ -47,6 +48,8 @@ _EXPORTS = {
     "MetricSpec": "metrics",
     "compute_metrics": "metrics",
     "metric_key": "metrics",
+    "register_metric": "metrics",
+    "unregister_metric": "metrics",
     "ProbeLog": "outcomes",
     "compute_flips": "outcomes",
     "metric_outcomes": "outcomes",
@@ -80,6 +83,7 @@ __all__ = [
     "METRICS",
     "METRIC_DESCRIPTIONS",
     "MetricSpec",
+    "ModelLoadError",
     "PROBE_FORMATS",
     "PROBE_PRESETS",
     "PROMPT_PRESETS",
@@ -112,13 +116,16 @@ __all__ = [
     "metric_outcomes",
     "probes_from_qa",
     "probes_from_records",
+    "register_metric",
     "register_probe_format",
     "register_probe_preset",
+    "unregister_metric",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .audit import AuditResult, audit_dataset, augment_dataset, filter_dataset, probes_from_qa
     from .callback import ContextRelianceCallback
+    from .decisions import ProbeEvent, StopDecision, StopRule, make_stop_rules
     from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
     from .errors import (
         AuditDataError,
@@ -126,6 +133,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ConfigurationError,
         ConfigurationTypeError,
         CtxCallbackError,
+        ModelLoadError,
         ProbeFormatError,
         ProbeLengthError,
         ProbeSourceError,
@@ -133,7 +141,16 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         UnsafeFileError,
     )
     from .formatting import PROMPT_PRESETS, PromptFormat
-    from .metrics import METRIC_DESCRIPTIONS, METRICS, MetricSpec, compute_metrics, metric_key
+    from .metrics import (
+        METRIC_DESCRIPTIONS,
+        METRICS,
+        MetricSpec,
+        compute_metrics,
+        metric_key,
+        register_metric,
+        unregister_metric,
+    )
+    from .outcomes import ProbeLog, compute_flips, metric_outcomes
     from .peak import PeakDecision, PeakTracker
     from .presets import PROBE_PRESETS, ProbePreset, register_probe_preset
     from .probe_formats import PROBE_FORMATS, register_probe_format

@@ -1,14 +1,7 @@
 """``ContextRelianceCallback``: probe context reliance during training, log it, stop and keep the peak.
 
-The callback is the wiring between the Trainer's events and the parts it owns, each a module with one job:
-:mod:`~ctx_callback.callback_options` (the arguments checked), :mod:`~ctx_callback.probe_selection` (``known_only`` /
-``informative_band``), :mod:`~ctx_callback.probe_round` (score a round, log its row through the trainer),
-:mod:`~ctx_callback.reliance_row` (the row's keys), :mod:`~ctx_callback.stopping` (peak and stop: one decision per
-event), :mod:`~ctx_callback.peak_checkpoint` (save, protect, refresh, restore), :mod:`~ctx_callback.probe_reports`
-(probe log, flips), :mod:`~ctx_callback.reporting` (summary, plot), :mod:`~ctx_callback.resume_state` and
-:mod:`~ctx_callback.resume` (what a resume needs, and rebuilding it). Under several processes (DDP, FSDP, DeepSpeed)
-:mod:`ctx_callback.distributed` decides which probes each rank scores and combines the results, and the decision is
-taken once and broadcast, so every rank acts alike.
+The callback only wires the Trainer's events to the parts it owns, each a module with one job (selection, probe
+round, logged row, stop decision, peak checkpoint, probe reports, summary, resume state): ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -75,16 +68,19 @@ class ContextRelianceCallback(TrainerCallback):
         trainer.add_callback(ContextRelianceCallback(trainer, probes="world_facts", eval_steps=50))
         trainer.train()
 
-    Every probe event logs ``ctx_reliance/...`` metrics (see the README's glossary) through the trainer, so they reach
-    every tracker in ``report_to``, ``state.log_history`` and ``trainer_state.json`` at the current global step.
+    Every probe event logs ``ctx_reliance/...`` metrics (glossary: ``docs/metrics.md``) through the trainer, so they
+    reach every tracker in ``report_to``, ``state.log_history`` and ``trainer_state.json`` at the current global step.
 
     Args:
         trainer: The trainer this callback is added to (needed to log to its trackers).
-        probes: A built-in suite name (``"world_facts"``, ``"biographies"``, ``"quotes"``, ``"all"``), a path to a
-            ``.json``/``.jsonl`` file, a Hub dataset id, or a list of :class:`~ctx_callback.Probe`.
+        probes: A built-in suite name (``"world_facts"``, ``"biographies"``, ``"quotes"``, ``"all"`` = ``"default"``),
+            a benchmark preset (``"nq_swap"``, ``"memotrap"``, ...), ``"+"``-joins of these, a path to a
+            ``.json``/``.jsonl`` file or folder, a Hub dataset id, or a list of :class:`~ctx_callback.Probe` or of
+            probe records (dicts).
         tokenizer: The tokenizer used to render probes. Default: the trainer's ``processing_class``.
-        prompt_format: ``"chat"`` (default: the tokenizer's chat template, as SFTTrainer applies it), a preset
-            (``"alpaca"``, ``"tulu"``, ``"plain"``), a template string with ``{context}``/``{question}``, or a callable.
+        prompt_format: ``"chat"`` (default: the tokenizer's chat template with ``add_generation_prompt=True``, as
+            SFTTrainer applies it), a preset (``"alpaca"``, ``"tulu"``, ``"plain"``), a template string with
+            ``{context}``/``{question}``, or a callable ``fn(context_or_None, question) -> str``.
         system_prompt: Chat format: optional system message (use the one your training data has).
         chat_template_kwargs: Chat format: extra ``apply_chat_template`` arguments (use the training ones).
         eval_steps: Probe every this many optimizer steps (``probe_on="steps"``).
@@ -92,16 +88,18 @@ class ContextRelianceCallback(TrainerCallback):
         probe_at_start: Probe once before the first step (the baseline, logged at step 0).
         probe_at_end: Probe at the last step if it is not a multiple of ``eval_steps``.
         mode: ``"loglik"`` (default) or ``"generate"`` (greedy decoding + answer matching; slower).
-        variants: Probe rows to score: ``"context"`` (always), ``"closed_book"``, ``"aligned"``.
+        variants: Probe rows to score: ``"context"`` (always), ``"closed_book"`` (the question without context),
+            ``"aligned"`` (a context that states the true fact).
         limit_per_family: Use at most this many probes per family (spread evenly) to keep probing cheap.
         known_only: Before the baseline, keep only probes whose parametric answer the model prefers closed-book
-            (no conflict exists where the model does not know the fact). Needs the ``closed_book`` variant.
+            (no conflict exists where the model does not know the fact); logs kept/total per family. Needs the
+            ``closed_book`` variant.
         monitor: Metric that defines the peak, e.g. ``"counterfactual_probability"`` or
             ``"world_facts/counterfactual_accuracy"``. Default (``None``): ``"counterfactual_probability"`` in
-            log-likelihood mode, ``"counterfactual_accuracy"`` in generation mode, chosen by measurement (README,
-            "Which monitor?"; :data:`~ctx_callback.monitor.DEFAULT_MONITORS`).
-        greater_is_better: Direction of ``monitor``; default inferred (``parametric_accuracy`` and
-            ``memorization_ratio`` are better when lower).
+            log-likelihood mode, ``"counterfactual_accuracy"`` in generation mode, chosen by measurement
+            (``docs/stopping.md``, "Which monitor?"; :data:`~ctx_callback.monitor.DEFAULT_MONITORS`).
+        greater_is_better: Direction of ``monitor``; default inferred (``parametric_accuracy``, ``both_rate``,
+            ``neither_rate`` and ``memorization_ratio`` are better when lower).
         smoothing: ``"ema"`` (default), ``"mean"`` or ``"none"`` over probe events.
         ema_alpha: EMA weight of the newest value.
         smoothing_window: Window of the moving average.
@@ -111,8 +109,8 @@ class ContextRelianceCallback(TrainerCallback):
         stop_rule: ``None`` (default) or ``"significant_decline"``: stop when the monitored metric is at least
             ``min_decline`` below its value at the peak event and a paired test on the same probes (exact McNemar
             for accuracies, the paired t-test for probabilities and margins) is significant at ``alpha``, corrected for
-            the number of events compared (see :mod:`ctx_callback.decisions` and the README's "How sure is the
-            stop?"). The monitor must have per-probe outcomes (not ``memorization_ratio``).
+            the number of events compared (see :mod:`ctx_callback.decisions` and ``docs/stopping.md``). The monitor
+            must have per-probe outcomes (not ``memorization_ratio``).
         min_decline: ``significant_decline``: smallest decline that may stop, in the metric's units (default 0.02,
             2 points of accuracy: the test guards against noise, this against real but negligible declines).
         alpha: ``significant_decline``: false-stop level for the run (default 0.05).
@@ -136,7 +134,8 @@ class ContextRelianceCallback(TrainerCallback):
         restore_peak_at_end: Load the peak's weights back into the model at train end (full models and PEFT
             adapters). Requires ``save_peak_checkpoint``. A peak after step 0 is loaded from its checkpoint; the
             baseline (step 0) from an in-memory CPU copy of the trainable parameters taken at train begin (its memory
-            cost, and FSDP / ZeRO-3, where none is taken: :mod:`ctx_callback.peak_checkpoint`).
+            cost, and FSDP / ZeRO-3, where none is taken: :mod:`ctx_callback.peak_checkpoint`). The summary's
+            ``restored_from`` says which.
         strict: Re-raise a failed probe round instead of logging it and continuing.
         plot: Write ``ctx_reliance.png`` (the reliance curve) into ``output_dir`` at train end (needs matplotlib).
             The summary (``ctx_reliance_summary.json``) and the plot never fail a finished run: if ``output_dir``
@@ -144,12 +143,13 @@ class ContextRelianceCallback(TrainerCallback):
         max_batch_tokens: Padded tokens per probe forward pass.
         max_batch_size: Rows per probe forward pass.
         max_new_tokens: Generation mode: tokens per answer.
-        engine: Scoring engine (``"auto"``, ``"prefix"``, ``"batched"``, ``"simple"``).
+        engine: Scoring engine (``"auto"``: ``"prefix"`` where the model supports it; ``"batched"``, ``"simple"``).
         probe_dtype: Precision of the probe forward passes. ``None`` (default): the dtype the training step uses
             (the model as given, under the Trainer's autocast with ``bf16=True``/``fp16=True``): today's behaviour.
             ``"bfloat16"``: probe under ``torch.autocast(<device type>, dtype=torch.bfloat16)``, the weights
             untouched (training is bit-identical either way); about 2x cheaper rounds for fp32 training on hardware
-            with native bf16, with log-likelihoods within the tolerance the README documents. ``"float16"``: the
+            with native bf16 (3-4x dearer without it: a warning says so, once), with log-likelihoods within the
+            tolerance ``docs/performance.md`` documents. ``"float16"``: the
             same in float16, CUDA only (a :class:`~ctx_callback.errors.ConfigurationError` at construction without
             CUDA, and at train begin when the model is not on a CUDA device). Under the Trainer's own mixed
             precision its autocast (entered inside the model's forward) takes precedence.
@@ -162,7 +162,7 @@ class ContextRelianceCallback(TrainerCallback):
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
         on_probe_set_change: What a resumed run does when the checkpoint was probed with another probe set than
-            this callback's (other probe ids or texts, another ``limit_per_family``; compared by the digest stored in
+            this callback's (other probe ids, texts or order, another ``limit_per_family``; compared by the digest in
             the checkpoint's ``trainer_state.json``). ``"error"`` (default): refuse at train begin, before any step,
             with a :class:`~ctx_callback.errors.ConfigurationError` naming both probe sets' sizes and digests: a
             peak, patience and paired test measured on one probe set cannot be compared with values on another.

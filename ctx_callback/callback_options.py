@@ -203,7 +203,7 @@ def check_significant_probe_count(count: int, when: str, monitor: Monitor, alpha
     stop on accuracy and would rest on the normality of a handful of differences on probabilities: refused with a
     :class:`~ctx_callback.errors.ConfigurationError` (at construction, and at train begin after ``known_only`` /
     ``informative_band`` selected); below :data:`~ctx_callback.decisions.RECOMMENDED_PROBES` (100 on probabilities,
-    200 on accuracies, from the README's simulation) a warning says how much it misses.
+    200 on accuracies, from the simulation in ``docs/stopping.md``) a warning says how much it misses.
 
     Raises:
         ConfigurationError: Too few probes for the test ever to be significant at ``alpha``.
@@ -219,13 +219,13 @@ def check_significant_probe_count(count: int, when: str, monitor: Monitor, alpha
             f"them is significant only at p = 2^(1 - n) by the probes' directions alone (the exact sign test; "
             f"McNemar's smallest p-value on accuracies), {2.0 ** (1 - max(count, 1)):.3g} here, above alpha: "
             f"the {test} could never stop, or only by trusting the normality of {count} differences. Use at "
-            f"least {recommended} probes (README, 'How many probes do I need?'), or another stop rule "
+            f"least {recommended} probes (docs/stopping.md, 'How many probes do I need?'), or another stop rule "
             "(patience=, divergence_threshold=)."
         )
     if warn and count < recommended:
         rank_zero_warn(
-            "stop_rule='significant_decline' on %d monitored probes (%s): in the README's "
-            "simulation ('How many probes do I need?') the rule missed most 5-point falls and many 10-point "
+            "stop_rule='significant_decline' on %d monitored probes (%s): in the simulation of docs/stopping.md "
+            "('How many probes do I need?') the rule missed most 5-point falls and many 10-point "
             "falls below %d probes for this test (it missed 23%% of 10-point falls at 50 probes on "
             "probabilities, 95%% at 50 and 34%% at 100 on accuracies). Its stops stay rare on flat runs; it is "
             "its power that is low. Use at least %d probes to rely on it.", count, test, recommended, recommended,

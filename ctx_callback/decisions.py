@@ -80,11 +80,12 @@ DEFAULT_ALPHA = 0.05
 #: so far (the peak is one of the t - 1 earlier events, chosen because it was high, and the rule looks once per
 #: event). ``"none"``: ``alpha`` at every look (for comparisons; its false-stop rate exceeds ``alpha``).
 CORRECTIONS: tuple[str, ...] = ("pairs", "none")
-#: Probe counts from which ``significant_decline`` catches most real falls, by paired test (``"t"``: the paired
-#: t-test on probabilities and margins; ``"mcnemar"``: exact McNemar on accuracies). From the README's simulation
-#: ("How many probes do I need?", ``benchmarks/stop_rule_simulation.py``): on probabilities it missed 23% of 10-point
-#: falls at 50 probes and caught them at the first declined event from 100 probes on; on accuracies it missed 95% of
-#: 10-point falls at 50 probes, 34% at 100 and under 1% at 200. Fewer probes are allowed, with a warning.
+#: Probe counts from which ``significant_decline`` catches most real falls, by paired test (``"t"``: the paired t-test
+#: on probabilities and margins; ``"mcnemar"``: exact McNemar on accuracies). From the simulation in
+#: ``docs/stopping.md`` ("How many probes do I need?", ``benchmarks/stop_rule_simulation.py``): on probabilities it
+#: missed 23% of 10-point falls at 50 probes and caught them at the first declined event from 100 probes on; on
+#: accuracies it missed 95% of 10-point falls at 50 probes, 34% at 100 and under 1% at 200. Fewer probes are allowed,
+#: with a warning.
 RECOMMENDED_PROBES: dict[str, int] = {"t": 100, "mcnemar": 200}
 
 

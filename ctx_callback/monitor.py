@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from . import metrics as _metrics
 from .errors import ConfigurationError
-from .metrics import METRIC_PREFIX, MODES, MetricSpec, metric_key
+from .metrics import METRIC_PREFIX, MODES, PARAMETRIC_METRICS, MetricSpec, metric_key
 
 __all__ = [
     "DEFAULT_MONITORS",
@@ -22,20 +22,19 @@ __all__ = [
     "parse_monitor",
 ]
 
-#: The monitor used when none is given, per scoring mode. Log-likelihood mode: ``counterfactual_probability``,
-#: chosen by measurement (README, "Which monitor?"): against a held-out generation reference it ranked the example's
+#: The monitor used when none is given, per scoring mode. Log-likelihood mode: ``counterfactual_probability``, chosen by
+#: measurement (``docs/stopping.md``, "Which monitor?"): against a held-out generation reference it ranked the example's
 #: checkpoints better than ``counterfactual_accuracy`` (Spearman 0.89 vs 0.67), does not saturate at the ceiling, and
-#: its paired test gave ``stop_rule="significant_decline"`` far more power at 50-100 probes than McNemar on
-#: accuracy at the same false-stop rate (README, "How many probes do I need?"). Generation mode has no probabilities:
+#: its paired test gave ``stop_rule="significant_decline"`` far more power at 50-100 probes than McNemar on accuracy at
+#: the same false-stop rate (``docs/stopping.md``, "How many probes do I need?"). Generation mode has no probabilities:
 #: ``counterfactual_accuracy`` (the paper's metric).
 DEFAULT_MONITORS: dict[str, str] = {"loglik": "counterfactual_probability", "generate": "counterfactual_accuracy"}
 
 #: Metrics that read the parametric answer (the true fact): a probe without one (a multiple-choice probe whose dataset
 #: does not say which option is true, FaithEval) is skipped by them, so over such probes alone they are NaN at every
-#: event (see :class:`~ctx_callback.probes.Probe`, ``parametric_answer``).
-NEEDS_PARAMETRIC: frozenset[str] = frozenset(
-    {"parametric_accuracy", "closed_book_accuracy", "aligned_accuracy", "memorization_ratio"}
-)
+#: event (see :class:`~ctx_callback.probes.Probe`, ``parametric_answer``). A live view of the metric definitions'
+#: ``needs_parametric`` flags (:data:`ctx_callback.metrics.PARAMETRIC_METRICS`), registered metrics included.
+NEEDS_PARAMETRIC: Sequence[str] = PARAMETRIC_METRICS
 
 
 @dataclass(frozen=True)

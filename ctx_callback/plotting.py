@@ -17,12 +17,18 @@ from typing import Any
 
 from .metrics import METRIC_PREFIX, METRICS
 
-__all__ = ["PNG_METADATA_KEY", "PlotData", "Series", "plot_data", "plot_reliance"]
+__all__ = ["PNG_METADATA_KEY", "PlotData", "Series", "plot_curves", "plot_data", "plot_reliance"]
 
-#: ``(metric, legend label)`` of the curves drawn: every metric of :data:`METRICS` with a ``plot_label``, in order.
-_CURVES: tuple[tuple[str, str], ...] = tuple(
-    (spec.name, spec.plot_label) for spec in METRICS if spec.plot_label is not None
-)
+
+def plot_curves() -> tuple[tuple[str, str], ...]:
+    """The curves drawn, read from the metric definitions at call time (a registered metric's curve included).
+
+    Returns:
+        ``(metric, legend label)`` of every metric of :data:`~ctx_callback.metrics.METRICS` with a ``plot_label``,
+        in table order.
+    """
+    return tuple((spec.name, spec.plot_label) for spec in METRICS if spec.plot_label is not None)
+
 
 #: The PNG text chunk that holds :meth:`PlotData.to_json` of the drawn data.
 PNG_METADATA_KEY = "ctx_callback"
@@ -119,9 +125,10 @@ def plot_data(
         The :class:`PlotData`.
     """
     rows = [r for r in log_history if isinstance(r, dict) and _ANCHOR in r and "step" in r]
-    curve_keys = [f"{METRIC_PREFIX}/{metric}" for metric, _ in _CURVES]
+    drawn = plot_curves()
+    curve_keys = [f"{METRIC_PREFIX}/{metric}" for metric, _ in drawn]
     curves = []
-    for (_, label), key in zip(_CURVES, curve_keys):
+    for (_, label), key in zip(drawn, curve_keys):
         points = tuple((r["step"], r[key]) for r in rows if key in r)
         if points:
             curves.append(Series(key, label, points))
@@ -188,7 +195,7 @@ def plot_reliance(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=size, dpi=dpi)
-    curve_keys = [f"{METRIC_PREFIX}/{metric}" for metric, _ in _CURVES]
+    curve_keys = [f"{METRIC_PREFIX}/{metric}" for metric, _ in plot_curves()]
     color = f"C{curve_keys.index(monitor_key)}" if monitor_key in curve_keys else f"C{len(curve_keys) + 1}"
     for curve in data.curves:
         if curve.key in curve_keys:

@@ -3,8 +3,8 @@
 A probe event logs one row through the Trainer: the metrics of :mod:`ctx_callback.metrics`, then what this module
 adds: the uncertainty of the monitored metric and the overall accuracies (:func:`uncertainty_row`), the paired
 comparison with the peak event (:func:`decline_row`), the flips (:mod:`ctx_callback.flips`), and the decision's
-bookkeeping keys (:func:`decision_row`). The keys it writes are defined here (``KEY_*``, documented in the README's
-derived-key glossary, :data:`ctx_callback.metrics.DERIVED_KEYS`).
+bookkeeping keys (:func:`decision_row`). The keys it writes are defined here (``KEY_*``, documented in the
+derived-key glossary of ``docs/metrics.md``, :data:`ctx_callback.metrics.DERIVED_KEYS`).
 
 Where a change goes: a new per-event key is a ``KEY_*`` constant here and a line in the function that writes it.
 """
@@ -59,7 +59,7 @@ KEY_FAILED = f"{METRIC_PREFIX}/probe_failed"
 KEY_STOPPED = f"{METRIC_PREFIX}/early_stop"
 #: The count of non-finite scores (such a round is fed to the peak tracker as NaN).
 KEY_NONFINITE = f"{METRIC_PREFIX}/nonfinite_scores"
-#: The paired comparison with the peak event, and flips (documented in the README's derived-key glossary,
+#: The paired comparison with the peak event, and flips (documented in the derived-key glossary of ``docs/metrics.md``,
 #: :data:`ctx_callback.metrics.DERIVED_KEYS`).
 KEY_DECLINE = metric_key("decline_from_peak")
 KEY_DECLINE_LOW = metric_key("decline_ci_low")

@@ -116,8 +116,9 @@ class ProbeScorer:
             which wraps the model's forward). ``"bfloat16"``: every round runs under
             ``torch.autocast(<device type>, dtype=torch.bfloat16)``, the weights untouched; about 2x faster on
             hardware with native bf16 (CPUs with AVX-512 BF16 / AMX, recent GPUs) for fp32 models, at a small,
-            documented loss of precision (README, "bf16 probing and control cadence"). ``"float16"``: the same in
-            float16, CUDA only. Log-softmax and the sums of answer log-probabilities stay in float32/float64.
+            documented loss of precision (``docs/performance.md``, "bf16 probing and control cadence").
+            ``"float16"``: the same in float16, CUDA only. Log-softmax and the sums of answer log-probabilities stay
+            in float32/float64.
 
     Out of memory: when a forward pass of a round raises ``torch.OutOfMemoryError`` (or a ``RuntimeError`` that
     says "out of memory"), the accelerator's cached memory is freed and the whole round is retried with both budgets

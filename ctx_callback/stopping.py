@@ -8,7 +8,7 @@ not, why, by which rule, the new peak, and the comparison the callback logs. As 
 (hook -> check -> ``(stop, reason)``), and like it the state is rebuilt on resume: :meth:`StopDecider.reset`, then
 the logged events fed again in order (with the kept per-probe outcomes of the peak and previous events).
 
-Decisions that know about noise (see the README's "How sure is the stop?"): every probe event also logs the
+Decisions that know about noise (see ``docs/stopping.md``, "How sure is the stop?"): every probe event also logs the
 standard error and 95% interval of the monitored metric and the overall accuracies (Wilson / Student's t), and
 compares itself with the peak event on the same probes (``decline_from_peak``, its interval and a paired
 p-value: exact McNemar or paired t-test, from :mod:`ctx_callback.stats`). The stop rules (``patience``,

@@ -330,8 +330,9 @@ def test_scan_table_shows_summary_metrics_and_the_monitored_one():
 
 
 def test_plot_curves_come_from_the_metric_table():
-    from ctx_callback.plotting import _CURVES
+    from ctx_callback.plotting import plot_curves
 
+    _CURVES = plot_curves()
     assert _CURVES == tuple((spec.name, spec.plot_label) for spec in METRICS if spec.plot_label is not None)
     assert [name for name, _ in _CURVES][:3] == ["counterfactual_accuracy", "parametric_accuracy",
                                                  "closed_book_accuracy"]

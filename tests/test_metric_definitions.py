@@ -213,6 +213,7 @@ def memory_kept_metric():
     spec = register_metric(MetricSpec(
         NAME, "share of probes whose parametric answer wins by more than 0.1 nats in context (test only)",
         short="kept", modes=("loglik",), per_probe=_memory_kept, outcome=HIT, interval=True, in_summary_table=True,
+        plot_label="memory kept (test only)", needs_parametric=True,
     ))
     yield spec
     unregister_metric(NAME)
@@ -265,5 +266,10 @@ def test_a_metric_registered_in_one_place_reaches_every_consumer(memory_kept_met
     assert [r["step"] for r in scan["rows"]] == [2, 4, 6]
     assert all(key in r["metrics"] and key + "_ci_low" in r["intervals"] for r in scan["rows"])
     assert f"peak {key} = " in out.getvalue()
-    # The glossary.
+    # The glossary, the plot's curves, the monitor's check for probes without a parametric answer.
     assert f"| `{NAME}` | `kept` | loglik |  | higher |" in glossary_markdown()
+    from ctx_callback.monitor import NEEDS_PARAMETRIC
+    from ctx_callback.plotting import plot_curves, plot_data
+
+    assert (NAME, "memory kept (test only)") in plot_curves() and NAME in NEEDS_PARAMETRIC
+    assert "memory kept (test only)" in [curve.label for curve in plot_data(trainer.state.log_history).curves]

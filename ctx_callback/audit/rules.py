@@ -19,7 +19,7 @@ without the context):
   helps), per token / summed.
 
 Named rules: ``"paper"`` (lowest 25% of ``nll_without_mean``, the paper's perplexity rule) and ``"default"`` (lowest
-25% of ``nll_without_sum``; why summed and not per token: see the README section "Why is reliance falling? Audit your
+25% of ``nll_without_sum``; why summed and not per token: see ``docs/audit.md``, "Why is reliance falling? Audit your
 data", measured on SmolLM2: per-token means let the predictable tails of multi-token answers hide unknown first
 tokens). Pure Python + math, no torch.
 """
