@@ -137,7 +137,10 @@ def counterfactual_substitutions(
             ``limit=None``: every eligible example once.
         limit: At most this many (after ``fraction``).
         seed: Seeds the choice of sources and replacements.
-        data_format, fields, split: Where the context is (see :func:`~ctx_callback.audit.audit_dataset`).
+        data_format: ``"auto"`` or a key of :data:`~ctx_callback.audit.adapters.AUDIT_FORMATS`, as
+            :func:`~ctx_callback.audit.audit_dataset` takes it.
+        fields: ``{role: column}`` for renamed columns, as :func:`~ctx_callback.audit.audit_dataset` takes it.
+        split: ``fn(example) -> (context_or_None, question, answer)``: the ``"split"`` format.
 
     Returns:
         The substitutions, in dataset order of their sources (each source used at most once).
@@ -262,7 +265,10 @@ def augment_dataset(
         fraction: Copies to add, as a share of the rows (0.1 = 10% more rows).
         seed: Seeds the choices; the same seed gives the same dataset.
         placement: ``"spread"`` (copies interleaved evenly, for sequential training) or ``"end"`` (appended).
-        data_format, fields, split: Where the context is (see :func:`~ctx_callback.audit.audit_dataset`).
+        data_format: ``"auto"`` or a key of :data:`~ctx_callback.audit.adapters.AUDIT_FORMATS`, as
+            :func:`~ctx_callback.audit.audit_dataset` takes it.
+        fields: ``{role: column}`` for renamed columns, as :func:`~ctx_callback.audit.audit_dataset` takes it.
+        split: ``fn(example) -> (context_or_None, question, answer)``: the ``"split"`` format.
 
     Raises:
         ConfigurationError: Bad ``fraction`` or ``placement``.
@@ -410,7 +416,10 @@ def probes_from_qa(
         family: The probes' family (a metric group).
         limit: At most this many probes.
         seed: Seeds the replacements.
-        data_format, fields, split: Where the context is.
+        data_format: ``"auto"`` or a key of :data:`~ctx_callback.audit.adapters.AUDIT_FORMATS`, as
+            :func:`~ctx_callback.audit.audit_dataset` takes it.
+        fields: ``{role: column}`` for renamed columns.
+        split: ``fn(example) -> (context_or_None, question, answer)``: the ``"split"`` format.
 
     Raises:
         AuditDataError: No example qualifies (the message says what qualifies).
