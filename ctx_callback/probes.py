@@ -1,14 +1,8 @@
 """Counterfactual probes: :func:`load_probes`, the one entry point that reads, validates and selects them.
 
-A probe is one knowledge conflict: a ``context`` that contradicts a fact the model is expected to know,
-a ``question`` about that fact, the ``counterfactual_answer`` the context states and the
-``parametric_answer`` the model knows. Each probe also yields two controls: a *closed-book* variant
-(no context: does the model know the fact?) and an *aligned* variant (the context states the true fact).
-
-A *multiple-choice* probe also carries ``options`` (two or more answer texts, FaithEval and ConflictBank style): the
-counterfactual (context-supported) answer is one of them, the parametric answer is another one or unknown (``None``).
-Every option's text is scored as the answer (by default the options are not shown in the prompt; ``list_options``
-lists them under the question, see :attr:`Probe.prompt_question`); see "Multiple-choice probes" in ``docs/probes.md``.
+A probe is one knowledge conflict (a context that contradicts a known fact, a question, the counterfactual and the
+parametric answer, optionally multiple-choice options): :class:`~ctx_callback.probe_schema.Probe` says what each
+field means.
 
 Everything that can be wrong with a probe is checked when it is loaded, so a bad file fails before any
 training starts, with the file, the line (or probe id) and the field in the message.
