@@ -1,5 +1,5 @@
-"""Per-probe outcomes (ctx_callback.outcomes): they are the logged metrics, the probe log, flips; the README's
-derived-key table equals ctx_callback.metrics.DERIVED_KEYS."""
+"""Per-probe outcomes (ctx_callback.outcomes): they are the logged metrics, the probe log, flips; the derived-key
+table of docs/metrics.md equals ctx_callback.metrics.DERIVED_KEYS."""
 
 from __future__ import annotations
 

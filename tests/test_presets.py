@@ -3,7 +3,7 @@
 Each dataset gets a few fixture rows written here in its Hub layout and schema (as far as the issue and the crawled Hub
 pages describe them; the cards were not re-checked offline), into a local mirror laid out by Hub id, which
 ``CTX_CALLBACK_PRESET_DIR`` points the presets at. ``python -m tests.test_presets`` prints what the tiny test model
-and SmolLM2-135M-Instruct score on each fixture (the numbers in the README).
+and SmolLM2-135M-Instruct score on each fixture (the numbers in docs/probes.md).
 """
 
 from __future__ import annotations

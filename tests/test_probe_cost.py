@@ -1,7 +1,7 @@
 """Probe cost (issue 15): ``probe_dtype`` (bf16 autocast probing) and ``controls_every`` (control variants on a slower
 clock), in the scorer, the callback and the command line.
 
-Tolerances for bf16 against fp32 (see the README, "bf16 probing and control cadence"). bfloat16 keeps 8 significant
+Tolerances for bf16 against fp32 (see docs/performance.md, "bf16 probing and control cadence"). bfloat16 keeps 8 significant
 bits (a relative rounding error up to 2^-9 = 0.2% per rounded value), so the error of a log-probability grows with
 the magnitude of the logits it comes from, layer after layer:
 
