@@ -1,9 +1,9 @@
 """Probe cost (issue 15): ``probe_dtype`` (bf16 autocast probing) and ``controls_every`` (control variants on a slower
 clock), in the scorer, the callback and the command line.
 
-Tolerances for bf16 against fp32 (see docs/performance.md, "bf16 probing and control cadence"). bfloat16 keeps 8 significant
-bits (a relative rounding error up to 2^-9 = 0.2% per rounded value), so the error of a log-probability grows with
-the magnitude of the logits it comes from, layer after layer:
+Tolerances for bf16 against fp32 (see docs/performance.md, "bf16 probing and control cadence"). bfloat16 keeps 8
+significant bits (a relative rounding error up to 2^-9 = 0.2% per rounded value), so the error of a log-probability
+grows with the magnitude of the logits it comes from, layer after layer:
 
 - the tiny random Llama (hidden size 32, 2 layers, logits near zero): measured max |delta loglik| 5e-4 nats per answer
   token and max |delta p_cf| 2e-4 per probe; asserted with 10x margin (5e-3, 2e-3);
