@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .distributed import world
+
 __all__ = ["announce", "logger", "is_main_process", "rank_zero_info", "rank_zero_warn", "warn"]
 
 #: The logger of the callback and its parts.
@@ -22,9 +24,7 @@ logger = logging.getLogger("ctx_callback.callback")
 
 def is_main_process() -> bool:
     """Whether this process is rank 0 of the default process group (``True`` without one)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return world()[0] == 0
 
 
 def warn(message: str, *args: Any) -> None:
