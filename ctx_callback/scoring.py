@@ -45,8 +45,8 @@ from .engines import (
     Batcher,
     GenerationEngine,
     LoglikEngine,
+    check_engine_name,
     create_loglik_engine,
-    engine_names,
 )
 from .engines.base import device_of
 from .errors import ConfigurationError
@@ -163,8 +163,7 @@ class ProbeScorer:
         self.probe_dtype = resolve_probe_dtype(probe_dtype)
         if mode not in _MODES:
             raise ConfigurationError(f"mode must be one of {list(_MODES)}, got {mode!r}.")
-        if engine not in engine_names():
-            raise ConfigurationError(f"engine must be one of {list(engine_names())}, got {engine!r}.")
+        check_engine_name(engine)
         if max_batch_tokens < 1 or max_batch_size < 1 or max_new_tokens < 1:
             raise ConfigurationError(
                 f"max_batch_tokens, max_batch_size and max_new_tokens must be >= 1, got "

@@ -196,15 +196,14 @@ def _check_options(model: Any, max_target_tokens: Any, chunk_size: Any, engine: 
         ConfigurationError: ``max_target_tokens`` or ``chunk_size`` not a positive integer, an unknown engine or
             rule, a ``probe_dtype`` that is unknown or cannot run on the model's device.
     """
-    from ..engines import engine_names
+    from ..engines import check_engine_name
     from ..precision import check_probe_dtype_device, resolve_probe_dtype
 
     if not isinstance(max_target_tokens, int) or max_target_tokens < 1:
         raise ConfigurationError(f"max_target_tokens must be a positive integer, got {max_target_tokens!r}.")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigurationError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    if engine not in engine_names():
-        raise ConfigurationError(f"engine must be one of {list(engine_names())}, got {engine!r}.")
+    check_engine_name(engine)
     the_rule = resolve_rule(rule, statistic=statistic, quantile=quantile, threshold=threshold)
     probe_dtype = resolve_probe_dtype(probe_dtype)
     if probe_dtype is not None:

@@ -51,6 +51,7 @@ __all__ = [
     "PrefixCacheEngine",
     "SimpleEngine",
     "create_loglik_engine",
+    "check_engine_name",
     "engine_names",
     "is_out_of_memory",
     "register_engine",
@@ -74,6 +75,16 @@ FALLBACK_ENGINE = "batched"
 def engine_names() -> tuple[str, ...]:
     """Every name ``ProbeScorer(engine=...)`` accepts: ``"auto"``, then the registry's."""
     return (AUTO, *LOGLIK_ENGINES)
+
+
+def check_engine_name(engine: str) -> None:
+    """Refuse an engine name :func:`engine_names` does not list (the scorer's and the audit's argument check).
+
+    Raises:
+        ConfigurationError: ``engine`` is not ``"auto"`` nor a registered engine; the message lists them.
+    """
+    if engine not in engine_names():
+        raise ConfigurationError(f"engine must be one of {list(engine_names())}, got {engine!r}.")
 
 
 def register_engine(name: str) -> Callable[[type[LoglikEngine]], type[LoglikEngine]]:
