@@ -60,6 +60,7 @@ _EXPORTS = {
     "PROBE_PRESETS": "presets",
     "ProbePreset": "presets",
     "register_probe_preset": "presets",
+    "StopRequestCallback": "remote_stop",
     "BUILTIN_SUITES": "probes",
     "Probe": "probes",
     "load_probes": "probes",
@@ -101,6 +102,7 @@ __all__ = [
     "ScoreReport",
     "ScoreResult",
     "StopDecision",
+    "StopRequestCallback",
     "StopRule",
     "TrainerWiringError",
     "UnsafeFileError",
@@ -155,6 +157,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .presets import PROBE_PRESETS, ProbePreset, register_probe_preset
     from .probe_formats import PROBE_FORMATS, register_probe_format
     from .probes import BUILTIN_SUITES, Probe, load_probes, probes_from_records
+    from .remote_stop import StopRequestCallback
     from .scoring import ProbeScorer, ScoreReport, ScoreResult
 
 

@@ -1,0 +1,244 @@
+"""``ctx-callback watch`` (``docs/watch.md``): scoring off the training loop, with a stop that reaches the trainer.
+
+The main fixture runs two real processes on CPU: a tiny training run (``tests/workers/watch_train.py``: the
+rise-and-fall SFT run, ``checkpoint-N`` every 2 steps, ``save_total_limit=2``, the in-loop callback observe-only,
+and ``StopRequestCallback``) and a watcher subprocess that exits after step 8; the watcher is then restarted in this
+test process (a second real process next to the trainer) and runs to its stop, and restarted once more after training
+ended. The trainer's ``Pacer`` waits for the watcher at each step after a save, so the outcome does not depend on the
+machine's speed (timings: the module's tests take about 60-90 s on 2 shared cores).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ctx_callback.cli import main
+from ctx_callback.reliance_row import KEY_SECONDS, KEY_STOPPED
+from ctx_callback.remote_stop import END_FILE, PEAK_FILE, STOP_FILE, write_request
+from ctx_callback.watcher import WATCH_FILE
+from tests.helpers import METRIC_ATOL, conflict_dataset, make_tiny_llama, make_trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "workers" / "watch_train.py"
+CF_PROB = "ctx_reliance/counterfactual_probability"
+#: The in-loop callback's and the watcher's settings (the worker's callback: eval_steps=2, the same probes).
+WATCH_ARGS = ["--variants", "context,closed_book", "--monitor", "counterfactual_probability", "--patience", "2",
+              "--warmup-steps", "4", "--poll-interval", "0.1", "--settle-seconds", "0.2"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def _watch_command(out: Path, probes: Path) -> list[str]:
+    return ["watch", str(out), "--probes", str(probes), "--baseline", str(out / "base"),
+            "--tensorboard-dir", str(out / "watch_tb"), *WATCH_ARGS]
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory, tokenizer, smollm2_dir, probes_file):
+    """The two-process run; returns what the tests read (module docstring)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("watched")
+    make_tiny_llama(tokenizer).save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    env = dict(_env(), CTX_TOKENIZER_DIR=str(smollm2_dir))
+    start = time.monotonic()
+    trainer = subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.run([sys.executable, "-m", "ctx_callback.cli", *_watch_command(out, probes_file),
+                            "--until-step", "8"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    after_first = json.loads((out / WATCH_FILE).read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        second = _run_in_process(_watch_command(out, probes_file))
+        trainer_output, _ = trainer.communicate(timeout=300)
+        assert trainer.returncode == 0, trainer_output[-3000:]
+        third = _run_in_process(_watch_command(out, probes_file) + ["--once"])
+    finally:
+        torch.set_num_threads(threads)
+        if trainer.poll() is None:
+            trainer.kill()
+    return {"out": out, "first": first, "second": second, "third": third, "after_first": after_first,
+            "result": json.loads((out / "result.json").read_text()),
+            "state": json.loads((out / WATCH_FILE).read_text()), "seconds": time.monotonic() - start}
+
+
+def _run_in_process(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(argv)
+    return code, printed.getvalue()
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar event in every event file under ``log_dir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+def test_watcher_rows_equal_the_in_loop_rows(watched):
+    """Same checkpoints, same baseline: the same keys and values (the watcher's own timing key apart), including the
+    decision keys after the restart at step 8, which need the replayed decider."""
+    in_loop = {row["step"]: row for row in watched["result"]["rows"]}
+    events = watched["state"]["events"]
+    steps = [e["step"] for e in events]
+    assert steps == list(range(0, steps[-1] + 1, 2)) and steps[-1] >= 12, steps
+    assert [e["checkpoint"] for e in events[1:]] == [f"checkpoint-{s}" for s in steps[1:]]
+    for event in events:
+        expected = {k: v for k, v in in_loop[event["step"]].items() if k.startswith("ctx_reliance/")}
+        row = event["row"]
+        ignored = {KEY_SECONDS, KEY_STOPPED}
+        assert set(row) - ignored == set(expected) - ignored, event["step"]
+        for key in set(expected) - ignored:
+            assert math.isclose(row[key], expected[key], abs_tol=METRIC_ATOL), (event["step"], key)
+    # Decisions of the restarted watcher depend on the replayed state: the peak moved after the restart.
+    assert watched["after_first"]["events"][-1]["step"] == 8
+    assert events[-1]["row"]["ctx_reliance/peak_step"] > 8
+
+
+def test_rows_reach_tensorboard_once_each_across_restarts(watched):
+    events = watched["state"]["events"]
+    scalars = _tensorboard_scalars(watched["out"] / "watch_tb")
+    logged = scalars[f"train/{CF_PROB}"]
+    assert sorted(step for step, _ in logged) == [e["step"] for e in events]  # each step once: no duplicate
+    by_step = dict(logged)
+    for event in events:
+        assert by_step[event["step"]] == pytest.approx(event["row"][CF_PROB], rel=1e-6, abs=1e-6)
+    # Two watcher processes wrote rows (two event files); the one restarted after training wrote none.
+    files = glob.glob(str(watched["out"] / "watch_tb" / "events.out.tfevents.*"))
+    assert len(files) == 2, files
+    assert "scored 0" in watched["third"][1] and watched["third"][0] == 0
+    assert "scored 0" not in watched["second"][1]
+    assert all(e["logged"] for e in events)
+
+
+def test_stop_request_reaches_the_trainer_and_keeps_the_peak(watched):
+    result, state, out = watched["result"], watched["state"], watched["out"]
+    stop = state["stop"]
+    assert stop is not None and stop["rule"] == "patience"
+    assert "stop requested at checkpoint step" in watched["second"][1]
+    request = json.loads((out / STOP_FILE).read_text())
+    assert request["step"] == stop["step"] == state["events"][-1]["step"]
+    # The trainer stopped at the first step after the request (the Pacer makes "first" exact).
+    assert result["stopped_at_step"] == result["global_step"] == stop["step"] + 1
+    assert result["stop_request"]["step"] == stop["step"]
+    assert result["global_step"] < 30
+    # The peak checkpoint survived save_total_limit=2, a later checkpoint did not: rotation ran, the peak was kept.
+    peak = stop["peak_checkpoint"]
+    peak_step = int(peak.split("-")[1])
+    assert peak_step <= stop["step"] - 4  # patience 2 over checkpoints every 2 steps
+    assert result["best_model_checkpoint"] == str(out / peak)
+    assert result["checkpoints"] == [peak, f"checkpoint-{stop['step']}"]
+    assert json.loads((out / PEAK_FILE).read_text())["peak_checkpoint"] == peak
+    assert json.loads((out / END_FILE).read_text())["global_step"] == result["global_step"]
+    # The in-loop callback (observe-only) saw the same peak.
+    assert result["rows"][-1]["ctx_reliance/peak_step"] == peak_step
+
+
+def test_partial_checkpoint_is_waited_for_then_scored(tmp_path, tokenizer, probes_file, capsys):
+    """A folder with a truncated safetensors and no trainer_state.json is waited for; one with trainer_state.json
+    whose weights do not load is retried; both are scored once complete."""
+    out = tmp_path / "out"
+    model = make_tiny_llama(tokenizer)
+    model.save_pretrained(tmp_path / "full")
+    tokenizer.save_pretrained(tmp_path / "full")
+    weights = (tmp_path / "full" / "model.safetensors").read_bytes()
+    ckpt = out / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    for name in os.listdir(tmp_path / "full"):
+        if name != "model.safetensors":
+            (ckpt / name).write_bytes((tmp_path / "full" / name).read_bytes())
+    (ckpt / "model.safetensors").write_bytes(weights[: len(weights) // 3])  # still being written
+    argv = ["watch", str(out), "--probes", str(probes_file), *WATCH_ARGS, "--settle-seconds", "0", "--once"]
+    assert main(argv) == 0
+    assert "checkpoint-2 is not complete yet" in capsys.readouterr().err
+    assert not (out / WATCH_FILE).exists()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))  # state written, weights truncated
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint-2: load or score failed" in err and "retrying" in err
+    (ckpt / "model.safetensors").write_bytes(weights)
+    assert main(argv) == 0
+    assert "scored 1" in capsys.readouterr().out
+    events = json.loads((out / WATCH_FILE).read_text())["events"]
+    assert [e["checkpoint"] for e in events] == ["checkpoint-2"]
+    # An abandoned save (no trainer_state.json while a later checkpoint is complete) is skipped, not waited for.
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(weights[:100])
+    later = out / "checkpoint-6"
+    later.mkdir()
+    for name in os.listdir(ckpt):
+        (later / name).write_bytes((ckpt / name).read_bytes())
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipping checkpoint-4" in captured.err and "scored 1" in captured.out
+    state = json.loads((out / WATCH_FILE).read_text())
+    assert [e["step"] for e in state["events"]] == [2, 6] and list(state["skipped"]) == ["checkpoint-4"]
+
+
+def test_other_settings_are_refused_on_restart_and_bad_stop_options_in_the_callbacks_words(tmp_path, probes_file,
+                                                                                         capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["watch", str(out), "--probes", str(probes_file), "--patience", "0", "--once"]) == 2
+    assert "patience" in capsys.readouterr().err
+    base = ["watch", str(out), "--probes", str(probes_file), "--once"]
+    assert main(base + ["--patience", "2"]) == 0
+    capsys.readouterr()
+    (out / WATCH_FILE).write_text(json.dumps({"format": "ctx_callback.watch/1", "fingerprint": "x", "events": []}))
+    assert main(base + ["--patience", "3"]) == 2
+    assert "other probe or stop settings" in capsys.readouterr().err
+
+
+def test_stop_request_callback_ignores_a_stale_request_and_acts_on_a_new_one(tmp_path, tokenizer, caplog):
+    from transformers import TrainerCallback
+
+    from ctx_callback import ConfigurationError, StopRequestCallback
+
+    with pytest.raises(ConfigurationError, match="check_every must be an integer >= 1"):
+        StopRequestCallback(check_every=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_request(out, STOP_FILE, {"step": 99, "reason": "an earlier run's", "rule": "patience"})
+
+    class WriteAt(TrainerCallback):  # stands in for the watcher (added before the callback under test)
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                time.sleep(0.01)  # a new mtime even on coarse filesystems' clocks
+                write_request(out, STOP_FILE, {"step": 2, "reason": "test", "rule": "patience"})
+
+    trainer = make_trainer(make_tiny_llama(tokenizer), tokenizer, out, dataset=conflict_dataset(1, 1), max_steps=4)
+    callback = StopRequestCallback()
+    trainer.add_callback(WriteAt())
+    trainer.add_callback(callback)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "was there before training began" in caplog.text
+    assert trainer.state.global_step == 2 and callback.stopped_at_step == 2
+    assert callback.stop_request["reason"] == "test"
+    assert json.loads((out / END_FILE).read_text())["global_step"] == 2
