@@ -34,11 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from ctx_callback import ContextRelianceCallback, StopRequestCallback  # noqa: E402
-from ctx_callback.remote_stop import STOP_FILE  # noqa: E402
 from ctx_callback.watcher import WATCH_FILE  # noqa: E402
-from tests.helpers import PROBES, make_trainer  # noqa: E402
+from tests.helpers import PROBES, conflict_dataset, make_trainer  # noqa: E402
 
 SAVE_STEPS = 2
+START = time.monotonic()
 
 
 class Pacer(TrainerCallback):
@@ -50,14 +50,12 @@ class Pacer(TrainerCallback):
         self.out_dir, self.timeout = out_dir, timeout
 
     def _caught_up(self, step):
-        if os.path.exists(os.path.join(self.out_dir, STOP_FILE)):
-            return True
         try:
             with open(os.path.join(self.out_dir, WATCH_FILE)) as f:
-                events = json.load(f)["events"]
-        except (OSError, ValueError, KeyError):
+                state = json.load(f)
+        except (OSError, ValueError):
             return False
-        return any(e["step"] >= step and e.get("logged") for e in events)
+        return state.get("stop") is not None or any(e["step"] >= step and e.get("logged") for e in state["events"])
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -73,8 +71,8 @@ def main(out_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(os.environ.get("CTX_TOKENIZER_DIR") or smollm2_path())
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "base"), dtype=torch.float32)
-    trainer = make_trainer(model, tokenizer, out_dir, max_steps=30, save_strategy="steps", save_steps=SAVE_STEPS,
-                           save_total_limit=2)
+    trainer = make_trainer(model, tokenizer, out_dir, dataset=conflict_dataset(15, 15), max_steps=30,
+                           save_strategy="steps", save_steps=SAVE_STEPS, save_total_limit=2, save_only_model=True)
     callback = ContextRelianceCallback(trainer, PROBES, eval_steps=SAVE_STEPS, monitor="counterfactual_probability",
                                        variants=("context", "closed_book"), probe_log=False, verbose=False)
     stop = StopRequestCallback()
@@ -82,7 +80,8 @@ def main(out_dir):
         trainer.add_callback(cb)
     trainer.train()
     rows = [row for row in trainer.state.log_history if "ctx_reliance/counterfactual_probability" in row]
-    result = {"rows": rows, "global_step": trainer.state.global_step, "stopped_at_step": stop.stopped_at_step,
+    result = {"rows": rows, "seconds": time.monotonic() - START, "global_step": trainer.state.global_step,
+              "stopped_at_step": stop.stopped_at_step,
               "stop_request": stop.stop_request, "best_model_checkpoint": trainer.state.best_model_checkpoint,
               "checkpoints": sorted(p for p in os.listdir(out_dir) if p.startswith("checkpoint-"))}
     with open(os.path.join(out_dir, "result.json"), "w") as f:
