@@ -85,7 +85,7 @@ class WandbSink:
 
     def __init__(self, run_id: str, project: str | None = None, entity: str | None = None) -> None:
         wandb = _need("wandb", "wandb")
-        self.run = wandb.init(id=run_id, resume="allow", project=project, entity=entity, reinit="create_new")
+        self.run = wandb.init(id=run_id, resume="allow", project=project, entity=entity)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log({**{f"train/{k}": v for k, v in _plain(row).items()}, "train/global_step": int(step)})

@@ -209,6 +209,43 @@ def test_partial_checkpoint_is_waited_for_then_scored(tmp_path, tokenizer, probe
     assert [e["step"] for e in state["events"]] == [2, 6] and list(state["skipped"]) == ["checkpoint-4"]
 
 
+def _complete_checkpoint(path: Path, model, tokenizer) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": int(path.name.split("-")[1])}))
+
+
+def test_rows_reach_an_mlflow_run_and_a_wandb_run_given_by_id(tmp_path, tokenizer, probes_file, monkeypatch):
+    """The run ids of a training run's trackers: the watcher's rows land in them, read back from their files."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_trackers import read_wandb_history
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("watch_test")).info.run_id
+    out = tmp_path / "out"
+    _complete_checkpoint(out / "checkpoint-2", make_tiny_llama(tokenizer), tokenizer)
+    argv = ["watch", str(out), "--probes", str(probes_file), *WATCH_ARGS, "--settle-seconds", "0", "--once",
+            "--mlflow-run-id", run_id, "--mlflow-tracking-uri", uri, "--wandb-run-id", "watchtest1",
+            "--wandb-project", "watch_test"]
+    assert _run_in_process(argv)[0] == 0
+    row = json.loads((out / WATCH_FILE).read_text())["events"][0]["row"]
+    history = client.get_metric_history(run_id, CF_PROB)
+    assert [(m.step, m.value) for m in history] == [(2, pytest.approx(row[CF_PROB], abs=1e-6))]
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-watchtest1.wandb"))
+    assert len(files) == 1, files
+    logged = [r for r in read_wandb_history(files[0]) if f"train/{CF_PROB}" in r]
+    assert [(r["train/global_step"], r[f"train/{CF_PROB}"]) for r in logged] == [
+        (2, pytest.approx(row[CF_PROB], abs=1e-6))]
+
+
 def test_other_settings_are_refused_on_restart_and_bad_stop_options_in_the_callbacks_words(tmp_path, probes_file,
                                                                                          capsys):
     out = tmp_path / "out"
