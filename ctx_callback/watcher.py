@@ -27,8 +27,10 @@ logged (a crash between the two), and goes on with the next checkpoint: no row i
 watcher dies between a tracker's write and the state file's update (then that row is written once more, at the same
 step). Other settings than the recorded ones are refused (a :class:`~ctx_callback.errors.ConfigurationError`).
 
-On a stop decision the watcher writes the stop request (:mod:`ctx_callback.remote_stop`) and ends; at every new peak
-after step 0 it writes the peak notice, which :class:`~ctx_callback.StopRequestCallback` turns into rotation
+A stop rule that fires on the baseline (``baseline=``; only ``stopping_threshold`` can) is refused as the callback
+refuses it (:func:`~ctx_callback.stopping.baseline_stop_error`): the watch ends with that error, no request is
+written. On a stop decision the watcher writes the stop request (:mod:`ctx_callback.remote_stop`) and ends; at every
+new peak after step 0 it writes the peak notice, which :class:`~ctx_callback.StopRequestCallback` turns into rotation
 protection.
 """
 
@@ -49,6 +51,7 @@ from .comparison import ProbeEvent
 from .errors import ConfigurationError
 from .remote_stop import END_FILE, PEAK_FILE, STOP_FILE, read_request, write_request
 from .resume_state import KeptEvent
+from .stopping import baseline_stop_error
 
 __all__ = ["WATCH_FILE", "WATCH_FORMAT", "Watcher", "WatchResult", "settings_fingerprint"]
 
@@ -85,6 +88,14 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, str]]:
     except OSError:
         return []
     return sorted(found)
+
+
+class _Refused(Exception):
+    """Carries an error that ends the watch (not a checkpoint to retry)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -220,6 +231,8 @@ class Watcher:
         outcomes, preferred = round_outcomes(result, opts.probes, opts.monitor)
         kept = KeptEvent(step, None if nonfinite else outcomes, preferred)
         decision = opts.decider.update(ProbeEvent(step, value, kept.outcomes))
+        if decision.stop and step == 0:  # as the callback: refused, not a stop before any training (stopping.py)
+            raise _Refused(baseline_stop_error(decision))
         flips = self.reports.flip_counts(preferred, decision.peak.is_new_peak)
         row = event_row(metrics, result, opts.probes, opts.monitor, decision, flips, value, step)
         event = {"checkpoint": name, "step": step, "value": float(value), "row": row, "kept": kept.to_dict(),
@@ -273,7 +286,9 @@ class Watcher:
         """
         scored, waiting = 0, []
         if self.baseline is not None and BASELINE not in self._done():
-            scored += self._attempt(BASELINE, 0, self.baseline)
+            if not self._attempt(BASELINE, 0, self.baseline):
+                return scored, [BASELINE]  # the baseline is the first event: nothing before it
+            scored += 1
         found = _checkpoints(self.output_dir)
         complete = {name for _, name in found if (self.output_dir / name / _STATE).is_file()}
         for index, (step, name) in enumerate(found):
@@ -299,6 +314,8 @@ class Watcher:
         start = time.perf_counter()
         try:
             event = self.score(name, step, path)
+        except _Refused as refused:
+            raise refused.error from None
         except Exception as err:  # noqa: BLE001 - a checkpoint still being written, or broken: retry, then skip
             if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
                 raise

@@ -246,8 +246,10 @@ def test_rows_reach_an_mlflow_run_and_a_wandb_run_given_by_id(tmp_path, tokenize
         (2, pytest.approx(row[CF_PROB], abs=1e-6))]
 
 
-def test_other_settings_are_refused_on_restart_and_bad_stop_options_in_the_callbacks_words(tmp_path, probes_file,
-                                                                                         capsys):
+def test_refusals_other_settings_on_restart_bad_stop_options_and_a_stop_on_the_baseline(tmp_path, probes_file,
+                                                                                       tokenizer, capsys):
+    """Bad input exits 2 with what is wrong: a stop option (the callback's own message), a state file of other
+    settings, and a stop rule that fires on the baseline (refused as the callback refuses it; no request written)."""
     out = tmp_path / "out"
     out.mkdir()
     assert main(["watch", str(out), "--probes", str(probes_file), "--patience", "0", "--once"]) == 2
@@ -258,6 +260,14 @@ def test_other_settings_are_refused_on_restart_and_bad_stop_options_in_the_callb
     (out / WATCH_FILE).write_text(json.dumps({"format": "ctx_callback.watch/1", "fingerprint": "x", "events": []}))
     assert main(base + ["--patience", "3"]) == 2
     assert "other probe or stop settings" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    make_tiny_llama(tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert main(["watch", str(other), "--probes", str(probes_file), "--baseline", str(tmp_path / "base"),
+                 "--stopping-threshold", "0.99", "--once"]) == 2
+    assert "fired on the baseline" in capsys.readouterr().err
+    assert not (other / STOP_FILE).exists()
 
 
 def test_stop_request_callback_checks_its_arguments():
