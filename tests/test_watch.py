@@ -5,7 +5,12 @@ rise-and-fall SFT run, ``checkpoint-N`` every 2 steps, ``save_total_limit=2``, t
 and ``StopRequestCallback``) and a watcher subprocess that exits after step 8; the watcher is then restarted in this
 test process (a second real process next to the trainer) and runs to its stop, and restarted once more after training
 ended. The trainer's ``Pacer`` waits for the watcher at each step after a save, so the outcome does not depend on the
-machine's speed (timings: the module's tests take about 60-90 s on 2 shared cores).
+machine's speed.
+
+The test of ``StopRequestCallback`` under two gloo processes (rank 0 reads, every rank stops at the same step) is
+opt-in, as it starts two more processes::
+
+    CTX_CALLBACK_WATCH_DDP=1 OMP_NUM_THREADS=1 python -m pytest tests/test_watch.py -k every_rank -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -277,3 +282,21 @@ def test_stop_request_callback_checks_its_arguments():
         StopRequestCallback(check_every=0)
     with pytest.raises(ConfigurationError, match="protect_peak must be True or False"):
         StopRequestCallback(protect_peak="yes")
+
+
+@pytest.mark.skipif(os.environ.get("CTX_CALLBACK_WATCH_DDP") != "1",
+                    reason="two more processes (about 30 s on 2 shared cores): set CTX_CALLBACK_WATCH_DDP=1")
+def test_every_rank_stops_at_the_same_step_and_protects_the_same_peak(tmp_path):
+    """Two gloo processes: only rank 0 reads the request files; rank 1, whose folder never gets one, stops at the same
+    step and protects the same checkpoint through rank 0's broadcast (``tests/workers/ddp_stop_request.py``)."""
+    from tests.test_distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "ddp_stop_request.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    assert [r["stopped"] for r in ranks] == [4, 4]
+    assert [r["best"] for r in ranks] == [os.path.join(r["dir"], "checkpoint-2") for r in ranks]
+    assert ranks[1]["request"]["reason"] == "test"
+    assert not (tmp_path / "rank1" / STOP_FILE).exists()
