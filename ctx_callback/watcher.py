@@ -194,7 +194,10 @@ class Watcher:
         if self.stop is not None and not (self.output_dir / STOP_FILE).is_file():
             write_request(self.output_dir, STOP_FILE, self.stop)  # the request, should it have been lost
         for event in self.events:
-            if not event.get("logged"):
+            if not event.get("logged"):  # died between recording and logging: the requests may be missing too
+                if event.get("new_peak") and event["step"] > 0:
+                    write_request(self.output_dir, PEAK_FILE, {"monitor": self.options.monitor.key,
+                                                               **self._peak_fields()})
                 self._log(event)
         return len(self.events)
 

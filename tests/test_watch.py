@@ -212,6 +212,14 @@ def test_partial_checkpoint_is_waited_for_then_scored(tmp_path, tokenizer, probe
     assert "skipping checkpoint-4" in captured.err and "scored 1" in captured.out
     state = json.loads((out / WATCH_FILE).read_text())
     assert [e["step"] for e in state["events"]] == [2, 6] and list(state["skipped"]) == ["checkpoint-4"]
+    # A watcher that died after recording an event and before logging it logs that row on restart, once.
+    state["events"][-1]["logged"] = False
+    (out / WATCH_FILE).write_text(json.dumps(state))
+    assert main(argv + ["--tensorboard-dir", str(tmp_path / "tb")]) == 0
+    assert "scored 0" in capsys.readouterr().out
+    assert _tensorboard_scalars(tmp_path / "tb")[f"train/{CF_PROB}"] == [
+        (6, pytest.approx(state["events"][-1]["row"][CF_PROB], rel=1e-6))]
+    assert all(e["logged"] for e in json.loads((out / WATCH_FILE).read_text())["events"])
 
 
 def _complete_checkpoint(path: Path, model, tokenizer) -> None:
