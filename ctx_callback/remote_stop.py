@@ -145,7 +145,7 @@ class StopRequestCallback(TrainerCallback):
         self._seen: dict[str, tuple[int, int, int] | None] = {}
 
     def _dir(self, args: TrainingArguments) -> str:
-        return self.output_dir if self.output_dir is not None else args.output_dir
+        return self.output_dir if self.output_dir is not None else str(args.output_dir)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         folder = self._dir(args)
@@ -193,7 +193,7 @@ class StopRequestCallback(TrainerCallback):
             found = box[0]
         stop, peak = found
         if peak is not None and self.protect_peak and isinstance(peak.get("peak_checkpoint"), str):
-            path = os.path.join(args.output_dir, os.path.basename(peak["peak_checkpoint"]))
+            path = os.path.join(str(args.output_dir), os.path.basename(peak["peak_checkpoint"]))
             if os.path.isdir(path):
                 state.best_model_checkpoint, self.peak_checkpoint = path, path
             else:

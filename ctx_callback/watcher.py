@@ -185,8 +185,10 @@ class Watcher:
 
         binary = PER_PROBE_METRICS.get(self.options.monitor.metric, False)
         for event in data.get("events", []):
-            kept = KeptEvent.from_dict(event["kept"], binary)
-            assert kept is not None, event
+            kept = KeptEvent.from_dict(event.get("kept"), binary) if isinstance(event, dict) else None
+            if kept is None or kept.preferred is None or not isinstance(event.get("value"), (int, float)):
+                raise ConfigurationError(f"{self.state_path} holds a malformed event ({str(event)[:200]}); delete "
+                                         "the file to score every checkpoint again.")
             decision = self.options.decider.update(ProbeEvent(event["step"], float(event["value"]), kept.outcomes))
             self.reports.flip_counts(kept.preferred, decision.peak.is_new_peak)
             self.events.append(event)
