@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from llamafactory.train.tuner import run_exp
 
 from ctx_callback import DeferredContextRelianceCallback
