@@ -37,7 +37,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import CtxCallbackError, UsageError
+from ..errors import CtxCallbackError, ProbeFormatError, ProbeSourceError, UnsafeFileError, UsageError
 from .common import EXIT_OK, add_subparser, warn
 from .sft_args import GROUP_NAME, PREFIX, ContextRelianceArguments, option_fields
 
@@ -97,7 +97,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     group = parser.add_argument_group(GROUP_NAME)
     for option in option_fields():
-        default = option.default_factory() if option.default is dataclasses.MISSING else option.default  # type: ignore[misc]
+        default = option.default_factory() if option.default is dataclasses.MISSING else option.default
         metavar, is_list = _metavar(option.type)
         help = option.metadata["help"] + (f"; --no_{option.name} turns it off" if default is True else "")
         group.add_argument(f"--{option.name}", metavar=metavar, default=default, help=help,
@@ -138,10 +138,12 @@ def _checked(kwargs: dict[str, Any]) -> None:
         ContextRelianceCallback(None, **kwargs)
     except CtxCallbackError as err:
         message = " ".join(str(err).split())
-        named = [name for name in kwargs if message.startswith(name) or message.startswith(f"{PREFIX}{name}")]
-        option = f"--{PREFIX}{named[0]}" if named else "the ctx_* options"
-        raise UsageError(f"{option}: {message} (ctx-callback sft option {option}, or its key in the YAML recipe; "
-                         "ctx_<name> is ContextRelianceCallback's argument <name>)") from err
+        named = [name for name in kwargs if message.startswith(name)]
+        if not named and isinstance(err, (ProbeSourceError, ProbeFormatError, UnsafeFileError)):
+            named = ["probes"]  # the probe loaders name the file or suite, not the argument
+        where = f"--{PREFIX}{named[0]}" if named else "a ctx_* option"
+        raise UsageError(f"{where}: {message} (the option or recipe key ctx_<name> is ContextRelianceCallback's "
+                         "argument <name>)") from err
 
 
 @contextlib.contextmanager
