@@ -5,7 +5,7 @@ The default tests run TRL's script code path in this process, as ``trl/scripts/s
 and a local JSONL dataset saved to disk, and compare it with ``ctx-callback sft`` on the same recipe.
 
 One test runs TRL's real command line, ``trl sft --config RECIPE`` (which re-launches the script through
-``accelerate launch``), and ``ctx-callback sft`` as subprocesses; it takes about a minute on 2 cores, so it is opt-in::
+``accelerate launch``), and ``ctx-callback sft`` as subprocesses; it took 97 s on 2 shared cores, so it is opt-in::
 
     CTX_TEST_TRL_CLI=1 OMP_NUM_THREADS=1 pytest tests/test_cli_sft.py -k real_trl_sft_command
 """
@@ -252,7 +252,7 @@ def test_a_trl_script_that_builds_no_sft_trainer_is_an_error(inputs, monkeypatch
     assert len(calls) == 1 and "the callback was never attached" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.skipif(os.environ.get("CTX_TEST_TRL_CLI") != "1", reason="opt-in (about a minute): CTX_TEST_TRL_CLI=1")
+@pytest.mark.skipif(os.environ.get("CTX_TEST_TRL_CLI") != "1", reason="opt-in (about 100 s): CTX_TEST_TRL_CLI=1")
 def test_real_trl_sft_command_and_ctx_callback_sft_command(inputs, tmp_path):
     """``trl sft --config`` (through ``accelerate launch``) and ``ctx-callback sft`` as processes: same training."""
     trl_cli = shutil.which("trl") or str(Path(sys.executable).parent / "trl")
