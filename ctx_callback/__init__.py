@@ -23,6 +23,7 @@ _EXPORTS = {
     "filter_dataset": "audit",
     "probes_from_qa": "audit",
     "ContextRelianceCallback": "callback",
+    "DeferredContextRelianceCallback": "deferred_callback",
     "ProbeEvent": "decisions",
     "StopDecision": "decisions",
     "StopRule": "decisions",
@@ -80,6 +81,7 @@ __all__ = [
     "ConfigurationTypeError",
     "ContextRelianceCallback",
     "CtxCallbackError",
+    "DeferredContextRelianceCallback",
     "EncodedProbes",
     "METRICS",
     "METRIC_DESCRIPTIONS",
@@ -128,6 +130,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .audit import AuditResult, audit_dataset, augment_dataset, filter_dataset, probes_from_qa
     from .callback import ContextRelianceCallback
     from .decisions import ProbeEvent, StopDecision, StopRule, make_stop_rules
+    from .deferred_callback import DeferredContextRelianceCallback
     from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
     from .errors import (
         AuditDataError,

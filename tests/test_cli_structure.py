@@ -62,7 +62,7 @@ def _minimal_argv(subparser: argparse.ArgumentParser, name: str) -> list[str]:
 
 def test_every_registered_command_has_a_subparser_and_the_interface():
     names = [command.NAME for command in COMMANDS]
-    assert names == ["scan", "plot", "probe", "audit", "flips", "watch"]
+    assert names == ["scan", "plot", "probe", "audit", "flips", "sft", "watch"]
     assert list(_subparsers(build_parser())) == names
     for command in COMMANDS:
         assert callable(command.add_parser) and callable(command.run)

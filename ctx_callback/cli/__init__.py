@@ -7,6 +7,8 @@ Commands::
     ctx-callback plot INPUT [--output PNG]   # reliance curves from trainer_state.json, an output dir or scan JSON
     ctx-callback probe MODEL [options]       # score one model (a path, a Hub id or "smollm2-135m-instruct")
     ctx-callback audit DATA --model M        # audit SFT data: non-context-critical examples; filter / augment it
+    ctx-callback sft --config RECIPE.yaml    # `trl sft` (same parser, data and model loading, trainer) plus the
+                                             # callback, configured by --ctx_* options or ctx_* keys of the recipe
     ctx-callback watch OUTPUT_DIR [options]  # score checkpoints as training saves them, log, request a stop
 
 Each command is one module of this package (:mod:`~ctx_callback.cli.scan`, :mod:`~ctx_callback.cli.plot`,
@@ -36,7 +38,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import CtxCallbackError, UsageError
-from . import audit, flips, plot, probe, scan, watch
+from . import audit, flips, plot, probe, scan, sft, watch
 from .common import (
     EPILOG,
     EXIT_FAILURE,
@@ -68,7 +70,7 @@ __all__ = [
 #: The command registry, in ``--help`` order. Each entry is a module with ``NAME``, ``add_parser(subparsers)``
 #: (registers its subparser and options) and ``run(args) -> int`` (the exit code). To add a command, write such a
 #: module in this package and add it to this tuple: nothing else needs to change.
-COMMANDS = (scan, plot, probe, audit, flips, watch)
+COMMANDS = (scan, plot, probe, audit, flips, sft, watch)
 
 #: Deprecated alias: commands raise :class:`~ctx_callback.errors.UsageError` (any ``CtxCallbackError`` exits 2).
 CliError = UsageError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -103,3 +104,31 @@ def answer_logprob_sums(logits: torch.Tensor, targets: list[int], lengths: list[
     tok = torch.tensor(targets, device=logp.device)
     per_token = logp.gather(1, tok[:, None])[:, 0].double().cpu()
     return [float(chunk.sum()) for chunk in torch.split(per_token, lengths)]
+
+
+#: Whether this transformers' models take a 2-D boolean ``logits_to_keep`` (one mask row per sequence, output
+#: flattened to the kept positions): the releases with ``modeling_utils.slice_logits_to_keep``. Earlier 5.x releases
+#: (5.6, which LLaMA-Factory 0.9.5 pins, for one) index ``hidden_states[:, logits_to_keep, :]``, where a 2-D mask
+#: raises ``IndexError``; they take a 1-D tensor of positions.
+BOOLEAN_LOGITS_TO_KEEP = hasattr(importlib.import_module("transformers.modeling_utils"), "slice_logits_to_keep")
+
+
+def logits_to_keep_for(keep: torch.Tensor) -> torch.Tensor:
+    """The ``logits_to_keep`` argument that computes logits at (at least) the ``True`` positions of ``keep``.
+
+    The mask itself where the installed transformers takes one (:data:`BOOLEAN_LOGITS_TO_KEEP`); otherwise the 1-D
+    positions kept in any row (the vocabulary projection then also runs at the other rows' positions).
+    """
+    if BOOLEAN_LOGITS_TO_KEEP:
+        return keep
+    return keep.any(0).nonzero().squeeze(1)
+
+
+def kept_logits(logits: torch.Tensor, keep: torch.Tensor, argument: torch.Tensor) -> torch.Tensor:
+    """The logits at the ``True`` positions of ``keep``, flattened in row-major order, whatever the model did with
+    ``argument`` (:func:`logits_to_keep_for`): applied the mask (already flat), kept the 1-D positions, or ignored it
+    (a model with its own forward): full-width logits."""
+    if logits.dim() == 2:
+        return logits
+    mask = keep if logits.shape[1] == keep.shape[1] else keep[:, argument]
+    return logits[mask.to(logits.device)]

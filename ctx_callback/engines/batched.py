@@ -1,7 +1,8 @@
 """``"batched"``: one row per (prompt, answer), length-sorted batches with right padding.
 
-The vocabulary projection runs only at answer positions (``logits_to_keep`` with a boolean mask). Works with any
-causal LM; the fallback of ``"auto"`` and of ``"prefix"`` where no shared preamble exists.
+The vocabulary projection runs only at answer positions (``logits_to_keep`` with a boolean mask; with the positions
+kept in any row on transformers releases that take no mask, :func:`~ctx_callback.engines.base.logits_to_keep_for`).
+Works with any causal LM; the fallback of ``"auto"`` and of ``"prefix"`` where no shared preamble exists.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, answer_logprob_sums, device_of
+from .base import LoglikEngine, answer_logprob_sums, device_of, kept_logits, logits_to_keep_for
 
 __all__ = ["BatchedEngine"]
 
@@ -38,12 +39,12 @@ class BatchedEngine(LoglikEngine):
                 attention[r, : len(seq)] = 1
                 keep[r, len(prompt) - 1 : len(seq) - 1] = True
                 targets.extend(answer)
+            argument = logits_to_keep_for(keep)
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False,
-                logits_to_keep=keep.to(device),
+                logits_to_keep=argument.to(device),
             ).logits
-            if logits.dim() == 3:  # a model that ignored the boolean logits_to_keep
-                logits = logits[keep.to(logits.device)]
+            logits = kept_logits(logits, keep, argument)
             sums = answer_logprob_sums(logits, targets, [len(rows[b][3]) for b in batch])
             for b, value in zip(batch, sums):
                 results[rows[b][0]][rows[b][1]] = value

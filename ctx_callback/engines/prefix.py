@@ -23,7 +23,15 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, answer_logprob_sums, cache_kwarg, device_of, output_cache
+from .base import (
+    LoglikEngine,
+    answer_logprob_sums,
+    cache_kwarg,
+    device_of,
+    kept_logits,
+    logits_to_keep_for,
+    output_cache,
+)
 
 __all__ = ["PrefixCacheEngine"]
 
@@ -109,16 +117,16 @@ class PrefixCacheEngine(LoglikEngine):
                 [prefix_mask.repeat_interleave(repeats, 0), tail_mask.repeat_interleave(repeats, 0), ans_mask], 1
             )
             keep = ans_mask.bool()
+            argument = logits_to_keep_for(keep)
             logits = model(
                 input_ids=ans_ids.to(device),
                 attention_mask=attention.to(device),
                 position_ids=positions.to(device),
                 use_cache=True,
-                logits_to_keep=keep.to(device),
+                logits_to_keep=argument.to(device),
                 **{cache_kw: cache},
             ).logits
-            if logits.dim() == 3:
-                logits = logits[keep.to(logits.device)]
+            logits = kept_logits(logits, keep, argument)
             sums = answer_logprob_sums(logits, targets, [len(ans) for _, _, ans, _ in answers])
             for (row, _, _, k), value in zip(answers, sums):
                 results[batch[row]][k] = value
