@@ -41,6 +41,7 @@ _EXPORTS = {
     "ProbeSourceError": "errors",
     "TrainerWiringError": "errors",
     "UnsafeFileError": "errors",
+    "UnsupportedTrainerError": "errors",
     "PROMPT_PRESETS": "formatting",
     "PromptFormat": "formatting",
     "METRICS": "metrics",
@@ -104,6 +105,7 @@ __all__ = [
     "StopRule",
     "TrainerWiringError",
     "UnsafeFileError",
+    "UnsupportedTrainerError",
     "audit_dataset",
     "augment_dataset",
     "compute_flips",
@@ -139,6 +141,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ProbeSourceError,
         TrainerWiringError,
         UnsafeFileError,
+        UnsupportedTrainerError,
     )
     from .formatting import PROMPT_PRESETS, PromptFormat
     from .metrics import (
