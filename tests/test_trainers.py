@@ -156,14 +156,19 @@ def test_dpo_stops_after_the_peak_and_restores_the_peak_checkpoint_exactly(dpo_r
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_grpo_logs_stops_and_restores_the_baseline_from_memory(tokenizer, tmp_path):
+def grpo_trainer(tokenizer, output_dir, max_steps: int):
     data = datasets.Dataset.from_list([{"prompt": prompt(country, fake)} for country, _, fake in CAPITALS])
-    model = make_tiny_llama(tokenizer)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
-                          max_completion_length=4, learning_rate=5e-2, max_steps=6, **COMMON)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=data,
-                              processing_class=tokenizer)
+    args = trl.GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=4, learning_rate=5e-2, max_steps=max_steps, **COMMON)
+    return trl.GRPOTrainer(model=make_tiny_llama(tokenizer), reward_funcs=length_reward, args=args,
+                           train_dataset=data, processing_class=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    trainer = grpo_trainer(tokenizer, out, max_steps=6)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     # min_delta=1.0: no probability can beat the baseline by 1, so the baseline is the peak by construction and the
     # first event after it (step 2) exhausts patience=1.
     callback = ContextRelianceCallback(trainer, PROBES, eval_steps=2, monitor="counterfactual_probability",
@@ -173,15 +178,35 @@ def test_grpo_logs_stops_and_restores_the_baseline_from_memory(tokenizer, tmp_pa
     trainer.add_callback(callback)
     trainer.add_callback(weights)
     trainer.train()
+    return trainer, callback, weights, initial, out
 
+
+def test_grpo_logs_stops_and_restores_the_baseline_from_memory(grpo_run, tokenizer):
+    trainer, callback, weights, initial, out = grpo_run
     rows = probe_rows(trainer)
     assert sorted(rows) == [0, 2] and callback.stop_step == trainer.state.global_step == 2
     assert_close(rows[2], score(tokenizer, weights.weights[2]))  # the policy after two GRPO steps
-    assert not list(tmp_path.glob("checkpoint-*"))  # the peak is the baseline: kept in memory, never saved
-    restored = model.state_dict()
+    assert not list(out.glob("checkpoint-*"))  # the peak is the baseline: kept in memory, never saved
+    restored = trainer.model.state_dict()
     assert any(not torch.equal(weights.weights[2][k], initial[k]) for k in initial)  # GRPO did train
     assert all(torch.equal(restored[k], initial[k]) for k in initial)
     assert callback.last_restored
+
+
+def test_grpo_trains_the_same_with_and_without_the_callback(grpo_run, tokenizer, tmp_path):
+    """GRPO samples its completions from the torch RNG: a probe round that consumed random numbers, or left the
+    model in eval mode, would change the completions, the rewards and the update of the next step."""
+    with_callback, _, weights, _, _ = grpo_run
+    trainer = grpo_trainer(tokenizer, tmp_path, max_steps=2)
+    trainer.train()
+
+    def rewards(run):
+        return [(row["step"], row["reward"], row["completions/mean_length"]) for row in run.state.log_history
+                if "reward" in row]
+
+    assert rewards(trainer) == rewards(with_callback)  # exact: the same computations in the same process
+    final = trainer.model.state_dict()
+    assert all(torch.equal(final[k], weights.weights[2][k]) for k in final)
 
 
 # ----------------------------------------------------------------------------------------------------------------
