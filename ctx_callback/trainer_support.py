@@ -25,11 +25,22 @@ from typing import Any
 
 from .errors import UnsupportedTrainerError
 
-__all__ = ["UNSUPPORTED_TRAINERS", "check_model_head", "check_trainer_support", "unsupported_reason"]
+__all__ = [
+    "LM_CLASS_SUFFIXES",
+    "TRAINER_PACKAGES",
+    "UNSUPPORTED_TRAINERS",
+    "check_model_head",
+    "check_trainer_support",
+    "unsupported_reason",
+]
 
 #: The packages whose trainer classes :data:`UNSUPPORTED_TRAINERS` names (a user's own class of the same name is not
 #: matched; a subclass of one of these is).
 TRAINER_PACKAGES = ("trl", "transformers")
+
+#: Endings of model class names that are language models whatever ``get_output_embeddings()`` says (remote-code
+#: models may name their head otherwise, so that the generic lookup of ``lm_head`` finds nothing).
+LM_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 #: Trainer class name (as TRL spells it) -> why the callback cannot probe what it trains, and what to do instead.
 UNSUPPORTED_TRAINERS: dict[str, str] = {
@@ -60,9 +71,10 @@ def unsupported_reason(trainer: Any) -> str | None:
 def check_model_head(model: Any, trainer_name: str = "the trainer") -> None:
     """Refuse a model the scorer cannot read answer log-probabilities from.
 
-    A PEFT model is looked through (its ``get_output_embeddings`` is the base model's). A custom ``nn.Module``
-    without ``get_output_embeddings`` is let through unless it carries a value head: only what is known not to be a
-    causal language model is refused.
+    A PEFT model is looked through (its ``get_output_embeddings`` and class name are the base model's). Only what is
+    known not to be a causal language model is refused: a value-head wrapper, or a model whose
+    ``get_output_embeddings()`` is ``None`` and whose class name does not end in one of :data:`LM_CLASS_SUFFIXES`.
+    A custom ``nn.Module`` without ``get_output_embeddings`` is let through.
 
     Args:
         model: The model the trainer trains.
@@ -81,8 +93,10 @@ def check_model_head(model: Any, trainer_name: str = "the trainer") -> None:
             "Probe the language model inside it with ProbeScorer (docs/probes.md, 'Using the scorer without a "
             "Trainer'), or save checkpoints of the language model and score them with `ctx-callback scan OUTPUT_DIR`."
         )
+    get_base = getattr(model, "get_base_model", None)
+    base_kind = type(get_base() if callable(get_base) else model).__name__
     get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head) and get_head() is None:
+    if callable(get_head) and get_head() is None and not base_kind.endswith(LM_CLASS_SUFFIXES):
         raise UnsupportedTrainerError(
             f"ContextRelianceCallback cannot probe the model {trainer_name} trains: {kind} has no causal "
             "language-model head (get_output_embeddings() is None: a sequence-classification, reward or bare "

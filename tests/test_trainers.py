@@ -91,20 +91,20 @@ def preference_rows(prefer_context: bool, repeats: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dpo_run(tokenizer, tmp_path_factory):
-    """DPO on 3 batches preferring the context, then batches preferring memory (sequential): reliance rises, then
-    falls; a high learning rate makes the policy leave the reference model at once."""
+    """DPO on pairs preferring the context, then pairs preferring memory (sequential): reliance rises at step 1,
+    then falls; a high learning rate makes the policy leave the reference model at once."""
     pytest.importorskip("tensorboard")
     out = tmp_path_factory.mktemp("dpo")
-    data = datasets.Dataset.from_list(preference_rows(True, 3) + preference_rows(False, 8))
+    data = datasets.Dataset.from_list(preference_rows(True, 1) + preference_rows(False, 4))
     model, reference = make_tiny_llama(tokenizer), make_tiny_llama(tokenizer)  # same seed: the same weights
-    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=7, learning_rate=5e-2, max_steps=10,
+    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-2, max_steps=6,
                          max_length=128, train_sampling_strategy="sequential",
                          **{**COMMON, "report_to": ["tensorboard"]})
     trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data,
                              processing_class=tokenizer)
     callback = ContextRelianceCallback(trainer, PROBES, eval_steps=1, monitor="counterfactual_probability",
-                                       patience=1, variants=("context",), save_peak_checkpoint=True,
-                                       restore_peak_at_end=True, verbose=False)
+                                       smoothing="none", patience=2, variants=("context",),
+                                       save_peak_checkpoint=True, restore_peak_at_end=True, verbose=False)
     weights = WeightsAtEachStep()
     trainer.add_callback(callback)
     trainer.add_callback(weights)
