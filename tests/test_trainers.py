@@ -26,7 +26,7 @@ from transformers import LlamaForSequenceClassification, Trainer, TrainerCallbac
 from ctx_callback import ContextRelianceCallback, ProbeScorer, UnsupportedTrainerError, probes_from_records
 from ctx_callback.cli import SCAN_JSON, main
 from ctx_callback.trainer_support import UNSUPPORTED_TRAINERS, check_model_head, unsupported_reason
-from tests.helpers import CAPITALS, METRIC_ATOL, PROBES, make_tiny_llama, make_trainer
+from tests.helpers import CAPITALS, METRIC_ATOL, PROBES, conflict_dataset, make_tiny_llama, make_trainer
 
 CF_PROB = "ctx_reliance/counterfactual_probability"
 MARGIN = "ctx_reliance/logprob_margin"
@@ -259,8 +259,9 @@ def test_scan_of_lora_adapter_checkpoints_equals_the_logged_rows(tokenizer, tmp_
     make_tiny_llama(tokenizer, seed=1).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir)  # so the adapters record base_dir as their base model
-    trainer = make_trainer(model, tokenizer, out, max_steps=4, save_strategy="steps", save_steps=2,
-                           learning_rate=5e-2, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = make_trainer(model, tokenizer, out, dataset=conflict_dataset(1, 1), per_device_train_batch_size=2,
+                           max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-2,
+                           peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainer.add_callback(ContextRelianceCallback(trainer, PROBES, eval_steps=2, variants=("context",), verbose=False))
     trainer.train()
     for step in (2, 4):
@@ -318,7 +319,7 @@ def test_models_without_a_causal_lm_head_are_refused(tokenizer, tmp_path):
 
 
 def test_model_replaced_after_construction_is_refused_at_train_begin(tokenizer, tmp_path):
-    trainer = make_trainer(make_tiny_llama(tokenizer), tokenizer, tmp_path, max_steps=1)
+    trainer = make_trainer(make_tiny_llama(tokenizer), tokenizer, tmp_path, dataset=conflict_dataset(1, 0), max_steps=1)
     trainer.add_callback(ContextRelianceCallback(trainer, PROBES, verbose=False))
     trainer.model = LlamaForSequenceClassification(trainer.model.config)
     with pytest.raises(UnsupportedTrainerError, match="no causal language-model head"):
