@@ -42,6 +42,7 @@ _EXPORTS = {
     "ProbeSourceError": "errors",
     "TrainerWiringError": "errors",
     "UnsafeFileError": "errors",
+    "UnsupportedTrainerError": "errors",
     "PROMPT_PRESETS": "formatting",
     "PromptFormat": "formatting",
     "METRICS": "metrics",
@@ -108,6 +109,7 @@ __all__ = [
     "StopRule",
     "TrainerWiringError",
     "UnsafeFileError",
+    "UnsupportedTrainerError",
     "audit_dataset",
     "augment_dataset",
     "compute_flips",
@@ -144,6 +146,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         ProbeSourceError,
         TrainerWiringError,
         UnsafeFileError,
+        UnsupportedTrainerError,
     )
     from .formatting import PROMPT_PRESETS, PromptFormat
     from .metrics import (

@@ -31,6 +31,7 @@ from .probe_selection import check_band
 from .probes import Probe, load_probes
 from .scoring import resolve_probe_dtype
 from .stopping import StopDecider
+from .trainer_support import check_trainer_support
 
 __all__ = [
     "ON_PROBE_SET_CHANGE",
@@ -93,6 +94,7 @@ def _check_plain(a: dict[str, Any]) -> None:
             f"trainer must be a transformers.Trainer (or SFTTrainer), got {type(trainer).__name__}. "
             "Usage: trainer.add_callback(ContextRelianceCallback(trainer, probes=...))."
         )
+    check_trainer_support(trainer)  # a reward trainer, a model without a causal-LM head: refused before any work
     eval_steps = a["eval_steps"]
     if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
         raise ConfigurationError(
@@ -238,6 +240,7 @@ def validate_arguments(arguments: dict[str, Any]) -> CallbackOptions:
     Raises:
         ConfigurationError: A bad argument (also ``ProbeSourceError`` / ``ProbeFormatError`` from loading probes).
         TrainerWiringError: ``trainer`` is not a ``transformers.Trainer``.
+        UnsupportedTrainerError: ``trainer`` trains what cannot be probed (``ctx_callback.trainer_support``).
     """
     a = arguments
     _check_plain(a)
@@ -304,10 +307,13 @@ def warn_about_training_arguments(args: TrainingArguments, probe_on: str, save_p
 
 
 def check_wiring(trainer: Any, state: Any, has_tokenizer: bool) -> None:
-    """At train begin: the callback was given the trainer that is training, and has a tokenizer.
+    """At train begin: the callback was given the trainer that is training, which it supports
+    (:func:`~ctx_callback.trainer_support.check_trainer_support`: its model may have changed since construction),
+    and has a tokenizer.
 
     Raises:
         TrainerWiringError: No trainer, another one, or no tokenizer.
+        UnsupportedTrainerError: A trainer or model that cannot be probed (a reward model, no causal-LM head).
     """
     if trainer is None:
         raise TrainerWiringError(
@@ -320,6 +326,7 @@ def check_wiring(trainer: Any, state: Any, has_tokenizer: bool) -> None:
             "ContextRelianceCallback was created with a different trainer than the one that is training. Pass the "
             "trainer you call .train() on: `trainer.add_callback(ContextRelianceCallback(trainer, ...))`."
         )
+    check_trainer_support(trainer)
     if not has_tokenizer:
         raise TrainerWiringError(
             "ContextRelianceCallback has no tokenizer: pass tokenizer=... to the callback, or "

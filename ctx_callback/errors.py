@@ -25,6 +25,7 @@ __all__ = [
     "ProbeSourceError",
     "TrainerWiringError",
     "UnsafeFileError",
+    "UnsupportedTrainerError",
     "UsageError",
     "quote_error",
 ]
@@ -74,6 +75,12 @@ class TrainerWiringError(ConfigurationError, TypeError):
 
     Also a ``TypeError``, which is what passing a non-``Trainer`` object raised before.
     """
+
+
+class UnsupportedTrainerError(TrainerWiringError):
+    """The trainer, or the model it trains, cannot be probed: a reward trainer, a model without a causal-LM head, a
+    value-head wrapper (see :mod:`ctx_callback.trainer_support` and ``docs/trainers.md``). Raised at construction when
+    the callback is given the trainer, else at train begin, before the first step."""
 
 
 class ProbeSourceError(CtxCallbackError):
