@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -89,6 +90,23 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+@functools.lru_cache(maxsize=1)
+def boolean_logits_to_keep() -> bool:
+    """Whether this transformers slices ``logits_to_keep`` given as a 2-D boolean mask (``modeling_utils.
+    slice_logits_to_keep``, added after 5.16). transformers 5.16 (which axolotl 0.19 pins) indexes
+    ``hidden_states[:, logits_to_keep, :]``, an ``IndexError`` for such a mask."""
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def kept_logits_argument(keep: torch.Tensor) -> torch.Tensor | int:
+    """The ``logits_to_keep`` to pass for ``keep``, a boolean mask of the positions to score: the mask where
+    transformers supports it (:func:`boolean_logits_to_keep`), else ``0`` (logits at every position, which the
+    caller selects with the mask, as for a model that ignores the argument)."""
+    return keep if boolean_logits_to_keep() else 0
 
 
 def output_cache(output: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, answer_logprob_sums, device_of
+from .base import LoglikEngine, answer_logprob_sums, device_of, kept_logits_argument
 
 __all__ = ["BatchedEngine"]
 
@@ -40,9 +40,9 @@ class BatchedEngine(LoglikEngine):
                 targets.extend(answer)
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False,
-                logits_to_keep=keep.to(device),
+                logits_to_keep=kept_logits_argument(keep.to(device)),
             ).logits
-            if logits.dim() == 3:  # a model that ignored the boolean logits_to_keep
+            if logits.dim() == 3:  # a model that ignored the boolean logits_to_keep, or transformers 5.16
                 logits = logits[keep.to(logits.device)]
             sums = answer_logprob_sums(logits, targets, [len(rows[b][3]) for b in batch])
             for b, value in zip(batch, sums):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..encoding import EncodedItem
-from .base import LoglikEngine, answer_logprob_sums, cache_kwarg, device_of, output_cache
+from .base import LoglikEngine, answer_logprob_sums, cache_kwarg, device_of, kept_logits_argument, output_cache
 
 __all__ = ["PrefixCacheEngine"]
 
@@ -114,7 +114,7 @@ class PrefixCacheEngine(LoglikEngine):
                 attention_mask=attention.to(device),
                 position_ids=positions.to(device),
                 use_cache=True,
-                logits_to_keep=keep.to(device),
+                logits_to_keep=kept_logits_argument(keep.to(device)),
                 **{cache_kw: cache},
             ).logits
             if logits.dim() == 3:

@@ -1,0 +1,35 @@
+"""The engines on a transformers without 2-D boolean ``logits_to_keep`` (5.16, which axolotl 0.19 pins): they ask
+for every position's logits and select the answer positions themselves, with the same scores.
+
+On transformers 5.16 itself this path runs in ``tests/test_axolotl.py`` (opt-in; ``docs/axolotl.md``): there the
+boolean mask raised ``IndexError: too many indices for tensor of dimension 3`` in ``LlamaForCausalLM.forward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctx_callback import ProbeScorer
+from ctx_callback.engines import base as engines_base
+from tests.helpers import LOGLIK_ATOL, make_tiny_llama
+
+
+@pytest.mark.parametrize("supported", [True, False])
+@pytest.mark.parametrize("engine", ["prefix", "batched"])
+def test_engines_agree_with_the_reference_with_and_without_boolean_logits_to_keep(tokenizer, capital_probes,
+                                                                                  monkeypatch, engine, supported):
+    model = make_tiny_llama(tokenizer, seed=4)
+    reference = ProbeScorer(capital_probes, tokenizer, "chat", engine="simple").score_raw(model).scores
+    monkeypatch.setattr(engines_base, "boolean_logits_to_keep", lambda: supported)
+    passed = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: passed.append(kwargs.get("logits_to_keep")),
+                                    with_kwargs=True)
+    scores = ProbeScorer(capital_probes, tokenizer, "chat", engine=engine, max_batch_size=4).score_raw(model).scores
+    np.testing.assert_allclose(scores, reference, atol=LOGLIK_ATOL, rtol=0)
+    masks = [value for value in passed if isinstance(value, torch.Tensor)]
+    if supported:
+        assert masks and all(mask.dtype == torch.bool and mask.dim() == 2 for mask in masks)
+    else:
+        assert not masks and 0 in passed  # all positions asked for; the engine selected the answer positions
