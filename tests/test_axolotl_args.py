@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 
 import pytest
@@ -90,3 +91,15 @@ def test_the_plugin_module_says_how_to_install_axolotl_when_it_is_missing(monkey
     with pytest.raises(ImportError, match=r"needs axolotl, which is not installed: `pip install axolotl`"):
         importlib.import_module("ctx_callback.integrations.axolotl")
     import ctx_callback.integrations  # noqa: F401  (the package itself imports no framework)
+
+
+def test_the_docs_page_lists_every_key_with_its_default():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "axolotl.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `") for line in page.splitlines()
+            if line.startswith("| `ctx_reliance_")}
+    assert list(rows) == known_fields()
+    defaults = ContextRelianceArgs().model_dump()
+    for name, shown in rows.items():
+        assert shown == ("null" if defaults[name] is None else json.dumps(defaults[name])), name
