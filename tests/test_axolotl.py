@@ -105,7 +105,9 @@ def tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def test_axolotl_train_logs_reliance_rows_to_the_trainer_state_and_tensorboard(workdir, probes_file, tokenizer):
+def test_axolotl_train_logs_reliance_rows_and_leaves_training_unchanged(workdir, probes_file, tokenizer):
+    import torch
+    from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +139,21 @@ def test_axolotl_train_logs_reliance_rows_to_the_trainer_state_and_tensorboard(w
     assert scalars == pytest.approx({step: row[COUNTERFACTUAL] for step, row in rows.items()}, rel=1e-6)
     summary = json.loads((out / "ctx_reliance_summary.json").read_text())
     assert summary and (out / "ctx_reliance_probes.jsonl").exists()
+
+    # an observer: the same run without the plugin has the same losses and bit-identical final weights
+    plain = write_config(workdir, "cli_plain", probes_file)
+    cfg = yaml.safe_load(plain.read_text())
+    for key in [key for key in cfg if key.startswith("ctx_reliance_")] + ["plugins"]:
+        del cfg[key]
+    plain.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    proc = run_cli(plain, workdir)
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
+    plain_history = json.loads((workdir / "cli_plain" / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
+    assert [row["loss"] for row in plain_history["log_history"] if "loss" in row] == [
+        row["loss"] for row in history if "loss" in row]
+    with_plugin, without = load_file(out / "model.safetensors"), load_file(workdir / "cli_plain" / "model.safetensors")
+    assert with_plugin.keys() == without.keys()
+    assert all(torch.equal(with_plugin[name], without[name]) for name in with_plugin)
 
 
 def test_the_trainer_axolotl_builds_carries_the_callback(workdir, probes_file):
