@@ -156,30 +156,6 @@ def test_every_registered_engine_equals_the_simple_reference(tokenizer, agreemen
     np.testing.assert_allclose(scorer.score_raw(agreement_model).scores, ref, atol=LOGLIK_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("engine", ["prefix", "batched"])
-def test_engines_without_boolean_logits_to_keep_equal_the_reference(tokenizer, agreement_model, reference_scores,
-                                                                    engine, monkeypatch):
-    """transformers releases before ``slice_logits_to_keep`` (5.6, pinned by LLaMA-Factory 0.9.5) take no 2-D mask:
-    the engines pass the kept positions instead. Forced here on the installed release (which takes both); run for real
-    under transformers 5.6 by tests/test_llamafactory.py."""
-    import ctx_callback.engines.base as base
-
-    monkeypatch.setattr(base, "BOOLEAN_LOGITS_TO_KEEP", False)
-    seen = []
-    original = agreement_model.forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("logits_to_keep"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(agreement_model, "forward", spy)
-    scorer = ProbeScorer(_mixed_probes(), tokenizer, "chat", engine=engine, max_batch_tokens=250, max_batch_size=6)
-    np.testing.assert_allclose(scorer.score_raw(agreement_model).scores, reference_scores("chat"), atol=LOGLIK_ATOL,
-                               rtol=0)
-    masks = [k for k in seen if isinstance(k, torch.Tensor)]
-    assert masks and all(k.dim() == 1 and k.dtype == torch.long for k in masks)  # positions, never a mask
-
-
 def test_unknown_engine_lists_the_names(tokenizer, capital_probes):
     names = re.escape(str(list(engine_names())))
     with pytest.raises(ConfigurationError, match=rf"engine must be one of {names}, got 'fastest'"):
@@ -372,7 +348,6 @@ def _items_with_varying_answer_counts(tokenizer):
 def test_engines_score_any_number_of_answers_like_the_reference(tokenizer, agreement_model, engine):
     encoded, items = _items_with_varying_answer_counts(tokenizer)
     assert {len(item.answer_ids) for item in items} == {1, 2, 3, 4}
-    import torch
 
     with torch.no_grad():
         reference = SimpleEngine(encoded, Batcher()).score(agreement_model, items)
