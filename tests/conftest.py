@@ -22,7 +22,10 @@ import torch  # noqa: E402
 
 from tests.helpers import PROBES, capital_records, make_tiny_llama  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: Threads per test process: the machine's cores (at most 2, as CI has), shared between pytest-xdist workers
+#: (``-n 2`` on 2 cores: one thread each, so the workers do not oversubscribe the cores).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
