@@ -18,7 +18,14 @@ from .errors import CheckpointMismatchError, UnsafeFileError, quote_error
 if TYPE_CHECKING:  # torch is imported where weights are loaded: the command line's --help stays fast
     import torch
 
-__all__ = ["COMPILED_KEY_MAPPING", "COMPILED_PREFIX", "load_weights_into", "strip_compiled_prefix"]
+__all__ = [
+    "CHECKPOINT_DIR_RE",
+    "COMPILED_KEY_MAPPING",
+    "COMPILED_PREFIX",
+    "checkpoint_dirs",
+    "load_weights_into",
+    "strip_compiled_prefix",
+]
 
 #: What ``torch.compile`` puts before every parameter name of the module it wraps (``OptimizedModule._orig_mod``).
 COMPILED_PREFIX = "_orig_mod."
@@ -119,3 +126,22 @@ def load_weights_into(model: torch.nn.Module, checkpoint_dir: str | os.PathLike)
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+#: The name of a folder the Trainer saves a checkpoint into: ``checkpoint-<global step>``.
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: os.PathLike | str) -> list[tuple[int, str]]:
+    """The ``checkpoint-<step>`` folders of a Trainer ``output_dir``, as ``(step, name)`` sorted by step.
+
+    Raises:
+        OSError: ``output_dir`` cannot be listed.
+    """
+    found = []
+    with os.scandir(output_dir) as entries:
+        for entry in entries:
+            match = CHECKPOINT_DIR_RE.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry.name))
+    return sorted(found)

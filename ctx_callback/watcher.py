@@ -40,13 +40,13 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import checkpoint_dirs
 from .comparison import ProbeEvent
 from .errors import ConfigurationError
 from .remote_stop import END_FILE, PEAK_FILE, STOP_FILE, read_request, write_request
@@ -60,7 +60,6 @@ WATCH_FILE = "ctx_reliance_watch.json"
 WATCH_FORMAT = "ctx_callback.watch/1"
 #: The name the baseline model's event is recorded under (step 0).
 BASELINE = "baseline"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _STATE = "trainer_state.json"
 
 
@@ -79,15 +78,10 @@ def _signature(path: Path) -> list[list[Any]] | None:
 
 
 def _checkpoints(output_dir: Path) -> list[tuple[int, str]]:
-    found = []
     try:
-        for entry in output_dir.iterdir():
-            match = _CHECKPOINT_RE.match(entry.name)
-            if match and entry.is_dir():
-                found.append((int(match.group(1)), entry.name))
-    except OSError:
+        return checkpoint_dirs(output_dir)
+    except OSError:  # the output dir is not there yet (or no longer)
         return []
-    return sorted(found)
 
 
 class _Refused(Exception):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import model_loading
+from ..checkpoints import checkpoint_dirs
 from ..encoding import ALL_VARIANTS
 from ..errors import ConfigurationError, CtxCallbackError, ModelLoadError, UsageError, quote_error
 from ..metrics import METRIC_PREFIX as PREFIX
@@ -79,7 +79,6 @@ SCAN_JSON = "ctx_reliance_scan.json"
 SCAN_CSV = "ctx_reliance_scan.csv"
 SCAN_FORMAT = "ctx_callback.scan/1"
 
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 #: ``--probe-dtype`` (the autocast dtype of the forward passes; ``ctx_callback.scoring.PROBE_DTYPES``).
 PROBE_DTYPE_CHOICES = ("bfloat16", "float16")
@@ -139,6 +138,16 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -411,9 +420,4 @@ def find_checkpoints(output_dir: Path) -> list[Checkpoint]:
     Returns:
         One entry (name, step, path) per ``checkpoint-<step>`` directory, sorted by step.
     """
-    found = []
-    for entry in output_dir.iterdir():
-        match = _CHECKPOINT_RE.match(entry.name)
-        if match and entry.is_dir():
-            found.append(Checkpoint(entry.name, int(match.group(1)), entry))
-    return sorted(found, key=lambda c: c.step)
+    return [Checkpoint(name, step, output_dir / name) for step, name in checkpoint_dirs(output_dir)]

@@ -24,6 +24,7 @@ from .common import (
     has_tokenizer,
     load_tokenizer,
     max_positions_of,
+    non_negative_float,
     positive_float,
     positive_int,
     resolve_device,
@@ -41,16 +42,6 @@ def _bool(text: str) -> bool:
     if text.lower() in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -104,7 +95,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="exit after this long without a new checkpoint; default: wait for the end of training "
                         "(StopRequestCallback's end marker), a stop, or --until-step")
     g.add_argument("--poll-interval", type=positive_float, default=5.0, metavar="SECONDS", help="between looks")
-    g.add_argument("--settle-seconds", type=_non_negative, default=2.0, metavar="SECONDS",
+    g.add_argument("--settle-seconds", type=non_negative_float, default=2.0, metavar="SECONDS",
                    help="a complete checkpoint's newest file must be this old")
     g.add_argument("--retries", type=int, default=3, help="failed loads of one checkpoint before it is skipped")
     g.add_argument("--state-file", default=None, metavar="PATH",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from transformers import modeling_utils
 
 from ..encoding import EncodedItem, EncodedProbes
 from .batching import Batcher
@@ -110,7 +110,7 @@ def answer_logprob_sums(logits: torch.Tensor, targets: list[int], lengths: list[
 #: flattened to the kept positions): the releases with ``modeling_utils.slice_logits_to_keep``. Earlier 5.x releases
 #: (5.6, which LLaMA-Factory 0.9.5 pins, for one) index ``hidden_states[:, logits_to_keep, :]``, where a 2-D mask
 #: raises ``IndexError``; they take a 1-D tensor of positions.
-BOOLEAN_LOGITS_TO_KEEP = hasattr(importlib.import_module("transformers.modeling_utils"), "slice_logits_to_keep")
+BOOLEAN_LOGITS_TO_KEEP = hasattr(modeling_utils, "slice_logits_to_keep")
 
 
 def logits_to_keep_for(keep: torch.Tensor) -> torch.Tensor:
