@@ -25,10 +25,15 @@ The model of a run (per simulated run, ``n`` probes, ``events`` probe events, on
   or 20 points. The rise gives every rule a true peak to count from (on a flat start, patience rules stop before
   the fall).
 
+- a *recovering* run (:func:`dip_shifts`) rises as a declining one, then dips by 5, 10 or 20 points for one or two
+  events from ``decline_event`` on (the same per-probe spread) and returns to its peak level for the rest of the run:
+  the dip-and-recover curves of interleaved mixtures and of the paper's own TULU replication. Every stop of such a run
+  is a stop lost to a recovery.
+
 Reported per rule and probe count: the false-stop rate on flat runs (any stop within the horizon), and on declining
 runs the detection delay (events after the first declined event: 0 = stopped at it), its median and 90th
 percentile, and the share of declining runs stopped before the fall (``early``) or not at all within the horizon
-(``missed``).
+(``missed``); on recovering runs the share stopped (recoveries lost).
 
     python benchmarks/stop_rule_simulation.py                      # the table in docs/stopping.md (markdown)
     python benchmarks/stop_rule_simulation.py --runs 200 --probes 100,400 --json out.json
@@ -97,7 +102,16 @@ def rule_specs(include_extras: bool = True) -> list[RuleSpec]:
                      {"stop_rule": "significant_decline", "alpha": 0.05, "correction": "none"}),
             RuleSpec("patience=3 (EMA 0.5), probability monitor", {"patience": 3}, "probability"),
         ]
+    specs += [RuleSpec(f"significant_decline alpha=0.05 sustained_events={k} (probability, paired t-test)",
+                       {"stop_rule": "significant_decline", "alpha": 0.05, "sustained_events": k}, "probability")
+              for k in (2, 3)]
+    specs += [RuleSpec("significant_decline alpha=0.05 sustained_events=2 (accuracy, McNemar)",
+                       {"stop_rule": "significant_decline", "alpha": 0.05, "sustained_events": 2})]
     return specs
+
+
+#: Dips that recover: (accuracy points, events) of the dip.
+DIPS = ((0.05, 1), (0.10, 1), (0.20, 1), (0.10, 2), (0.20, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +177,14 @@ def shifts(events: int, decline_event: int, rise: float, fall: float) -> tuple[n
     return np.where(t >= decline_event, 0.0, before), np.where(t >= decline_event, fall, 0.0)
 
 
+def dip_shifts(events: int, dip_event: int, rise: float, depth: float, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run that recovers: the rise of :func:`shifts` to the peak at ``dip_event - 1``, a dip of mean shift
+    ``depth`` for ``length`` events from ``dip_event`` on, then back at the peak level for the rest of the run."""
+    common, _ = shifts(events, dip_event, rise, 0.0)
+    t = np.arange(events)
+    return common, np.where((t >= dip_event) & (t < dip_event + length), depth, 0.0)
+
+
 def simulate_run(rules, rng: np.random.Generator, pool: np.ndarray, tau: float, n: int,
                  schedule: tuple[np.ndarray, np.ndarray], outcome: str, cv: float = 0.0) -> int | None:
     """Feed one simulated run to ``rules``; the index of the first event any of them stops at, or ``None``."""
@@ -212,6 +234,40 @@ def run_table(pool: np.ndarray, tau: float, probe_counts: list[int], runs_flat: 
     return rows
 
 
+def recovery_table(pool: np.ndarray, tau: float, probe_counts: list[int], runs: int, events: int, dip_event: int,
+                   warmup_events: int, seed: int, specs: list[RuleSpec], rise_points: float = 0.10,
+                   cv: float = 0.0) -> list[dict]:
+    """Per rule and probe count: the share of runs with a dip that recovers (:data:`DIPS`) that a rule stops at
+    all (every such stop loses the recovery: the run returns to its peak level), and the share stopped during the dip."""
+    rows = []
+    rise = shift_for_decline(pool, tau, rise_points)
+    for spec in specs:
+        for n in probe_counts:
+            rng = np.random.default_rng([seed, n, 7])
+            rules = make_stop_rules(warmup=warmup_events * EVENT_STEPS, **spec.options)
+            row = {"rule": spec.label, "probes": n, "runs": runs}
+            for depth, length in DIPS:
+                schedule = dip_shifts(events, dip_event, rise, shift_for_decline(pool, tau, depth, cv), length)
+                stops = [simulate_run(rules, rng, pool, tau, n, schedule, spec.outcome, cv) for _ in range(runs)]
+                row[f"dip_{int(round(100 * depth))}x{length}"] = {
+                    "stopped": sum(s is not None for s in stops) / runs,
+                    "in_dip": sum(s is not None and dip_event <= s < dip_event + length for s in stops) / runs,
+                }
+            rows.append(row)
+            print(f"  {spec.label:62s} n={n:3d}: recoveries lost "
+                  + " ".join(f"{k}={v['stopped']:.2f}" for k, v in row.items() if k.startswith("dip_")), flush=True)
+    return rows
+
+
+def recovery_markdown(rows: list[dict]) -> str:
+    head = " | ".join(f"{int(round(100 * d))}-point dip, {n} event{'s' if n > 1 else ''}" for d, n in DIPS)
+    lines = [f"| rule | probes | {head} |", "|---|---|" + "---|" * len(DIPS)]
+    for row in rows:
+        cells = [_percent(row[f"dip_{int(round(100 * d))}x{n}"]["stopped"]) for d, n in DIPS]
+        lines.append(f"| {row['rule']} | {row['probes']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _percent(share: float) -> str:
     return "<1%" if 0 < share < 0.01 else f"{100 * share:.0f}%"
 
@@ -239,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probes", default="50,100,200,400", help="comma list of probe counts")
     parser.add_argument("--runs", type=int, default=500, help="simulated flat runs per cell")
     parser.add_argument("--runs-decline", type=int, default=200, help="simulated declining runs per cell and size")
+    parser.add_argument("--runs-recovery", type=int, default=200,
+                        help="simulated runs with a dip that recovers, per cell (0: skip that table)")
     parser.add_argument("--events", type=int, default=20, help="probe events per run (the baseline included)")
     parser.add_argument("--decline-event", type=int, default=8, help="first event after the true decline")
     parser.add_argument("--rise", type=float, default=0.10, help="declining runs: accuracy points of the rise")
@@ -247,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calibration", type=Path, default=None,
                         help="monitor_margins.json of a real run (benchmarks/monitor_choice.py score)")
     parser.add_argument("--no-extras", action="store_true", help="only the five rules the issue asks for")
+    parser.add_argument("--only", default=None,
+                        help="comma list of substrings: only the rules whose label contains one of them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -265,11 +325,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {pool.size} real margins, tau {tau:.3f} nats, fall cv {cv:.2f}, expected flat accuracy {p0:.3f}; "
           f"{args.events} events (every {EVENT_STEPS} steps), decline from event {args.decline_event}, "
           f"warm-up {args.warmup_events} events")
+    specs = [spec for spec in rule_specs(not args.no_extras)
+             if args.only is None or any(part in spec.label for part in args.only.split(","))]
     start = time.perf_counter()
     rows = run_table(pool, tau, probe_counts, args.runs, args.runs_decline, args.events, args.decline_event,
-                     args.warmup_events, args.seed, rule_specs(not args.no_extras), args.rise, cv)
-    print(f"\n{markdown(rows)}\n\n({time.perf_counter() - start:.0f}s)")
-    out = {"tau": tau, "cv": cv, "flat_accuracy": p0, "calibration": info, "rows": rows, "args": {
+                     args.warmup_events, args.seed, specs, args.rise, cv)
+    recoveries = [] if args.runs_recovery == 0 else recovery_table(
+        pool, tau, probe_counts, args.runs_recovery, args.events, args.decline_event, args.warmup_events, args.seed,
+        specs, args.rise, cv)
+    print(f"\n{markdown(rows)}\n")
+    if recoveries:
+        print(f"Dips that recover (share of runs stopped; every stop loses the recovery):\n\n"
+              f"{recovery_markdown(recoveries)}\n")
+    print(f"({time.perf_counter() - start:.0f}s)")
+    out = {"tau": tau, "cv": cv, "flat_accuracy": p0, "calibration": info, "rows": rows, "recoveries": recoveries,
+           "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -24,7 +24,8 @@ from .callback_options import (
     validate_arguments,
     warn_about_training_arguments,
 )
-from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, ProbeEvent
+from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS, ProbeEvent
+from .consumed import ConsumedData, read_audit_categories
 from .distributed import broadcast_from_main, plan_probes
 from .encoding import ALL_VARIANTS
 from .engines.base import device_of
@@ -114,6 +115,9 @@ class ContextRelianceCallback(TrainerCallback):
         min_decline: ``significant_decline``: smallest decline that may stop, in the metric's units (default 0.02,
             2 points of accuracy: the test guards against noise, this against real but negligible declines).
         alpha: ``significant_decline``: false-stop level for the run (default 0.05).
+        sustained_events: ``significant_decline``: stop only once the decline has qualified (at least
+            ``min_decline``, significant) at this many consecutive probe events, so a dip that recovers does not stop
+            the run (default 1: the first qualifying event; measured choices: ``docs/stopping.md``).
         divergence_threshold: Stop once the monitored metric is this far (metric units) below its value at the
             peak event; ``None`` (default): no such rule. Lightning's name.
         stopping_threshold: Stop once the monitored metric is below this absolute floor (above it for a metric
@@ -126,55 +130,44 @@ class ContextRelianceCallback(TrainerCallback):
             probability ``p_cf / (p_cf + p_par)`` lies within the band (not at the ceiling or the floor, where a
             probe cannot show a decline or is not following the context anyway); reported per family and kept on
             resume like ``known_only`` (applied after it). Log-likelihood mode only. ``None`` (default): all.
-        save_peak_checkpoint: Save a checkpoint (``checkpoint-{step}``) at each new peak, and protect the peak
-            checkpoint from ``save_total_limit`` rotation. ``output_dir`` must then be writable: this is checked at
-            train begin (a :class:`~ctx_callback.errors.ConfigurationError` before the first step, not a crash at the
-            first save). A peak save that fails later (disk full, permission denied) does not stop training: see
-            "Saving the peak checkpoint" below.
-        restore_peak_at_end: Load the peak's weights back into the model at train end (full models and PEFT
-            adapters). Requires ``save_peak_checkpoint``. A peak after step 0 is loaded from its checkpoint; the
-            baseline (step 0) from an in-memory CPU copy of the trainable parameters taken at train begin (its memory
-            cost, and FSDP / ZeRO-3, where none is taken: :mod:`ctx_callback.peak_checkpoint`). The summary's
-            ``restored_from`` says which.
+        save_peak_checkpoint: Save a checkpoint (``checkpoint-{step}``) at each new peak, protected from
+            ``save_total_limit`` rotation; ``output_dir`` must be writable (checked at train begin). A save that fails
+            later is a warning, never a failed run (:mod:`ctx_callback.peak_checkpoint`).
+        restore_peak_at_end: Load the peak's weights back at train end (full models and PEFT adapters; needs
+            ``save_peak_checkpoint``): from its checkpoint, or for step 0 from a CPU copy taken at train begin (memory,
+            FSDP / ZeRO-3: :mod:`ctx_callback.peak_checkpoint`). The summary's ``restored_from`` says which.
+        keep_best: Keep training, keep the best: never stop, save a checkpoint at each new peak and restore the peak
+            at the end (``save_peak_checkpoint=True`` and ``restore_peak_at_end=True`` in one argument; a stop rule
+            with it is refused). When to prefer it to stopping: ``docs/stopping.md``.
         strict: Re-raise a failed probe round instead of logging it and continuing.
-        plot: Write ``ctx_reliance.png`` (the reliance curve) into ``output_dir`` at train end (needs matplotlib).
-            The summary (``ctx_reliance_summary.json``) and the plot never fail a finished run: if ``output_dir``
-            cannot be written, a warning names the file and the error and ``train()`` returns normally.
+        plot: Write ``ctx_reliance.png`` (the reliance curve) into ``output_dir`` at train end (needs matplotlib); the
+            summary and the plot never fail a finished run (a warning names the file and the error).
         max_batch_tokens: Padded tokens per probe forward pass.
         max_batch_size: Rows per probe forward pass.
         max_new_tokens: Generation mode: tokens per answer.
         engine: Scoring engine (``"auto"``: ``"prefix"`` where the model supports it; ``"batched"``, ``"simple"``).
-        probe_dtype: Precision of the probe forward passes. ``None`` (default): the dtype the training step uses
-            (the model as given, under the Trainer's autocast with ``bf16=True``/``fp16=True``): today's behaviour.
-            ``"bfloat16"``: probe under ``torch.autocast(<device type>, dtype=torch.bfloat16)``, the weights
-            untouched (training is bit-identical either way); about 2x cheaper rounds for fp32 training on hardware
-            with native bf16 (3-4x dearer without it: a warning says so, once), with log-likelihoods within the
-            tolerance ``docs/performance.md`` documents. ``"float16"``: the
-            same in float16, CUDA only (a :class:`~ctx_callback.errors.ConfigurationError` at construction without
-            CUDA, and at train begin when the model is not on a CUDA device). Under the Trainer's own mixed
-            precision its autocast (entered inside the model's forward) takes precedence.
-        controls_every: Score the control variants (``"closed_book"``, ``"aligned"``) on every K-th probe event only
-            (default 1: every event); the ``"context"`` variant, which the peak and stop decisions read, is scored
-            at every event, the controls at events 0 (the baseline), K, 2K, ... (how the events are counted, also on
-            resume: :mod:`ctx_callback.probe_round`); a round without them logs no control metric (rather than NaN).
-            With ``controls_every > 1``, ``monitor`` (and the Trainer's ``metric_for_best_model``, checked at train
-            begin) must not name a metric that needs a control variant.
+        probe_dtype: Precision of the probe forward passes. ``None`` (default): the dtype the training step uses.
+            ``"bfloat16"`` / ``"float16"`` (CUDA only): probe under ``torch.autocast`` in that dtype, the weights
+            untouched (training is bit-identical either way); cost, accuracy and hardware: ``docs/performance.md``.
+        controls_every: Score the control variants (``"closed_book"``, ``"aligned"``) at events 0, K, 2K, ... only
+            (default 1: every event; counting, also on resume: :mod:`ctx_callback.probe_round`); the ``"context"``
+            variant, which the decisions read, at every event. ``monitor`` and the Trainer's ``metric_for_best_model``
+            must then not need a control variant.
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
-        on_probe_set_change: What a resumed run does when the checkpoint was probed with another probe set than
-            this callback's (other probe ids, texts or order, another ``limit_per_family``; compared by the digest in
-            the checkpoint's ``trainer_state.json``). ``"error"`` (default): refuse at train begin, before any step,
-            with a :class:`~ctx_callback.errors.ConfigurationError` naming both probe sets' sizes and digests: a
-            peak, patience and paired test measured on one probe set cannot be compared with values on another.
-            ``"new_curve"``: start a new reliance curve at the resumed step, with a warning; the old curve's
-            decision state is forgotten (what exactly: :mod:`ctx_callback.resume`), and the summary's
-            ``curve_start_step`` says where the new curve began.
+        on_probe_set_change: A resumed run whose checkpoint was probed with another probe set (compared by digest):
+            ``"error"`` (default) refuses at train begin, before any step, with a
+            :class:`~ctx_callback.errors.ConfigurationError` naming both probe sets; ``"new_curve"`` starts a new
+            reliance curve at the resumed step, with a warning (what is forgotten: :mod:`ctx_callback.resume`; the
+            summary's ``curve_start_step`` says where it began).
+        audit: An audit of the training dataset (an ``AuditResult`` or the JSONL ``ctx-callback audit --out`` writes):
+            every event then logs the share of each category among the examples consumed since the previous event
+            (``ctx_reliance/consumed/*``), where the sampler can be followed (:mod:`ctx_callback.consumed`).
 
-    More on the behaviour: how sure a stop is, and a stop rule firing on the baseline (refused before any step) in
-    :mod:`ctx_callback.stopping`; fresh and resumed runs in :mod:`ctx_callback.resume`; the peak checkpoint (a failed
-    save is a warning, never a failed run) in :mod:`ctx_callback.peak_checkpoint`; faults during a probe round (never
-    fatal unless ``strict=True``) in :mod:`ctx_callback.probe_round`; the summary in :mod:`ctx_callback.reporting`;
-    the probes ``significant_decline`` needs in :func:`ctx_callback.callback_options.check_significant_probe_count`.
+    More: how sure a stop is, a stop rule firing on the baseline (:mod:`ctx_callback.stopping`); resumed runs
+    (:mod:`ctx_callback.resume`); a failed peak save, never a failed run (:mod:`ctx_callback.peak_checkpoint`); faults
+    in a probe round (:mod:`ctx_callback.probe_round`); the summary (:mod:`ctx_callback.reporting`); the probes
+    ``significant_decline`` needs (:func:`ctx_callback.callback_options.check_significant_probe_count`).
 
     Raises:
         ConfigurationError: On any invalid argument, at construction (a ``ValueError``; probe files are loaded and
@@ -215,12 +208,14 @@ class ContextRelianceCallback(TrainerCallback):
         stop_rule: str | None = None,
         min_decline: float = DEFAULT_MIN_DECLINE,
         alpha: float = DEFAULT_ALPHA,
+        sustained_events: int = DEFAULT_SUSTAINED_EVENTS,
         divergence_threshold: float | None = None,
         stopping_threshold: float | None = None,
         probe_log: bool = True,
         informative_band: tuple[float, float] | None = None,
         save_peak_checkpoint: bool = False,
         restore_peak_at_end: bool = False,
+        keep_best: bool = False,
         strict: bool = False,
         plot: bool = False,
         max_batch_tokens: int = 8192,
@@ -231,6 +226,7 @@ class ContextRelianceCallback(TrainerCallback):
         controls_every: int = 1,
         verbose: bool = True,
         on_probe_set_change: str = "error",
+        audit: Any = None,
     ) -> None:
         options = validate_arguments({name: value for name, value in locals().items() if name != "self"})
         self.monitor = options.monitor
@@ -244,9 +240,10 @@ class ContextRelianceCallback(TrainerCallback):
         self.eval_steps, self.probe_on, self.probe_at_start, self.probe_at_end = eval_steps, probe_on, \
             probe_at_start, probe_at_end
         self.known_only, self.stop_rule, self.alpha, self.controls_every = known_only, stop_rule, alpha, controls_every
-        self.save_peak_checkpoint, self.restore_peak_at_end = save_peak_checkpoint, restore_peak_at_end
+        self.save_peak_checkpoint, self.restore_peak_at_end = options.save_peak_checkpoint, options.restore_peak_at_end
         self.strict, self.plot, self.verbose, self.probe_log = strict, plot, verbose, probe_log
         self.on_probe_set_change = on_probe_set_change
+        self.consumed = None if audit is None else ConsumedData(read_audit_categories(audit))
         self._scorer_kwargs = dict(mode=mode, variants=tuple(variants), engine=engine, max_new_tokens=max_new_tokens,
                                    max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
                                    system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs,
@@ -329,6 +326,7 @@ class ContextRelianceCallback(TrainerCallback):
         decision = broadcast_from_main(decision, plan)
         flips = self.reports.flip_counts(preferred, decision.peak.is_new_peak)
         row = event_row(metrics, result, self.probes, self.monitor, decision, flips, value, step)
+        row.update(self.consumed.row(self.last_probe_step, step) if self.consumed else {})
         self.row_logger.log(row, control)
         # What on_evaluate hands to metric_for_best_model: NaN for a flagged round, so it is never the Trainer's best.
         self.latest_metrics = {k: math.nan for k in metrics} if nonfinite else metrics
@@ -383,6 +381,8 @@ class ContextRelianceCallback(TrainerCallback):
         if self.probe_log and args.output_dir and state.is_world_process_zero:
             ProbeReports.prepare_probe_log(args.output_dir, state.global_step)
         self.selection.select(model, self.scorer)
+        if self.consumed is not None:
+            self.consumed.follow(self.trainer, kwargs.get("train_dataloader"))
         if self.stop_rule == "significant_decline" and self.active_indices is not None:  # checked unselected before
             check_significant_probe_count(self.selection.monitored_count(self.monitor_family, self.active_indices),
                                           "at train begin after the known_only / informative_band selection",

@@ -63,6 +63,8 @@ class CallbackOptions:
         probes: The loaded probes (``limit_per_family`` applied).
         probe_set_sha1: Their digest (:func:`probe_set_digest`).
         decider: The stop decider of the peak and stop options.
+        save_peak_checkpoint: Save a checkpoint at each new peak (``save_peak_checkpoint`` or ``keep_best``).
+        restore_peak_at_end: Restore the peak at train end (``restore_peak_at_end`` or ``keep_best``).
     """
 
     monitor: Monitor
@@ -71,6 +73,8 @@ class CallbackOptions:
     probes: list[Probe]
     probe_set_sha1: str
     decider: StopDecider
+    save_peak_checkpoint: bool = False
+    restore_peak_at_end: bool = False
 
 
 def probe_set_digest(probes: Sequence[Probe]) -> str:
@@ -111,13 +115,31 @@ def _check_plain(a: dict[str, Any]) -> None:
         raise ConfigurationError(f"probe_on must be one of {list(PROBE_ON)}, got {a['probe_on']!r}.")
     if a["mode"] not in ("loglik", "generate"):
         raise ConfigurationError(f"mode must be 'loglik' or 'generate', got {a['mode']!r}.")
-    if a["restore_peak_at_end"] and not a["save_peak_checkpoint"]:
+    _check_keep_best(a)
+    if a["restore_peak_at_end"] and not a["save_peak_checkpoint"] and not a["keep_best"]:
         raise ConfigurationError(
             "restore_peak_at_end=True needs save_peak_checkpoint=True (the peak weights are restored from the "
             "peak checkpoint)."
         )
     if a["known_only"] and "closed_book" not in a["variants"]:
         raise ConfigurationError("known_only=True needs the 'closed_book' variant in variants=.")
+
+
+def _check_keep_best(a: dict[str, Any]) -> None:
+    """``keep_best`` is a bool, and never combined with a stop rule (it means: never stop)."""
+    if not isinstance(a["keep_best"], bool):
+        raise ConfigurationError(f"keep_best must be True or False, got {a['keep_best']!r}.")
+    if not a["keep_best"]:
+        return
+    rules = {name: a[name] for name in ("patience", "stop_rule", "divergence_threshold", "stopping_threshold")
+             if a[name] is not None}
+    if rules:
+        given = ", ".join(f"{name}={value!r}" for name, value in rules.items())
+        raise ConfigurationError(
+            f"keep_best=True means: never stop, save each new peak, restore the best at the end; but a stop rule is "
+            f"set too ({given}). Remove the stop rule to keep training and keep the best, or keep the rule and use "
+            "save_peak_checkpoint=True, restore_peak_at_end=True instead of keep_best to stop and restore the peak."
+        )
 
 
 def _parse_monitor(a: dict[str, Any]) -> tuple[Monitor, str | None]:
@@ -155,7 +177,7 @@ def _build_decider(a: dict[str, Any], monitor: Monitor) -> StopDecider:
         )
     return StopDecider.from_options(
         patience=a["patience"], ema_alpha=a["ema_alpha"], min_delta=a["min_delta"], warmup=a["warmup_steps"],
-        stop_rule=stop_rule, min_decline=a["min_decline"], alpha=a["alpha"],
+        stop_rule=stop_rule, min_decline=a["min_decline"], alpha=a["alpha"], sustained_events=a["sustained_events"],
         divergence_threshold=a["divergence_threshold"], stopping_threshold=a["stopping_threshold"],
         greater_is_better=monitor.greater_is_better, smoothing=a["smoothing"], window=a["smoothing_window"],
         metric=monitor.key, confidence=CONFIDENCE,
@@ -261,7 +283,10 @@ def validate_arguments(arguments: dict[str, Any]) -> CallbackOptions:
         count = sum(1 for p in probes if monitor.family in (None, p.family))
         check_significant_probe_count(count, "at construction", monitor, a["alpha"],
                                       warn=not a["known_only"] and a["informative_band"] is None)
-    return CallbackOptions(monitor, probe_dtype, band, probes, probe_set_digest(probes), decider)
+    keep_best = a["keep_best"]
+    return CallbackOptions(monitor, probe_dtype, band, probes, probe_set_digest(probes), decider,
+                           save_peak_checkpoint=bool(a["save_peak_checkpoint"] or keep_best),
+                           restore_peak_at_end=bool(a["restore_peak_at_end"] or keep_best))
 
 
 def check_best_metric(metric_for_best_model: str | None, controls_every: int) -> None:

@@ -17,7 +17,8 @@ The rules (:func:`make_stop_rules` builds them from the callback's options):
 - ``significant_decline`` (:class:`SignificantDeclineRule`): stop when the metric is at least ``min_decline``
   below its value at the peak event *and* a paired test on the same probes (exact McNemar for binary outcomes, the
   paired t-test otherwise) rejects "no change" at level ``alpha``, corrected for the number of events compared
-  (:data:`CORRECTIONS`).
+  (:data:`CORRECTIONS`); with ``sustained_events=k``, only once that has held at k consecutive events (a dip that
+  recovers does not stop; every stop is still a stop of the ``k = 1`` rule, so its false-stop control is kept).
 - ``divergence_threshold`` (:class:`DivergenceRule`): stop once the metric is this far below its peak value.
 - ``stopping_threshold`` (:class:`StoppingThresholdRule`): stop once the metric is below this absolute floor
   (above it for metrics where lower is better).
@@ -45,6 +46,7 @@ __all__ = [
     "CORRECTIONS",
     "DEFAULT_ALPHA",
     "DEFAULT_MIN_DECLINE",
+    "DEFAULT_SUSTAINED_EVENTS",
     "STOP_RULES",
     "Comparison",
     "DivergenceRule",
@@ -75,6 +77,8 @@ DEFAULT_MIN_DECLINE = 0.02
 #: is corrected (:data:`CORRECTIONS`): without a correction, comparing each event with a peak *selected* as the best
 #: of the events so far, again at every event, stopped 20-48% of flat simulated runs at a nominal 0.05.
 DEFAULT_ALPHA = 0.05
+#: Default ``sustained_events`` of ``significant_decline``: consecutive events at which the decline must qualify.
+DEFAULT_SUSTAINED_EVENTS = 1
 #: Multiple-comparison corrections of ``significant_decline``. ``"pairs"`` (default): at the t-th valid event the
 #: test's p-value is compared with ``alpha / (t (t - 1) / 2)``, a Bonferroni correction over every pair of the events
 #: so far (the peak is one of the t - 1 earlier events, chosen because it was high, and the rule looks once per
@@ -141,6 +145,9 @@ class RuleInput:
         peak_event: The event at the peak of the smoothed metric (``None`` before the first valid event).
         comparison: ``event`` compared with ``peak_event`` (:func:`compare_events`); ``None`` for a NaN event.
         num_valid_events: Events with a value since the last reset, this one included.
+        since_peak: The valid events after the peak event and before this one, oldest first (at most the
+            :attr:`StopRule.events_needed` of the rules, minus one): each as ``(comparison with the peak event,
+            num_valid_events then)``. Empty at a new peak.
     """
 
     event: ProbeEvent
@@ -148,6 +155,7 @@ class RuleInput:
     peak_event: ProbeEvent | None
     comparison: Comparison | None
     num_valid_events: int
+    since_peak: tuple[tuple[Comparison, int], ...] = ()
 
 
 class StopRule(ABC):
@@ -181,6 +189,12 @@ class StopRule(ABC):
     def own_patience(self) -> int | None:
         """The patience of the peak tracker this rule needs when used on its own (``None``: it never stops by it)."""
         return None
+
+    @property
+    def events_needed(self) -> int:
+        """How many of the latest valid events (this one included) the rule reads: the decider keeps the comparisons
+        of that many (:attr:`RuleInput.since_peak`) and, for a resume, their per-probe outcomes."""
+        return 1
 
     def reset(self) -> None:
         """Forget every event fed through :meth:`update` (a fresh run, or before replaying events on resume)."""
@@ -246,17 +260,32 @@ class SignificantDeclineRule(_PeakRule):
         min_decline: Smallest decline, in the metric's units, that may stop (default :data:`DEFAULT_MIN_DECLINE`).
         alpha: Significance level of the two-sided paired test over the run (default :data:`DEFAULT_ALPHA`).
         correction: ``"pairs"`` (default) or ``"none"``, see :data:`CORRECTIONS`.
+        sustained_events: Consecutive valid events after the peak event at which the decline must qualify
+            (:meth:`qualifies`) before the rule stops (default :data:`DEFAULT_SUSTAINED_EVENTS`). A stop at k > 1 is
+            also a stop of the k = 1 rule (at this event or earlier), so the false-stop rate can only fall.
         **kwargs: Smoothing of the peak and ``warmup``, as :func:`make_stop_rules`.
     """
 
     name = "significant_decline"
 
     def __init__(self, *, min_decline: float = DEFAULT_MIN_DECLINE, alpha: float = DEFAULT_ALPHA,
-                 correction: str = "pairs", **kwargs: Any) -> None:
+                 correction: str = "pairs", sustained_events: int = DEFAULT_SUSTAINED_EVENTS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.min_decline = float(min_decline)
         self.alpha = float(alpha)
         self.correction = correction
+        self.sustained_events = int(sustained_events)
+
+    @property
+    def events_needed(self) -> int:
+        return self.sustained_events
+
+    def qualifies(self, comparison: Comparison, num_valid_events: int) -> bool:
+        """Whether one comparison with the peak event is a decline of at least ``min_decline`` that the paired test
+        finds significant at the level of the ``num_valid_events``-th event."""
+        p = comparison.p_value
+        return (p is not None and comparison.decline >= self.min_decline and comparison.decline > 0
+                and p < self.level(num_valid_events))
 
     def level(self, num_valid_events: int | None = None) -> float:
         """The per-look significance level at the ``num_valid_events``-th valid event (``alpha`` after the
@@ -276,11 +305,21 @@ class SignificantDeclineRule(_PeakRule):
         detail = (f"{_interval_text(comparison, self.confidence)}; paired {test} p = {p:.3g} "
                   f"({comparison.lost} probes worse, {comparison.gained} better)")
         level = self.level(seen.num_valid_events)
-        stop = comparison.decline >= self.min_decline and comparison.decline > 0 and p < level
+        qualifies = self.qualifies(comparison, seen.num_valid_events)
         corrected = ("" if level == self.alpha
                      else f" (alpha {self.alpha:g} corrected for {seen.num_valid_events} events)")
-        verdict = (f": at least min_decline {self.min_decline:g} and p < {level:.3g}{corrected}" if stop
+        verdict = (f": at least min_decline {self.min_decline:g} and p < {level:.3g}{corrected}" if qualifies
                    else f"; stops at a decline >= {self.min_decline:g} with p < {level:.3g}{corrected}")
+        stop = qualifies
+        if qualifies and self.sustained_events > 1:
+            streak = 1  # this event, then the earlier ones since the peak, newest first, while they qualify
+            for earlier, count in reversed(seen.since_peak):
+                if streak == self.sustained_events or not self.qualifies(earlier, count):
+                    break
+                streak += 1
+            stop = streak >= self.sustained_events
+            verdict += (f", at {streak} consecutive events (sustained_events={self.sustained_events})" if stop else
+                        f", at {streak} of the sustained_events={self.sustained_events} consecutive events needed")
         return StopDecision(stop, self.name, head + detail + verdict, comparison.decline, comparison.interval, p)
 
 
@@ -367,6 +406,7 @@ def make_stop_rules(
     min_decline: float = DEFAULT_MIN_DECLINE,
     alpha: float = DEFAULT_ALPHA,
     correction: str = "pairs",
+    sustained_events: int = DEFAULT_SUSTAINED_EVENTS,
     divergence_threshold: float | None = None,
     stopping_threshold: float | None = None,
     greater_is_better: bool = True,
@@ -386,6 +426,9 @@ def make_stop_rules(
         min_decline: ``significant_decline``: smallest decline that may stop, metric units, >= 0.
         alpha: ``significant_decline``: level of the two-sided paired test over the run, in (0, 1).
         correction: ``significant_decline``: ``"pairs"`` (default) or ``"none"`` (:data:`CORRECTIONS`).
+        sustained_events: ``significant_decline``: stop only when the decline qualified (at least ``min_decline``,
+            significant at that event's corrected level) at this many consecutive valid events after the peak event
+            (an integer >= 1; 1: the first qualifying event stops).
         divergence_threshold: Stop once this far (metric units, > 0) below the peak event (:class:`DivergenceRule`).
         stopping_threshold: Stop once below this absolute value, above it when lower is better
             (:class:`StoppingThresholdRule`).
@@ -406,6 +449,10 @@ def make_stop_rules(
         raise ConfigurationError(f"stop_rule must be None or one of {list(STOP_RULES)}, got {stop_rule!r}.")
     if correction not in CORRECTIONS:
         raise ConfigurationError(f"correction must be one of {list(CORRECTIONS)}, got {correction!r}.")
+    if isinstance(sustained_events, bool) or not isinstance(sustained_events, int) or sustained_events < 1:
+        raise ConfigurationError(
+            f"sustained_events must be an integer >= 1 (consecutive probe events at which a significant decline "
+            f"must hold before significant_decline stops; 1 = the first one), got {sustained_events!r}.")
     min_decline = _check_number("min_decline", min_decline, low=0.0, allowed="a finite number >= 0 (metric units)")
     alpha = _check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True,
                           allowed="a number in (0, 1) (the significance level of the paired test)")
@@ -428,7 +475,8 @@ def make_stop_rules(
     if patience is not None:
         rules.append(PatienceRule(patience=patience, **extra))
     if stop_rule == "significant_decline":
-        rules.append(SignificantDeclineRule(min_decline=min_decline, alpha=alpha, correction=correction, **extra))
+        rules.append(SignificantDeclineRule(min_decline=min_decline, alpha=alpha, correction=correction,
+                                            sustained_events=sustained_events, **extra))
     if divergence_threshold is not None:
         rules.append(DivergenceRule(threshold=divergence_threshold, **extra))
     if stopping_threshold is not None:

@@ -166,7 +166,8 @@ def current_state(*, num_probes: int, sha1: str, curve_start_step: int | None, s
     peak, previous = decider.peak_event, decider.previous_event
     paired = None if peak is None else PairedEvents(
         selection.ids_digest(), KeptEvent(peak.step, peak.outcomes, reports.peak_preferred),
-        None if previous is None else KeptEvent(previous.step, previous.outcomes, reports.previous_preferred))
+        None if previous is None else KeptEvent(previous.step, previous.outcomes, reports.previous_preferred),
+        tuple(KeptEvent(e.step, e.outcomes) for e in decider.recent_events) if decider.events_needed > 1 else ())
     band = selection.informative_band
     return ResumeState(
         num_probes=num_probes, probe_set_sha1=sha1, curve_start_step=curve_start_step,

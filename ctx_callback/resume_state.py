@@ -100,29 +100,37 @@ class KeptEvent:
 
 @dataclass(frozen=True)
 class PairedEvents:
-    """The peak and previous events' per-probe records, for the probes whose ids hash to ``probes_sha1``."""
+    """The peak and previous events' per-probe records, for the probes whose ids hash to ``probes_sha1``; with
+    ``significant_decline(sustained_events=k)``, k > 1, also the outcomes of the latest k valid events (``recent``,
+    oldest first; written only then, so the default layout is unchanged), from which a resume recomputes the streak."""
 
     probes_sha1: str
     peak: KeptEvent | None
     previous: KeptEvent | None
+    recent: tuple[KeptEvent, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"probes_sha1": self.probes_sha1, "peak": None if self.peak is None else self.peak.to_dict(),
-                "previous": None if self.previous is None else self.previous.to_dict()}
+        out = {"probes_sha1": self.probes_sha1, "peak": None if self.peak is None else self.peak.to_dict(),
+               "previous": None if self.previous is None else self.previous.to_dict()}
+        if self.recent:
+            out["recent"] = [event.to_dict() for event in self.recent]
+        return out
 
     @classmethod
     def from_dict(cls, entry: Any, binary: bool = False) -> PairedEvents | None:
         if not isinstance(entry, dict):
             return None
+        recent = [KeptEvent.from_dict(item, binary) for item in entry.get("recent") or ()]
         return cls(str(entry.get("probes_sha1")), KeptEvent.from_dict(entry.get("peak"), binary),
-                   KeptEvent.from_dict(entry.get("previous"), binary))
+                   KeptEvent.from_dict(entry.get("previous"), binary),
+                   tuple(event for event in recent if event is not None))
 
     def by_step(self, probes_sha1: str) -> dict[int, KeptEvent]:
         """The kept events by step, when they were kept for the probes ``probes_sha1`` (else empty). The peak wins
-        when both are the same step."""
+        over the previous event, which wins over a recent one, when they are the same step."""
         if self.probes_sha1 != probes_sha1:
             return {}
-        return {event.step: event for event in (self.previous, self.peak) if event is not None}
+        return {event.step: event for event in (*self.recent, self.previous, self.peak) if event is not None}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ Where a change goes: a new stop criterion is a :class:`~ctx_callback.decisions.S
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -94,6 +95,8 @@ class StopDecider:
         self.tracker = PeakTracker(mode="max" if greater_is_better else "min", smoothing=smoothing,
                                    ema_alpha=ema_alpha, window=window, min_delta=min_delta, patience=patience,
                                    warmup_steps=warmup)
+        #: How many of the latest valid events the rules read (:attr:`~ctx_callback.decisions.StopRule.events_needed`).
+        self.events_needed = max((rule.events_needed for rule in self.rules), default=1)
         self.reset()
 
     @classmethod
@@ -101,8 +104,8 @@ class StopDecider:
                      warmup: int = 0, greater_is_better: bool = True, smoothing: str = "ema", window: int = 3,
                      confidence: float = 0.95, **rule_options: Any) -> StopDecider:
         """The decider of the callback's options: the rules :func:`~ctx_callback.decisions.make_stop_rules` builds
-        (``rule_options``: ``stop_rule``, ``min_decline``, ``alpha``, ``divergence_threshold``,
-        ``stopping_threshold``, ``metric``), sharing one peak tracker.
+        (``rule_options``: ``stop_rule``, ``min_decline``, ``alpha``, ``sustained_events``,
+        ``divergence_threshold``, ``stopping_threshold``, ``metric``), sharing one peak tracker.
 
         Raises:
             ConfigurationError: A bad value, naming the argument, the value and what is allowed.
@@ -119,6 +122,10 @@ class StopDecider:
         #: The event at the peak of the smoothed metric, and the last event with a value.
         self.peak_event: ProbeEvent | None = None
         self.previous_event: ProbeEvent | None = None
+        #: The latest valid events (at most :attr:`events_needed`, oldest first; the last is ``previous_event``), and
+        #: the comparisons with the peak event of those after it, each with its valid-event count.
+        self.recent_events: deque[ProbeEvent] = deque(maxlen=self.events_needed)
+        self.since_peak: deque[tuple[Comparison, int]] = deque(maxlen=max(self.events_needed - 1, 0))
         #: Events with a value (NaN events excluded) since the last reset.
         self.num_valid_events = 0
 
@@ -136,10 +143,15 @@ class StopDecider:
                 self.peak_event = event
             assert self.peak_event is not None
             comparison = compare_events(self.peak_event, event, self.greater_is_better, self.confidence)
-        seen = RuleInput(event, peak, self.peak_event, comparison, self.num_valid_events)
+            if peak.is_new_peak:
+                self.since_peak.clear()
+        seen = RuleInput(event, peak, self.peak_event, comparison, self.num_valid_events, tuple(self.since_peak))
         decisions = tuple(rule.check(seen) for rule in self.rules)
         if comparison is not None:
             self.previous_event = event
+            self.recent_events.append(event)
+            if not peak.is_new_peak and self.since_peak.maxlen:
+                self.since_peak.append((comparison, self.num_valid_events))
         stop = next((d for d in decisions if d.stop), None)
         verdict = replace(peak, should_stop=stop is not None, reason=None if stop is None else stop.message)
         return RoundDecision(verdict, None if stop is None else stop.rule, comparison, decisions)

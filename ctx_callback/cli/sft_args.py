@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE
+from ..decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS
 from ..encoding import ALL_VARIANTS
 from ..errors import UsageError
 
@@ -75,6 +75,8 @@ class ContextRelianceArguments:
                                               "peak")
     ctx_min_decline: float = _option(DEFAULT_MIN_DECLINE, "significant_decline: smallest decline that may stop")
     ctx_alpha: float = _option(DEFAULT_ALPHA, "significant_decline: false-stop level for the run")
+    ctx_sustained_events: int = _option(DEFAULT_SUSTAINED_EVENTS, "significant_decline: consecutive probe events the "
+                                        "decline must hold at before stopping")
     ctx_divergence_threshold: float | None = _option(None, "stop once the monitor is this far below its peak value")
     ctx_stopping_threshold: float | None = _option(None, "stop once the monitor is below this absolute floor")
     ctx_probe_log: bool = _option(True, "append every probe's outcome to output_dir/ctx_reliance_probes.jsonl")
@@ -84,6 +86,8 @@ class ContextRelianceArguments:
                                                     "save_total_limit rotation")
     ctx_restore_peak_at_end: bool = _option(False, "load the peak's weights back at train end (before TRL saves the "
                                                    "final model); needs ctx_save_peak_checkpoint")
+    ctx_keep_best: bool = _option(False, "keep training, keep the best: never stop, save each new peak, restore the "
+                                  "best at train end")
     ctx_strict: bool = _option(False, "re-raise a failed probe round instead of logging it")
     ctx_plot: bool = _option(False, "write output_dir/ctx_reliance.png at train end (needs matplotlib)")
     ctx_max_batch_tokens: int = _option(8192, "padded tokens per probe forward pass")
@@ -95,6 +99,8 @@ class ContextRelianceArguments:
     ctx_controls_every: int = _option(1, "score the closed_book/aligned variants on every K-th probe event only")
     ctx_verbose: bool = _option(True, "print the stop message and the train-end summary")
     ctx_on_probe_set_change: str = _option("error", "on resume with another probe set: 'error' or 'new_curve'")
+    ctx_audit: str | None = _option(None, "the training data's audit (`ctx-callback audit --out FILE`): log the share "
+                                    "of each category consumed between probe events")
 
     def callback_kwargs(self) -> dict[str, Any]:
         """The callback's keyword arguments: each field's value under its name without ``ctx_``.

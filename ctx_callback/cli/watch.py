@@ -76,6 +76,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--stop-rule", default=None, choices=("significant_decline",), help="a paired-test stop rule")
     g.add_argument("--min-decline", type=float, default=None, help="significant_decline: smallest decline")
     g.add_argument("--alpha", type=float, default=None, help="significant_decline: false-stop level")
+    g.add_argument("--sustained-events", type=int, default=None,
+                   help="significant_decline: consecutive checkpoints the decline must hold at before stopping "
+                        "(default 1)")
     g.add_argument("--divergence-threshold", type=float, default=None, help="stop this far below the peak")
     g.add_argument("--stopping-threshold", type=float, default=None, help="stop below this absolute floor")
     g.add_argument("--controls-every", type=int, default=1, help="score the control variants every K-th event")
@@ -119,8 +122,9 @@ def _options(args: argparse.Namespace) -> Any:
     given = {name: getattr(args, name) for name in ("probes", "limit_per_family", "prompt_format", "system_prompt",
                                                     "mode", "monitor", "greater_is_better", "smoothing", "ema_alpha",
                                                     "smoothing_window", "min_delta", "patience", "warmup_steps",
-                                                    "stop_rule", "min_decline", "alpha", "divergence_threshold",
-                                                    "stopping_threshold", "controls_every", "probe_dtype")}
+                                                    "stop_rule", "min_decline", "alpha", "sustained_events",
+                                                    "divergence_threshold", "stopping_threshold", "controls_every",
+                                                    "probe_dtype")}
     arguments.update({k: v for k, v in given.items() if v is not None or k in ("monitor", "greater_is_better")})
     arguments.update(trainer=None, variants=tuple(args.variants), probe_log=False)
     return validate_arguments(arguments), arguments
@@ -129,8 +133,11 @@ def _options(args: argparse.Namespace) -> Any:
 def _settings(args: argparse.Namespace, arguments: dict[str, Any], options: Any) -> dict[str, Any]:
     keys = ("limit_per_family", "prompt_format", "system_prompt", "mode", "variants", "monitor", "greater_is_better",
             "smoothing", "ema_alpha", "smoothing_window", "min_delta", "patience", "warmup_steps", "stop_rule",
-            "min_decline", "alpha", "divergence_threshold", "stopping_threshold", "controls_every", "probe_dtype")
+            "min_decline", "alpha", "sustained_events", "divergence_threshold", "stopping_threshold", "controls_every",
+            "probe_dtype")
     settings = {k: arguments[k] for k in keys}
+    if settings["sustained_events"] == 1:  # the default, as before the option existed: older state files still match
+        del settings["sustained_events"]
     settings.update(probe_set_sha1=options.probe_set_sha1, dtype=args.dtype, baseline=args.baseline,
                     monitor_key=options.monitor.key)
     return settings

@@ -73,6 +73,8 @@ class ContextRelianceArgs(BaseModel):
     ctx_reliance_stop_rule: str | None = _strict(None, "None or 'significant_decline'.")
     ctx_reliance_min_decline: float = _strict(0.02, "significant_decline: smallest decline that may stop.")
     ctx_reliance_alpha: float = _strict(0.05, "significant_decline: false-stop level for the run.")
+    ctx_reliance_sustained_events: int = _strict(
+        1, "significant_decline: consecutive probe events the decline must hold at before stopping.")
     ctx_reliance_divergence_threshold: float | None = _strict(None, "Stop this far below the peak.")
     ctx_reliance_stopping_threshold: float | None = _strict(None, "Stop below this absolute floor.")
     ctx_reliance_probe_log: bool = _strict(True, "Write output_dir/ctx_reliance_probes.jsonl.")
@@ -80,6 +82,8 @@ class ContextRelianceArgs(BaseModel):
         default=None, description="[low, high]: keep probes whose baseline probability lies in the band.")
     ctx_reliance_save_peak_checkpoint: bool = _strict(False, "Save checkpoint-{step} at each new peak.")
     ctx_reliance_restore_peak_at_end: bool = _strict(False, "Load the peak weights back at train end.")
+    ctx_reliance_keep_best: bool = _strict(
+        False, "Keep training, keep the best: never stop, save each new peak, restore the best at the end.")
     ctx_reliance_strict: bool = _strict(False, "Re-raise a failed probe round.")
     ctx_reliance_plot: bool = _strict(False, "Write output_dir/ctx_reliance.png at train end (matplotlib).")
     ctx_reliance_max_batch_tokens: int = _strict(8192, "Padded tokens per probe forward pass.")
@@ -90,6 +94,8 @@ class ContextRelianceArgs(BaseModel):
     ctx_reliance_controls_every: int = _strict(1, "Score the control variants every K-th probe event.")
     ctx_reliance_verbose: bool = _strict(True, "Print the stop message and the summary.")
     ctx_reliance_on_probe_set_change: str = _strict("error", "On resume with other probes: 'error' or 'new_curve'.")
+    ctx_reliance_audit: str | None = _strict(
+        None, "The training data's audit JSONL: log the share of each category consumed between probe events.")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,145 @@
+"""Mixture scenarios beyond the two-phase demo: interleaved mixtures, a recovery, a flat run.
+
+Each scenario is a training mixture built from the training half of the built-in suites, as
+``examples/finetune_smollm2.py`` builds its demo (same facts, same row makers), consumed in order
+(``train_sampling_strategy="sequential"``), so row ``i`` is trained on at step ``i // batch_size + 1``:
+
+- ``interleaved_q010``, ``interleaved_q025``, ``interleaved_q050``: every row is context-critical (the context
+  states a counterfactual fact, the answer is the context's) with probability q, otherwise memory-heavy (the answer
+  is the known fact; the context agrees with it, is an unrelated passage, or is absent, in turn), shuffled through
+  the whole run; 60 steps;
+- ``recovery``: 20 steps context-critical, 30 steps memory-heavy, 30 steps context-critical again; 80 steps;
+- ``flat``: context-critical rows only (q = 1): nothing in the data pushes towards memory; 60 steps.
+
+``run NAME`` trains the scenario observe-only with the example (SmolLM2-135M-Instruct, fp32, lr 5e-5 constant,
+batch 8, the callback's 90 probes every 10 steps, a weights-only checkpoint every 10 steps), then scores every
+checkpoint as ``benchmarks/monitor_choice.py`` does: the monitor probes' per-probe margins (log-likelihood) and the
+held-out generation reference (``ctx-callback scan --mode generate``, probes the monitor never sees), and removes the
+checkpoints' weights (the scores are kept; ``--keep-weights`` keeps them). It also writes ``rows.jsonl``: each
+training row's kind, which ``analyze`` turns into the share of non-context-critical rows consumed between events::
+
+    python benchmarks/mixture_scenarios.py run interleaved_q025 --root outputs/scenarios
+    python benchmarks/mixture_scenarios.py analyze --root outputs/scenarios --json scenarios.json
+
+``analyze`` replays the library's stop rules on every scenario's per-probe outcomes of the callback's 90 probes
+(the observe-only run trains exactly as a run with a rule would until that rule stops it) and reports, per scenario
+and rule, the stop step, the reference points lost against the reference's best checkpoint by the checkpoint the
+rule keeps, whether a recovery was lost, and which event each keeping policy picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import monitor_choice  # noqa: E402
+
+#: name -> (phases as (steps, q)), q = probability that a row is context-critical.
+SCENARIOS: dict[str, tuple[tuple[int, float], ...]] = {
+    "interleaved_q010": ((60, 0.10),),
+    "interleaved_q025": ((60, 0.25),),
+    "interleaved_q050": ((60, 0.50),),
+    "recovery": ((20, 1.0), (30, 0.0), (30, 1.0)),
+    "flat": ((60, 1.0),),
+}
+BATCH_SIZE = 8
+EVAL_STEPS = 10
+
+
+def build_rows(train_facts: list, phases: tuple[tuple[int, float], ...], batch_size: int = BATCH_SIZE,
+               seed: int = 0) -> list[dict]:
+    """The scenario's rows in training order: ``{"messages": ..., "kind": ...}``; kind is ``"context_critical"`` or
+    one of the memory-heavy kinds ``"aligned"``, ``"unrelated"``, ``"closed_book"``."""
+    example = monitor_choice._example_module()
+    rng = random.Random(seed)
+    facts = list(train_facts)
+    memory_kinds = ("aligned", "unrelated", "closed_book")
+    rows: list[dict] = []
+    memory_count = 0
+    for steps, q in phases:
+        for _ in range(steps * batch_size):
+            p = facts[rng.randrange(len(facts))]
+            if rng.random() < q:
+                rows.append({**example.chat(p.context, p.question, p.counterfactual_answer), "kind": "context_critical"})
+                continue
+            kind = memory_kinds[memory_count % 3]
+            memory_count += 1
+            if kind == "aligned":
+                context = p.aligned()
+            elif kind == "unrelated":
+                context = facts[(facts.index(p) + 7) % len(facts)].aligned()
+            else:
+                context = None
+            rows.append({**example.chat(context, p.question, p.parametric_answer), "kind": kind})
+    return rows
+
+
+def run(name: str, root: Path, keep_weights: bool = False) -> Path:
+    """Train scenario ``name`` observe-only, score its checkpoints, drop their weights (module docstring)."""
+    import datasets  # noqa: PLC0415
+
+    from ctx_callback import load_probes  # noqa: PLC0415
+    from ctx_callback.models import smollm2_path  # noqa: PLC0415
+
+    example = monitor_choice._example_module()
+    run_dir = root / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    phases = SCENARIOS[name]
+    steps = sum(s for s, _ in phases)
+    _probed, train_facts = example.split_probes(load_probes("all"))
+    rows = build_rows(train_facts, phases)
+    with (run_dir / "rows.jsonl").open("w", encoding="utf-8") as f:
+        for index, row in enumerate(rows):
+            f.write(json.dumps({"index": index, "kind": row["kind"]}) + "\n")
+    if not (run_dir / "ctx_reliance_summary.json").exists():
+        dataset = datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows])
+        example.main(["--no-stop", "--save-steps", str(EVAL_STEPS), "--max-steps", str(steps), "--seed", "0",
+                      "--report-to", "", "--output-dir", str(run_dir)], train_dataset=dataset)
+    monitor_choice.prepare(run_dir, str(smollm2_path()))
+    monitor_choice.score_monitor(run_dir)
+    subprocess.run([sys.executable, "-m", "ctx_callback.cli", "scan", str(run_dir), "--probes",
+                    str(run_dir / "reference_probes.jsonl"), "--variants", "context", "--mode", "generate",
+                    "--output-dir", str(run_dir / "reference_scan")], check=True)
+    if not keep_weights:
+        for checkpoint in run_dir.glob("checkpoint-*"):
+            if checkpoint.is_symlink():
+                continue
+            for weights in checkpoint.glob("*.safetensors"):
+                weights.unlink()
+            for extra in ("optimizer.pt", "scheduler.pt"):
+                (checkpoint / extra).unlink(missing_ok=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train one scenario observe-only and score its checkpoints")
+    r.add_argument("names", nargs="+", choices=sorted(SCENARIOS))
+    r.add_argument("--root", type=Path, default=Path("outputs/scenarios"))
+    r.add_argument("--keep-weights", action="store_true")
+    a = sub.add_parser("analyze", help="replay the stop rules on the scored scenarios; the table")
+    a.add_argument("--root", type=Path, default=Path("outputs/scenarios"))
+    a.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        for name in args.names:
+            print(run(name, args.root, args.keep_weights), flush=True)
+    else:
+        out = analyze(args.root)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
