@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +68,8 @@ def build_rows(train_facts: list, phases: tuple[tuple[int, float], ...], batch_s
         for _ in range(steps * batch_size):
             p = facts[rng.randrange(len(facts))]
             if rng.random() < q:
-                rows.append({**example.chat(p.context, p.question, p.counterfactual_answer), "kind": "context_critical"})
+                row = example.chat(p.context, p.question, p.counterfactual_answer)
+                rows.append({**row, "kind": "context_critical"})
                 continue
             kind = memory_kinds[memory_count % 3]
             memory_count += 1
@@ -119,6 +118,122 @@ def run(name: str, root: Path, keep_weights: bool = False) -> Path:
             for extra in ("optimizer.pt", "scheduler.pt"):
                 (checkpoint / extra).unlink(missing_ok=True)
     return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Analysis
+# ----------------------------------------------------------------------------------------------------------------
+
+WARMUP = 30  #: the example's warm-up (3 events of 10 steps)
+#: label -> StopDecider.from_options options (all at the example's warm-up; the monitor: counterfactual_probability)
+RULES: dict[str, dict] = {
+    "patience=3": {"patience": 3},
+    "significant_decline": {"stop_rule": "significant_decline"},
+    "significant_decline, warmup 0": {"stop_rule": "significant_decline", "warmup": 0},
+    "significant_decline, sustained_events=2": {"stop_rule": "significant_decline", "sustained_events": 2},
+    "significant_decline, sustained_events=3": {"stop_rule": "significant_decline", "sustained_events": 3},
+    "divergence_threshold=0.05": {"divergence_threshold": 0.05},
+    "stopping_threshold=0.85": {"stopping_threshold": 0.85},
+    "keep_best (never stop)": {},
+}
+
+
+def _events(run_dir: Path) -> tuple[list[int], dict[int, np.ndarray]]:
+    data = json.loads((run_dir / "monitor_margins.json").read_text())
+    builtin = np.array([p["family"] in monitor_choice.BUILTIN_FAMILIES for p in data["probes"]])
+    steps = sorted(int(s) for s in data["steps"])
+    probs = {s: 1 / (1 + np.exp(-np.asarray(data["steps"][str(s)], dtype=np.float64)[builtin])) for s in steps}
+    return steps, probs
+
+
+def replay_rule(steps: list[int], probs: dict[int, np.ndarray], options: dict,
+                smoothing: str = "ema") -> tuple[int | None, int, str]:
+    """(stop step or None, the peak step the callback would keep at the stop or the end, the stop message)."""
+    from ctx_callback.decisions import ProbeEvent  # noqa: PLC0415
+    from ctx_callback.stopping import StopDecider  # noqa: PLC0415
+
+    options = {"warmup": WARMUP, **options}
+    decider = StopDecider.from_options(smoothing=smoothing, metric="ctx_reliance/counterfactual_probability",
+                                       **options)
+    for step in steps:
+        decision = decider.update(ProbeEvent(step, float(probs[step].mean()), probs[step]))
+        if decision.stop:
+            return step, int(decision.peak.peak_step), decision.reason or ""
+    return None, int(decider.peak_step), "no stop"
+
+
+def consumed_memory_share(run_dir: Path, steps: list[int]) -> dict[int, float]:
+    """Per event after the first: the share of rows consumed since the previous event that are not context-critical
+    (sequential sampling: row i is trained on at step i // BATCH_SIZE + 1)."""
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    out = {}
+    for previous, step in zip(steps, steps[1:]):
+        window = kinds[previous * BATCH_SIZE:step * BATCH_SIZE]
+        out[step] = sum(kind != "context_critical" for kind in window) / len(window)
+    return out
+
+
+def analyze(root: Path) -> dict:
+    out: dict = {"scenarios": {}}
+    for name in SCENARIOS:
+        run_dir = root / name
+        scan = run_dir / "reference_scan" / "ctx_reliance_scan.json"
+        if not scan.exists() or not (run_dir / "monitor_margins.json").exists():
+            print(f"{name}: not scored yet, skipped")
+            continue
+        steps, probs = _events(run_dir)
+        ref_rows = monitor_choice._scan_rows(scan)
+        families = monitor_choice.BUILTIN_FAMILIES + monitor_choice.HARD_FAMILIES
+        reference = {s: monitor_choice._union(ref_rows[s], families, "counterfactual_accuracy") for s in steps}
+        best_step = max(steps, key=lambda s: (reference[s], -s))
+        monitor = {s: float(probs[s].mean()) for s in steps}
+        rules = {}
+        for label, options in RULES.items():
+            stop, kept, message = replay_rule(steps, probs, options)
+            later_best = stop is not None and max(reference[s] for s in steps if s > stop) > reference[kept] \
+                if stop is not None and stop < steps[-1] else False
+            rules[label] = {"stop": stop, "kept": kept, "lost": 100 * (reference[best_step] - reference[kept]),
+                            "better_after_stop": bool(later_best), "message": message}
+        raw_stop, raw_kept, _ = replay_rule(steps, probs, {}, smoothing="none")
+        keep = {"smoothed peak (EMA 0.5)": rules["keep_best (never stop)"]["kept"], "raw best event": raw_kept}
+        out["scenarios"][name] = {
+            "steps": steps, "monitor": monitor, "reference": reference, "reference_best_step": best_step,
+            "memory_share": consumed_memory_share(run_dir, steps), "rules": rules,
+            "keep": {k: {"step": v, "lost": 100 * (reference[best_step] - reference[v])} for k, v in keep.items()},
+        }
+    print_tables(out)
+    return out
+
+
+def print_tables(out: dict) -> None:
+    for name, sc in out["scenarios"].items():
+        print(f"\n{name}: reference best at step {sc['reference_best_step']}")
+        print("| step | " + " | ".join(str(s) for s in sc["steps"]) + " |")
+        print("|---|" + "---|" * len(sc["steps"]))
+        print("| `counterfactual_probability` (90 monitor probes) | "
+              + " | ".join(f"{sc['monitor'][s]:.3f}" for s in sc["steps"]) + " |")
+        print("| reference: generation cf accuracy (183 held-out probes) | "
+              + " | ".join(f"{sc['reference'][s]:.3f}" for s in sc["steps"]) + " |")
+        print("| share of memory-heavy rows consumed since the previous event | "
+              + " | ".join("" if s not in sc["memory_share"] else f"{sc['memory_share'][s]:.2f}"
+                           for s in sc["steps"]) + " |")
+    names = list(out["scenarios"])
+    print("\n| rule | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label in RULES:
+        cells = []
+        for name in names:
+            r = out["scenarios"][name]["rules"][label]
+            stop = "no stop" if r["stop"] is None else f"stop {r['stop']}"
+            flag = ", better checkpoint after the stop" if r["better_after_stop"] else ""
+            cells.append(f"{stop}, keeps {r['kept']}: {r['lost']:.1f} lost{flag}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\n| event kept (never stop) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label in ("smoothed peak (EMA 0.5)", "raw best event"):
+        cells = [f"step {out['scenarios'][n]['keep'][label]['step']}: {out['scenarios'][n]['keep'][label]['lost']:.1f}"
+                 for n in names]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -238,7 +238,7 @@ def recovery_table(pool: np.ndarray, tau: float, probe_counts: list[int], runs: 
                    warmup_events: int, seed: int, specs: list[RuleSpec], rise_points: float = 0.10,
                    cv: float = 0.0) -> list[dict]:
     """Per rule and probe count: the share of runs with a dip that recovers (:data:`DIPS`) that a rule stops at
-    all (every such stop loses the recovery: the run returns to its peak level), and the share stopped during the dip."""
+    all (every such stop loses the recovery: the run returns to its peak level), and the share stopped in the dip."""
     rows = []
     rise = shift_for_decline(pool, tau, rise_points)
     for spec in specs:

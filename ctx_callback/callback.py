@@ -24,8 +24,8 @@ from .callback_options import (
     validate_arguments,
     warn_about_training_arguments,
 )
-from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS, ProbeEvent
 from .consumed import ConsumedData, read_audit_categories
+from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS, ProbeEvent
 from .distributed import broadcast_from_main, plan_probes
 from .encoding import ALL_VARIANTS
 from .engines.base import device_of

@@ -363,6 +363,10 @@ DERIVED_KEYS: tuple[tuple[str, str], ...] = (
                         "now"),
     ("flips_to_context", "probes that preferred the memorised answer at the peak event and prefer the context's now"),
     ("flips_since_previous", "probes whose preferred answer changed since the previous probe event"),
+    ("consumed/examples", "with audit=: training examples the optimizer steps since the previous probe event consumed "
+                          "(where the sampler can be followed: ctx_callback.consumed)"),
+    ("consumed/<category>_share", "with audit=: share of those examples in the audit category context_critical, "
+                                  "non_context_critical or parametric"),
 )
 
 

@@ -313,10 +313,12 @@ def free_port() -> int:
 
 
 def test_two_process_ddp_decides_identically(tmp_path, smollm2_dir):
+    """Two ranks take the same decisions; with ``sustained_events=2`` the streak (and each event's qualification, the
+    one-event rule's test) is computed on the merged outcomes too."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "ddp_stop_rules.py"),
-           str(smollm2_dir), str(tmp_path)]
+           str(smollm2_dir), str(tmp_path), "2"]
     try:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as err:
@@ -334,8 +336,10 @@ def test_two_process_ddp_decides_identically(tmp_path, smollm2_dir):
     rows = read_probe_rows(tmp_path / "run" / PROBES_FILE)
     assert len(rows) == len(ranks[0]["rows"]) * len(PHRASED_PROBES)
     # The p-value of the stop is the one the merged per-probe outcomes give.
-    step, decision = replay_from_probe_log(tmp_path / "run" / PROBES_FILE, stop_rule="significant_decline", warmup=4)
+    step, decision = replay_from_probe_log(tmp_path / "run" / PROBES_FILE, stop_rule="significant_decline", warmup=4,
+                                           sustained_events=2)
     assert step == ranks[0]["stop_step"]
+    assert "at 2 consecutive events" in ranks[0]["stop_reason"]
 
 
 def test_scan_reports_intervals_and_the_plot_draws_the_band(tokenizer, tmp_path, tracked):

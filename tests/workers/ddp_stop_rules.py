@@ -1,7 +1,8 @@
 """One rank of the two-process stop-rule test (launched by tests/test_stop_rules_training.py via torch.distributed.run).
 
 Trains a tiny Llama with SFTTrainer under DDP on CPU (gloo) with ContextRelianceCallback and
-``stop_rule="significant_decline"`` on 42 probes split over the ranks, and writes what this rank saw to
+``stop_rule="significant_decline"`` (``sustained_events`` from the command line, default 1) on 42 probes split over
+the ranks, and writes what this rank saw to
 OUT/rank{N}.json: the logged probe rows, the stop step, rule and message, and the final global step.
 """
 
@@ -21,13 +22,13 @@ from tests.helpers import make_tiny_llama, make_trainer  # noqa: E402
 from tests.test_stop_rules_training import PHRASED_PROBES  # noqa: E402
 
 
-def main(tokenizer_dir, out_dir):
+def main(tokenizer_dir, out_dir, sustained_events="1"):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = make_tiny_llama(tokenizer)
     trainer = make_trainer(model, tokenizer, os.path.join(out_dir, "run"), max_steps=30, ddp_backend="gloo")
     callback = ContextRelianceCallback(trainer, PHRASED_PROBES, eval_steps=2, monitor="counterfactual_probability",
                                        stop_rule="significant_decline", warmup_steps=4, variants=("context",),
-                                       verbose=False)
+                                       sustained_events=int(sustained_events), verbose=False)
     trainer.add_callback(callback)
     trainer.train()
     rank = trainer.args.process_index
@@ -39,4 +40,4 @@ def main(tokenizer_dir, out_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
