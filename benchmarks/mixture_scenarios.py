@@ -162,6 +162,43 @@ def replay_rule(steps: list[int], probs: dict[int, np.ndarray], options: dict,
     return None, int(decider.peak_step), "no stop"
 
 
+def audit(name: str, root: Path) -> Path:
+    """Audit the scenario's training rows with the untrained model (``ctx_callback.audit``, the default rule), as a
+    user would before training: ``audit.jsonl``, the file ``ContextRelianceCallback(audit=...)`` reads."""
+    import torch  # noqa: PLC0415
+
+    from ctx_callback import load_probes  # noqa: PLC0415
+    from ctx_callback.audit import audit_dataset  # noqa: PLC0415
+    from ctx_callback.models import load_model_and_tokenizer, smollm2_path  # noqa: PLC0415
+
+    example = monitor_choice._example_module()
+    _probed, train_facts = example.split_probes(load_probes("all"))
+    rows = build_rows(train_facts, SCENARIOS[name])
+    model, tokenizer = load_model_and_tokenizer(str(smollm2_path()), dtype=torch.float32)
+    result = audit_dataset([{"messages": row["messages"]} for row in rows], model, tokenizer)
+    target = root / name / "audit.jsonl"
+    result.to_jsonl(target)
+    print(result.table())
+    return target
+
+
+def consumed_audit_share(run_dir: Path, steps: list[int]) -> dict[int, float]:
+    """As :func:`consumed_memory_share`, by the audit's category: the share of consumed rows that are
+    ``non_context_critical`` (what ``ContextRelianceCallback(audit=...)`` logs as
+    ``ctx_reliance/consumed/non_context_critical_share``; sequential sampling)."""
+    from ctx_callback.consumed import read_audit_categories  # noqa: PLC0415
+
+    path = run_dir / "audit.jsonl"
+    if not path.exists():
+        return {}
+    categories = read_audit_categories(path)
+    out = {}
+    for previous, step in zip(steps, steps[1:]):
+        window = categories[previous * BATCH_SIZE:step * BATCH_SIZE]
+        out[step] = sum(c == "non_context_critical" for c in window) / len(window)
+    return out
+
+
 def consumed_memory_share(run_dir: Path, steps: list[int]) -> dict[int, float]:
     """Per event after the first: the share of rows consumed since the previous event that are not context-critical
     (sequential sampling: row i is trained on at step i // BATCH_SIZE + 1)."""
@@ -198,7 +235,8 @@ def analyze(root: Path) -> dict:
         keep = {"smoothed peak (EMA 0.5)": rules["keep_best (never stop)"]["kept"], "raw best event": raw_kept}
         out["scenarios"][name] = {
             "steps": steps, "monitor": monitor, "reference": reference, "reference_best_step": best_step,
-            "memory_share": consumed_memory_share(run_dir, steps), "rules": rules,
+            "memory_share": consumed_memory_share(run_dir, steps),
+            "audit_share": consumed_audit_share(run_dir, steps), "rules": rules,
             "keep": {k: {"step": v, "lost": 100 * (reference[best_step] - reference[v])} for k, v in keep.items()},
         }
     print_tables(out)
@@ -217,6 +255,10 @@ def print_tables(out: dict) -> None:
         print("| share of memory-heavy rows consumed since the previous event | "
               + " | ".join("" if s not in sc["memory_share"] else f"{sc['memory_share'][s]:.2f}"
                            for s in sc["steps"]) + " |")
+        if sc["audit_share"]:
+            print("| audit: `consumed/non_context_critical_share` | "
+                  + " | ".join("" if s not in sc["audit_share"] else f"{sc['audit_share'][s]:.2f}"
+                               for s in sc["steps"]) + " |")
     names = list(out["scenarios"])
     print("\n| rule | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -243,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("names", nargs="+", choices=sorted(SCENARIOS))
     r.add_argument("--root", type=Path, default=Path("outputs/scenarios"))
     r.add_argument("--keep-weights", action="store_true")
+    u = sub.add_parser("audit", help="audit the scenarios' training rows with the untrained model")
+    u.add_argument("names", nargs="+", choices=sorted(SCENARIOS))
+    u.add_argument("--root", type=Path, default=Path("outputs/scenarios"))
     a = sub.add_parser("analyze", help="replay the stop rules on the scored scenarios; the table")
     a.add_argument("--root", type=Path, default=Path("outputs/scenarios"))
     a.add_argument("--json", type=Path, default=None)
@@ -250,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         for name in args.names:
             print(run(name, args.root, args.keep_weights), flush=True)
+    elif args.command == "audit":
+        for name in args.names:
+            print(audit(name, args.root), flush=True)
     else:
         out = analyze(args.root)
         if args.json:
