@@ -259,6 +259,46 @@ def recovery_table(pool: np.ndarray, tau: float, probe_counts: list[int], runs: 
     return rows
 
 
+#: Which event an observe-only run keeps: label -> StopDecider smoothing options.
+KEEP_POLICIES = {"smoothed peak (EMA 0.5, the default)": {"smoothing": "ema", "ema_alpha": 0.5},
+                 "raw best event (smoothing='none')": {"smoothing": "none"}}
+
+
+def keep_table(pool: np.ndarray, tau: float, n: int, runs: int, events: int, dip_event: int, seed: int,
+               rise_points: float = 0.10, cv: float = 0.0) -> list[dict]:
+    """Observe-only runs (no stop): the true expected accuracy lost by keeping the smoothed peak or the raw best
+    event, against the run's truly best event, on rising-then-falling, dipping and flat runs (probability monitor)."""
+    from ctx_callback.stopping import StopDecider  # noqa: PLC0415
+
+    rise = shift_for_decline(pool, tau, rise_points)
+    shapes = {"flat": (np.zeros(events), np.zeros(events)),
+              "10-point fall": shifts(events, dip_event, rise, shift_for_decline(pool, tau, 0.10, cv)),
+              "10-point dip, 1 event": dip_shifts(events, dip_event, rise, shift_for_decline(pool, tau, 0.10, cv), 1),
+              "20-point dip, 1 event": dip_shifts(events, dip_event, rise, shift_for_decline(pool, tau, 0.20, cv), 1)}
+    rows = []
+    for shape, (common, fall) in shapes.items():
+        truth = np.array([expected_accuracy(pool, tau, c + f, cv if f else 0.0) for c, f in zip(common, fall)])
+        rng = np.random.default_rng([seed, n, 11])
+        lost = {label: [] for label in KEEP_POLICIES}
+        for _ in range(runs):
+            deciders = {label: StopDecider(**options) for label, options in KEEP_POLICIES.items()}
+            z = rng.choice(pool, size=n, replace=True)
+            weight = 1.0 + cv * rng.normal(size=n)
+            for t in range(events):
+                margin = z + rng.normal(0.0, tau, size=n) - common[t] - fall[t] * weight
+                outcomes = expit(margin)
+                for decider in deciders.values():
+                    decider.update(ProbeEvent(t, float(outcomes.mean()), outcomes))
+            for label, decider in deciders.items():
+                lost[label].append(100 * (truth.max() - truth[int(decider.peak_step)]))
+        rows.append({"shape": shape, "probes": n, "runs": runs,
+                     **{label: {"mean": float(np.mean(v)), "p90": float(np.percentile(v, 90))}
+                        for label, v in lost.items()}})
+        print(f"  keep, {shape:24s} n={n}: " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in lost.items()),
+              flush=True)
+    return rows
+
+
 def recovery_markdown(rows: list[dict]) -> str:
     head = " | ".join(f"{int(round(100 * d))}-point dip, {n} event{'s' if n > 1 else ''}" for d, n in DIPS)
     lines = [f"| rule | probes | {head} |", "|---|---|" + "---|" * len(DIPS)]
@@ -305,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calibration", type=Path, default=None,
                         help="monitor_margins.json of a real run (benchmarks/monitor_choice.py score)")
     parser.add_argument("--no-extras", action="store_true", help="only the five rules the issue asks for")
+    parser.add_argument("--keep", action="store_true",
+                        help="only the table of which event an observe-only run keeps (smoothed peak vs raw best)")
     parser.add_argument("--only", default=None,
                         help="comma list of substrings: only the rules whose label contains one of them")
     parser.add_argument("--seed", type=int, default=0)
@@ -321,6 +363,17 @@ def main(argv: list[str] | None = None) -> dict:
     if pool.size == 0:
         raise SystemExit("no calibration margins: pass --calibration monitor_margins.json")
     probe_counts = [int(x) for x in args.probes.split(",") if x]
+    if args.keep:
+        rows = [row for n in probe_counts for row in keep_table(pool, tau, n, args.runs_decline, args.events,
+                                                                args.decline_event, args.seed, args.rise, cv)]
+        print("\n| run | probes | " + " | ".join(f"points lost, {label}: mean (90th pct)" for label in KEEP_POLICIES)
+              + " |\n|---|---|" + "---|" * len(KEEP_POLICIES))
+        for row in rows:
+            print(f"| {row['shape']} | {row['probes']} | " + " | ".join(
+                f"{row[label]['mean']:.2f} ({row[label]['p90']:.2f})" for label in KEEP_POLICIES) + " |")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return {"keep": rows}
     p0 = expected_accuracy(pool, tau)
     print(f"model: {pool.size} real margins, tau {tau:.3f} nats, fall cv {cv:.2f}, expected flat accuracy {p0:.3f}; "
           f"{args.events} events (every {EVENT_STEPS} steps), decline from event {args.decline_event}, "

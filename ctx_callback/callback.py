@@ -117,7 +117,7 @@ class ContextRelianceCallback(TrainerCallback):
         alpha: ``significant_decline``: false-stop level for the run (default 0.05).
         sustained_events: ``significant_decline``: stop only once the decline has qualified (at least
             ``min_decline``, significant) at this many consecutive probe events, so a dip that recovers does not stop
-            the run (default 1: the first qualifying event; measured choices: ``docs/stopping.md``).
+            the run (default 2; 1: the first qualifying event stops; measured: ``docs/mixtures.md``).
         divergence_threshold: Stop once the monitored metric is this far (metric units) below its value at the
             peak event; ``None`` (default): no such rule. Lightning's name.
         stopping_threshold: Stop once the monitored metric is below this absolute floor (above it for a metric

@@ -77,8 +77,12 @@ DEFAULT_MIN_DECLINE = 0.02
 #: is corrected (:data:`CORRECTIONS`): without a correction, comparing each event with a peak *selected* as the best
 #: of the events so far, again at every event, stopped 20-48% of flat simulated runs at a nominal 0.05.
 DEFAULT_ALPHA = 0.05
-#: Default ``sustained_events`` of ``significant_decline``: consecutive events at which the decline must qualify.
-DEFAULT_SUSTAINED_EVENTS = 1
+#: Default ``sustained_events`` of ``significant_decline``: consecutive events at which the decline must qualify. Why 2,
+#: measured (``docs/mixtures.md``, ``benchmarks/stop_rule_simulation.py``, probability monitor, 100-400 probes): false
+#: stops on flat runs fell from 2.8-3.8% (1 event) to 0.2-0.6%, and no dip that recovered after one event stopped a run
+#: (1 event: 24-100% of them did, by depth), for one event more of delay on lasting 10- and 20-point falls. A dip that
+#: lasts two events still stops it (86-100%); 3 events waits one event longer again.
+DEFAULT_SUSTAINED_EVENTS = 2
 #: Multiple-comparison corrections of ``significant_decline``. ``"pairs"`` (default): at the t-th valid event the
 #: test's p-value is compared with ``alpha / (t (t - 1) / 2)``, a Bonferroni correction over every pair of the events
 #: so far (the peak is one of the t - 1 earlier events, chosen because it was high, and the rule looks once per

@@ -78,11 +78,13 @@ def test_decider_replay_rebuilds_the_same_state():
     decider = StopDecider.from_options(smoothing="ema", **RULES)
     for event in events[:8]:
         decider.update(event)
+    kept = {decider.peak_event.step} | {event.step for event in decider.recent_events}  # what the resume state keeps
+    assert len(decider.recent_events) == 2  # sustained_events=2 (the default) reads the latest two events
     reference = decider.update(events[8])
     peak = decider.peak_event
     decider.reset()
-    for event in events[:8]:  # replayed from the logs: only the peak's outcomes were kept
-        decider.update(ProbeEvent(event.step, event.value, event.outcomes if event.step == peak.step else None))
+    for event in events[:8]:  # replayed from the logs: only the peak's and the latest events' outcomes were kept
+        decider.update(ProbeEvent(event.step, event.value, event.outcomes if event.step in kept else None))
     assert decider.peak_event.step == peak.step
     resumed = decider.update(events[8])
     assert resumed.peak == reference.peak and resumed.comparison == reference.comparison

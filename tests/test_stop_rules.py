@@ -77,7 +77,7 @@ def significant_events(n=100):
 
 
 def test_significant_decline_stops_at_the_exact_step_with_decline_interval_and_p_value():
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
     step, decision = stop_step(rules, significant_events())
     assert step == 30
     assert decision.rule == "significant_decline"
@@ -91,14 +91,14 @@ def test_significant_decline_stops_at_the_exact_step_with_decline_interval_and_p
 
 def test_significant_decline_needs_min_decline_and_significance():
     # 12 lost is significant, but min_decline 0.15 is not reached: no stop.
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none", min_decline=0.15)
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none", min_decline=0.15)
     assert stop_step(rules, significant_events()) == (None, None)
     # A large decline on 3 probes is never significant (p >= 0.25): no stop.
     few = [hits(3, 3), hits(3, 3), hits(3, 0)]
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
     assert stop_step(rules, events_of([v.mean() for v in few], few)) == (None, None)
     # The same decline without per-probe outcomes (events replayed from logs only) never stops either.
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
     assert stop_step(rules, events_of([e.value for e in significant_events()])) == (None, None)
 
 
@@ -107,8 +107,9 @@ def test_significant_decline_correction_for_the_number_of_events():
     n = 50
     values = [hits(n, 40), hits(n, 40), hits(n, 40), hits(n, 40, lose=tuple(range(7)))]
     events = events_of([v.mean() for v in values], values)
-    assert stop_step(make_stop_rules(stop_rule="significant_decline", smoothing="none"), events) == (None, None)
-    step, decision = stop_step(make_stop_rules(stop_rule="significant_decline", smoothing="none",
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
+    assert stop_step(rules, events) == (None, None)
+    step, decision = stop_step(make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none",
                                                correction="none"), events)
     assert step == 30 and decision.p_value == pytest.approx(2 / 128)
     rule = SignificantDeclineRule(smoothing="none")
@@ -118,7 +119,7 @@ def test_significant_decline_correction_for_the_number_of_events():
 
 
 def test_significant_decline_respects_warmup_and_direction():
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none", warmup=40)
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none", warmup=40)
     events = significant_events()
     more = events + [ProbeEvent(40, events[-1].value, events[-1].outcomes)]
     step, _ = stop_step(rules, more)
@@ -126,7 +127,8 @@ def test_significant_decline_respects_warmup_and_direction():
     # Lower is better (e.g. parametric_accuracy): a *rise* of misses is the decline.
     n = 100
     par = [hits(n, 20), hits(n, 10), hits(n, 10), hits(n, 30)]
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none", greater_is_better=False)
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none",
+                            greater_is_better=False)
     step, decision = stop_step(rules, events_of([v.mean() for v in par], par))
     assert step == 30 and decision.decline == pytest.approx(0.2)
 
@@ -137,7 +139,7 @@ def test_significant_decline_on_probabilities_uses_the_paired_t_test():
     rng = np.random.default_rng(0)
     base = rng.uniform(0.3, 0.9, size=40)
     seq = [base - 0.05, base, base - rng.uniform(-0.01, 0.01, 40), base - rng.uniform(0.02, 0.2, 40)]
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
     step, decision = stop_step(rules, events_of([v.mean() for v in seq], seq))
     assert step == 30
     assert "t-test" in decision.message
@@ -155,7 +157,7 @@ def test_a_decline_carried_by_few_probes_is_caught_where_the_sign_test_is_blind(
     fallen[22:] -= np.linspace(0.1, 0.2, 18)
     seq = [base - 0.05, base, base, fallen]
     assert sign_test(seq[1], seq[3]) > 0.5
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
     step, decision = stop_step(rules, events_of([v.mean() for v in seq], seq))
     assert step == 30 and decision.decline == pytest.approx(base.mean() - fallen.mean(), abs=1e-12)
     assert decision.decline > 0.06 and decision.interval[0] > 0
@@ -196,7 +198,7 @@ def test_several_rules_the_first_that_stops_is_reported_and_every_rule_sees_ever
 def test_reset_and_replay_rebuild_the_paired_state():
     """What a resume does: reset, replay the logged values with the kept outcomes of the peak event only."""
     events = significant_events()
-    rule = make_stop_rules(stop_rule="significant_decline", smoothing="none")[0]
+    rule = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")[0]
     uninterrupted = [rule.update(e) for e in events]
     rule.reset()
     for e in events[:3]:  # replayed from logs: outcomes only where kept (the peak, step 10)
@@ -248,13 +250,13 @@ def test_two_probes_that_moved_alike_are_not_a_certain_decline():
     peak, now = np.array([0.9, 0.8]), np.array([0.5, 0.4])  # both fell by 0.4 (up to rounding)
     assert paired_t_test(peak, now) == pytest.approx(0.5) == pytest.approx(sign_test(peak, now))
     seq = [np.array([0.5, 0.5]), peak, now]
-    rules = make_stop_rules(stop_rule="significant_decline", smoothing="none")
+    rules = make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none")
     assert stop_step(rules, events_of([v.mean() for v in seq], seq)) == (None, None)
     # Twenty probes moving alike is strong evidence, and still stops.
     base = np.linspace(0.5, 0.9, 20)
     assert paired_t_test(base, base - 0.3) == pytest.approx(2.0 ** -19)
     seq = [base - 0.05, base, base - 0.3]
-    step, decision = stop_step(make_stop_rules(stop_rule="significant_decline", smoothing="none"),
+    step, decision = stop_step(make_stop_rules(stop_rule="significant_decline", sustained_events=1, smoothing="none"),
                                events_of([v.mean() for v in seq], seq))
     assert step == 20 and decision.p_value == pytest.approx(2.0 ** -19)
 

@@ -36,8 +36,9 @@ PHRASED_PROBES = [
     for q, question in enumerate(QUESTIONS) for country, true, fake in CAPITALS
 ]
 # min_decline 0.1: a fall large enough that some probes flip to the memorised answer before the stop.
+# sustained_events=1: these tests are about the one-event rule (tests/test_sustained_decline.py: the default 2).
 RULE_OPTIONS = dict(eval_steps=2, monitor="counterfactual_probability", stop_rule="significant_decline",
-                    min_decline=0.1, warmup_steps=4, variants=("context",), verbose=False)
+                    min_decline=0.1, warmup_steps=4, variants=("context",), verbose=False, sustained_events=1)
 
 
 def run(tokenizer, output_dir, *, extra_callbacks=(), max_steps=40, resume=None, trainer_kwargs=None, **options):
@@ -107,7 +108,7 @@ def test_significant_decline_stops_a_real_run_where_the_rule_says(tracked):
     assert rows[stop]["ctx_reliance/early_stop"] == 1.0
     # The stop step is the one the rule takes on the outcomes in the probe log (rounded log-probs, computed apart).
     step, decision = replay_from_probe_log(root / "out" / PROBES_FILE, stop_rule="significant_decline", warmup=4,
-                                           min_decline=0.1)
+                                           min_decline=0.1, sustained_events=1)
     assert step == stop
     # The logged comparison: a decline of at least min_decline, its interval around it, a tiny p-value.
     row = rows[stop]

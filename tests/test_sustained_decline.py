@@ -52,7 +52,8 @@ DIP_THEN_FALL = (0.0, 0.1, 0.09, -0.1, 0.1, 0.095, -0.15, -0.15, -0.15)
 
 def test_a_dip_that_recovers_stops_only_the_one_event_rule():
     sequence = events(*DIP_THEN_FALL)
-    assert stop_step(sequence)[0] == 30  # the dip is significant: the one-event rule stops there
+    assert stop_step(sequence, sustained_events=1)[0] == 30  # the dip is significant: the one-event rule stops there
+    assert stop_step(sequence)[0] == 70  # the default, 2 events
     step, decision = stop_step(sequence, sustained_events=2)
     assert step == 70
     assert "at 2 consecutive events (sustained_events=2)" in decision.reason
@@ -82,7 +83,7 @@ def test_every_sustained_stop_is_a_stop_of_the_one_event_rule_at_or_before_it():
     for run_index in range(60):
         shifts = np.cumsum(rng.normal(0, 0.05, 10))
         sequence = events(*shifts, seed=run_index)
-        one, _ = stop_step(sequence)
+        one, _ = stop_step(sequence, sustained_events=1)
         for k in (2, 3):
             sustained, _ = stop_step(sequence, sustained_events=k)
             if sustained is not None:

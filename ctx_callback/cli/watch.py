@@ -78,7 +78,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="significant_decline: false-stop level")
     g.add_argument("--sustained-events", type=int, default=None,
                    help="significant_decline: consecutive checkpoints the decline must hold at before stopping "
-                        "(default 1)")
+                        "(default 2)")
     g.add_argument("--divergence-threshold", type=float, default=None, help="stop this far below the peak")
     g.add_argument("--stopping-threshold", type=float, default=None, help="stop below this absolute floor")
     g.add_argument("--controls-every", type=int, default=1, help="score the control variants every K-th event")
@@ -136,7 +136,7 @@ def _settings(args: argparse.Namespace, arguments: dict[str, Any], options: Any)
             "min_decline", "alpha", "sustained_events", "divergence_threshold", "stopping_threshold", "controls_every",
             "probe_dtype")
     settings = {k: arguments[k] for k in keys}
-    if settings["sustained_events"] == 1:  # the default, as before the option existed: older state files still match
+    if settings["sustained_events"] == 1:  # the rule before the option existed: older state files still match
         del settings["sustained_events"]
     settings.update(probe_set_sha1=options.probe_set_sha1, dtype=args.dtype, baseline=args.baseline,
                     monitor_key=options.monitor.key)

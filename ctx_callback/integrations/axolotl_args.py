@@ -74,7 +74,7 @@ class ContextRelianceArgs(BaseModel):
     ctx_reliance_min_decline: float = _strict(0.02, "significant_decline: smallest decline that may stop.")
     ctx_reliance_alpha: float = _strict(0.05, "significant_decline: false-stop level for the run.")
     ctx_reliance_sustained_events: int = _strict(
-        1, "significant_decline: consecutive probe events the decline must hold at before stopping.")
+        2, "significant_decline: consecutive probe events the decline must hold at before stopping.")
     ctx_reliance_divergence_threshold: float | None = _strict(None, "Stop this far below the peak.")
     ctx_reliance_stopping_threshold: float | None = _strict(None, "Stop below this absolute floor.")
     ctx_reliance_probe_log: bool = _strict(True, "Write output_dir/ctx_reliance_probes.jsonl.")
