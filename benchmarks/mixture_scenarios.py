@@ -19,7 +19,13 @@ checkpoints' weights (the scores are kept; ``--keep-weights`` keeps them). It al
 training row's kind, which ``analyze`` turns into the share of non-context-critical rows consumed between events::
 
     python benchmarks/mixture_scenarios.py run interleaved_q025 --root outputs/scenarios
+    python benchmarks/mixture_scenarios.py audit interleaved_q025 --root outputs/scenarios
     python benchmarks/mixture_scenarios.py analyze --root outputs/scenarios --json scenarios.json
+
+``audit NAME`` audits the scenario's training rows with the untrained model (``ctx_callback.audit``, the default
+rule), as a user would before training, into ``audit.jsonl``: the file ``ContextRelianceCallback(audit=...)`` reads.
+``analyze`` then also reports, per event, the share of the rows consumed since the previous event that the audit calls
+non-context-critical (what the callback logs as ``ctx_reliance/consumed/non_context_critical_share``).
 
 ``analyze`` replays the library's stop rules on every scenario's per-probe outcomes of the callback's 90 probes
 (the observe-only run trains exactly as a run with a rule would until that rule stops it) and reports, per scenario
@@ -128,9 +134,10 @@ WARMUP = 30  #: the example's warm-up (3 events of 10 steps)
 #: label -> StopDecider.from_options options (all at the example's warm-up; the monitor: counterfactual_probability)
 RULES: dict[str, dict] = {
     "patience=3": {"patience": 3},
-    "significant_decline": {"stop_rule": "significant_decline"},
-    "significant_decline, warmup 0": {"stop_rule": "significant_decline", "warmup": 0},
-    "significant_decline, sustained_events=2": {"stop_rule": "significant_decline", "sustained_events": 2},
+    "significant_decline, sustained_events=1": {"stop_rule": "significant_decline", "sustained_events": 1},
+    "significant_decline, sustained_events=1, warmup 0": {"stop_rule": "significant_decline", "sustained_events": 1,
+                                                          "warmup": 0},
+    "significant_decline, sustained_events=2 (default)": {"stop_rule": "significant_decline", "sustained_events": 2},
     "significant_decline, sustained_events=3": {"stop_rule": "significant_decline", "sustained_events": 3},
     "divergence_threshold=0.05": {"divergence_threshold": 0.05},
     "stopping_threshold=0.85": {"stopping_threshold": 0.85},

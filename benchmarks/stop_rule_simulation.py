@@ -92,14 +92,16 @@ class RuleSpec:
 
 def rule_specs(include_extras: bool = True) -> list[RuleSpec]:
     specs = [RuleSpec(f"patience={p} (EMA 0.5)", {"patience": p}) for p in (1, 3, 5)]
-    specs += [RuleSpec(f"significant_decline alpha={a:g} (accuracy, McNemar)",
-                       {"stop_rule": "significant_decline", "alpha": a}) for a in (0.05, 0.01)]
+    # Labels without sustained_events: the one-event rule (sustained_events=1), as docs/stopping.md's table shows it.
+    one = {"stop_rule": "significant_decline", "sustained_events": 1}
+    specs += [RuleSpec(f"significant_decline alpha={a:g} (accuracy, McNemar)", {**one, "alpha": a})
+              for a in (0.05, 0.01)]
     if include_extras:
         specs += [
-            RuleSpec("significant_decline alpha=0.05 (probability, paired t-test)",
-                     {"stop_rule": "significant_decline", "alpha": 0.05}, "probability"),
+            RuleSpec("significant_decline alpha=0.05 (probability, paired t-test)", {**one, "alpha": 0.05},
+                     "probability"),
             RuleSpec("significant_decline alpha=0.05, no correction (accuracy)",
-                     {"stop_rule": "significant_decline", "alpha": 0.05, "correction": "none"}),
+                     {**one, "alpha": 0.05, "correction": "none"}),
             RuleSpec("patience=3 (EMA 0.5), probability monitor", {"patience": 3}, "probability"),
         ]
     specs += [RuleSpec(f"significant_decline alpha=0.05 sustained_events={k} (probability, paired t-test)",
