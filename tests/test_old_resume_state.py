@@ -32,7 +32,9 @@ def resumed(tokenizer, tmp_path, caplog):
     expected = json.loads((DATA / "expected.json").read_text())
     state = TrainerState.load_from_json(str(DATA / "trainer_state.json"))
     original = copy.deepcopy(state.stateful_callbacks)
-    options = dict(expected["options"], variants=tuple(expected["options"]["variants"]))
+    # sustained_events=1: the rule the old run had (the option did not exist; it now defaults to 2, whose resume
+    # state also keeps the latest events' outcomes, a field the old layout lacks).
+    options = dict(expected["options"], variants=tuple(expected["options"]["variants"]), sustained_events=1)
     trainer = make_trainer(make_tiny_llama(tokenizer), tokenizer, tmp_path, max_steps=30, save_strategy="steps",
                            save_steps=5, save_total_limit=1)
     callback = ContextRelianceCallback(trainer, PROBES, **options)
