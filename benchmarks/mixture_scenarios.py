@@ -198,22 +198,23 @@ def consumed_audit_share(run_dir: Path, steps: list[int]) -> dict[int, float]:
     path = run_dir / "audit.jsonl"
     if not path.exists():
         return {}
-    categories = read_audit_categories(path)
-    out = {}
-    for previous, step in zip(steps, steps[1:]):
-        window = categories[previous * BATCH_SIZE:step * BATCH_SIZE]
-        out[step] = sum(c == "non_context_critical" for c in window) / len(window)
-    return out
+    return _share_per_event(read_audit_categories(path), steps, "non_context_critical".__eq__)
 
 
 def consumed_memory_share(run_dir: Path, steps: list[int]) -> dict[int, float]:
     """Per event after the first: the share of rows consumed since the previous event that are not context-critical
     (sequential sampling: row i is trained on at step i // BATCH_SIZE + 1)."""
     kinds = [json.loads(line)["kind"] for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    return _share_per_event(kinds, steps, "context_critical".__ne__)
+
+
+def _share_per_event(labels: list[str], steps: list[int], counted) -> dict[int, float]:
+    """Per event after the first: the share of the rows trained on since the previous event whose label is
+    ``counted`` (sequential sampling, :data:`BATCH_SIZE` rows a step)."""
     out = {}
     for previous, step in zip(steps, steps[1:]):
-        window = kinds[previous * BATCH_SIZE:step * BATCH_SIZE]
-        out[step] = sum(kind != "context_critical" for kind in window) / len(window)
+        window = labels[previous * BATCH_SIZE:step * BATCH_SIZE]
+        out[step] = sum(1 for label in window if counted(label)) / len(window)
     return out
 
 
