@@ -29,6 +29,7 @@ _EXPORTS = {
     "StopRule": "decisions",
     "make_stop_rules": "decisions",
     "ALL_VARIANTS": "encoding",
+    "DEFAULT_VARIANTS": "encoding",
     "EncodedProbes": "encoding",
     "encode_probes": "encoding",
     "AuditDataError": "errors",
@@ -74,6 +75,7 @@ _EXPORTS = {
 
 __all__ = [
     "ALL_VARIANTS",
+    "DEFAULT_VARIANTS",
     "AuditDataError",
     "AuditResult",
     "BUILTIN_SUITES",
@@ -133,7 +135,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .callback import ContextRelianceCallback
     from .decisions import ProbeEvent, StopDecision, StopRule, make_stop_rules
     from .deferred_callback import DeferredContextRelianceCallback
-    from .encoding import ALL_VARIANTS, EncodedProbes, encode_probes
+    from .encoding import ALL_VARIANTS, DEFAULT_VARIANTS, EncodedProbes, encode_probes
     from .errors import (
         AuditDataError,
         CheckpointMismatchError,

@@ -27,7 +27,7 @@ from .callback_options import (
 from .consumed import ConsumedData, read_audit_categories
 from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS, ProbeEvent
 from .distributed import broadcast_from_main, plan_probes
-from .encoding import ALL_VARIANTS
+from .encoding import DEFAULT_VARIANTS
 from .engines.base import device_of
 from .messages import announce, warn
 from .metrics import METRIC_PREFIX
@@ -90,7 +90,7 @@ class ContextRelianceCallback(TrainerCallback):
         probe_at_end: Probe at the last step if it is not a multiple of ``eval_steps``.
         mode: ``"loglik"`` (default) or ``"generate"`` (greedy decoding + answer matching; slower).
         variants: Probe rows to score: ``"context"`` (always), ``"closed_book"`` (the question without context),
-            ``"aligned"`` (a context that states the true fact).
+            ``"aligned"`` (a context that states the true fact), ``"irrelevant"`` (another probe's passage; opt-in).
         limit_per_family: Use at most this many probes per family (spread evenly) to keep probing cheap.
         known_only: Before the baseline, keep only probes whose parametric answer the model prefers closed-book
             (no conflict exists where the model does not know the fact); logs kept/total per family. Needs the
@@ -149,7 +149,7 @@ class ContextRelianceCallback(TrainerCallback):
         probe_dtype: Precision of the probe forward passes. ``None`` (default): the dtype the training step uses.
             ``"bfloat16"`` / ``"float16"`` (CUDA only): probe under ``torch.autocast`` in that dtype, the weights
             untouched (training is bit-identical either way); cost, accuracy and hardware: ``docs/performance.md``.
-        controls_every: Score the control variants (``"closed_book"``, ``"aligned"``) at events 0, K, 2K, ... only
+        controls_every: Score the control variants (all but ``"context"``) at events 0, K, 2K, ... only
             (default 1: every event; counting, also on resume: :mod:`ctx_callback.probe_round`); the ``"context"``
             variant, which the decisions read, at every event. ``monitor`` and the Trainer's ``metric_for_best_model``
             must then not need a control variant.
@@ -194,7 +194,7 @@ class ContextRelianceCallback(TrainerCallback):
         probe_at_start: bool = True,
         probe_at_end: bool = True,
         mode: str = "loglik",
-        variants: Sequence[str] = ALL_VARIANTS,
+        variants: Sequence[str] = DEFAULT_VARIANTS,
         limit_per_family: int | None = None,
         known_only: bool = False,
         monitor: str | None = None,

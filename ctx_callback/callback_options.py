@@ -152,10 +152,10 @@ def _parse_monitor(a: dict[str, Any]) -> tuple[Monitor, str | None]:
             f"controls_every must be an integer >= 1 (score the control variants on every K-th probe event; 1 = "
             f"every event), got {controls_every!r}."
         )
-    needs = metric_spec(parsed.metric).requires
-    if controls_every > 1 and needs is not None:
+    needs = " and ".join(metric_spec(parsed.metric).required_variants)
+    if controls_every > 1 and needs:
         raise ConfigurationError(
-            f"monitor {monitor!r} needs the {needs!r} control variant, which controls_every={controls_every} "
+            f"monitor {monitor!r} needs the {needs} control variant, which controls_every={controls_every} "
             "scores only on every K-th probe event; the peak and stop decisions need a value at every event. "
             "Monitor a context metric (e.g. 'counterfactual_accuracy'), or use controls_every=1."
         )
@@ -302,12 +302,12 @@ def check_best_metric(metric_for_best_model: str | None, controls_every: int) ->
     if controls_every == 1 or not name.startswith(f"{METRIC_PREFIX}/"):
         return
     try:
-        needs = metric_spec(name.split("/")[-1]).requires
+        needs = " and ".join(metric_spec(name.split("/")[-1]).required_variants)
     except ConfigurationError:
         return  # not one of our metrics
-    if needs is not None:
+    if needs:
         raise ConfigurationError(
-            f"metric_for_best_model={metric_for_best_model!r} needs the {needs!r} control variant, which "
+            f"metric_for_best_model={metric_for_best_model!r} needs the {needs} control variant, which "
             f"controls_every={controls_every} scores only on every K-th probe event. Select on a context "
             "metric (e.g. 'ctx_reliance/counterfactual_accuracy'), or use controls_every=1."
         )

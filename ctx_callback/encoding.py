@@ -4,7 +4,10 @@ Every probe gives up to three *variants* (rows of the score table):
 
 - ``"context"``: the counterfactual context + question (the knowledge conflict);
 - ``"closed_book"``: the question alone (does the model know the fact?);
-- ``"aligned"``: a context that states the true fact + question.
+- ``"aligned"``: a context that states the true fact + question;
+- ``"irrelevant"``: another probe's passage of the same family + question (:mod:`ctx_callback.irrelevant`): the
+  answers are that passage's entity (the lure) and the parametric answer. Not scored by default
+  (:data:`DEFAULT_VARIANTS`); ``variants=ALL_VARIANTS`` adds it.
 
 Each variant has one prompt and its candidate answers: the counterfactual and the parametric answer for a
 two-answer probe (``answer_ids[0]`` and ``answer_ids[1]``), every option in the probe's order for a multiple-choice
@@ -31,11 +34,15 @@ from typing import Any
 
 from .errors import ConfigurationError, ProbeFormatError, ProbeLengthError
 from .formatting import PromptFormat, common_prefix_length
+from .irrelevant import IrrelevantPassage, irrelevant_passages
 from .probes import Probe
 
-__all__ = ["ALL_VARIANTS", "EncodedItem", "EncodedProbes", "check_lengths", "encode_probes"]
+__all__ = ["ALL_VARIANTS", "DEFAULT_VARIANTS", "EncodedItem", "EncodedProbes", "check_lengths", "encode_probes"]
 
-ALL_VARIANTS: tuple[str, ...] = ("context", "closed_book", "aligned")
+#: Every variant a probe can be encoded in, in column order.
+ALL_VARIANTS: tuple[str, ...] = ("context", "closed_book", "aligned", "irrelevant")
+#: The variants scored unless told otherwise (the irrelevant-context control is opt-in: one more row per probe).
+DEFAULT_VARIANTS: tuple[str, ...] = ("context", "closed_book", "aligned")
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class EncodedItem:
 
     Attributes:
         probe_index: Index of the probe in the encoded probe list.
-        variant: ``"context"``, ``"closed_book"`` or ``"aligned"``.
+        variant: ``"context"``, ``"closed_book"``, ``"aligned"`` or ``"irrelevant"``.
         prompt_text: The rendered prompt.
         prompt_ids: The prompt's tokens (see the module's token boundary rule).
         answer_ids: Every candidate answer's tokens, each non-empty and each continuing ``prompt_ids``. A two-answer
@@ -84,6 +91,8 @@ class EncodedProbes:
     items: list[EncodedItem]
     pad_token_id: int
     shared_prefix: tuple[int, ...]
+    #: With the ``"irrelevant"`` variant: each probe's passage (``None`` where it has none), else ``None``.
+    irrelevant: list[IrrelevantPassage | None] | None = None
 
     def items_for(self, probe_indices: Sequence[int] | None) -> list[EncodedItem]:
         if probe_indices is None:
@@ -169,7 +178,7 @@ def encode_probes(
     tokenizer: Any,
     prompt_format: PromptFormat,
     *,
-    variants: Sequence[str] = ALL_VARIANTS,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     max_length: int | None = None,
 ) -> EncodedProbes:
     """Render and tokenize every probe variant once.
@@ -192,16 +201,19 @@ def encode_probes(
         raise ConfigurationError(f"Unknown probe variants {sorted(unknown)}; choose from {list(ALL_VARIANTS)}.")
     variants = tuple(v for v in ALL_VARIANTS if v in set(variants) | {"context"})
     add_special = prompt_format.adds_special_tokens
+    passages = irrelevant_passages(probes) if "irrelevant" in variants else None
     items: list[EncodedItem] = []
     for index, probe in enumerate(probes):
-        contexts = {"context": probe.context, "closed_book": None, "aligned": probe.aligned()}
+        passage = None if passages is None else passages[index]
+        contexts = {"context": probe.context, "closed_book": None, "aligned": probe.aligned(),
+                    "irrelevant": None if passage is None else passage.context}
         for variant in variants:
-            if variant == "aligned" and contexts["aligned"] is None:
+            if variant in ("aligned", "irrelevant") and contexts[variant] is None:
                 continue
             context = contexts[variant]
             question = probe.prompt_question  # a multiple-choice probe lists its options under the question
             prompt = prompt_format.prompt(context, question)
-            pair = probe.answers
+            pair = passage.answers(probe) if variant == "irrelevant" and passage is not None else probe.answers
             continuations = [prompt_format.continuation(context, question, a, prompt=prompt) for a in pair]
             prompt_ids, answer_ids = split_prompt_and_answers(tokenizer, prompt, continuations, add_special)
             if not prompt_ids:
@@ -223,4 +235,5 @@ def encode_probes(
         items=items,
         pad_token_id=pad,
         shared_prefix=common_prefix([item.prompt_ids for item in items]),
+        irrelevant=passages,
     )

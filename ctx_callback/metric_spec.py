@@ -48,7 +48,7 @@ HIT = "hit"
 CONTINUOUS = "continuous"
 OUTCOME_KINDS: tuple[str, ...] = (HIT, CONTINUOUS)
 #: The probe variants a metric may need besides ``"context"``.
-CONTROL_VARIANTS: tuple[str, ...] = ("closed_book", "aligned")
+CONTROL_VARIANTS: tuple[str, ...] = ("closed_book", "aligned", "irrelevant")
 MAX_SHORT_LENGTH = 7
 
 
@@ -76,7 +76,8 @@ class MetricSpec:
         modes: Modes in which the metric exists (``"loglik"``, ``"generate"``).
         compute: ``fn(table) -> float``: the metric of one probe group from a :class:`ScoreTable`. Leave it out when
             ``per_probe`` is given: it is then the mean of the per-probe values (:class:`MeanOverProbes`).
-        requires: The probe variant it needs besides ``"context"`` (``"closed_book"``, ``"aligned"``), or ``None``.
+        requires: The probe variant it needs besides ``"context"`` (``"closed_book"``, ``"aligned"``,
+            ``"irrelevant"``), a tuple of them when it needs several, or ``None``.
         greater_is_better: Direction when the metric is monitored (the peak is a maximum, or a minimum).
         monitorable: Whether ``monitor=`` may name it (``num_probes`` is a count, not a measurement).
         in_summary_table: Shown by default in ``ctx-callback scan``'s table.
@@ -103,7 +104,7 @@ class MetricSpec:
     short: str
     modes: tuple[str, ...]
     compute: Callable[[ScoreTable], float] = None  # type: ignore[assignment]  # filled in from per_probe
-    requires: str | None = None
+    requires: str | tuple[str, ...] | None = None
     greater_is_better: bool = True
     monitorable: bool = True
     in_summary_table: bool = False
@@ -142,9 +143,17 @@ class MetricSpec:
         """Per-probe values are hits/misses (Wilson intervals, McNemar test)."""
         return self.outcome == HIT
 
+    @property
+    def required_variants(self) -> tuple[str, ...]:
+        """The variants it needs besides ``"context"`` (``requires`` as a tuple; empty for none)."""
+        if self.requires is None:
+            return ()
+        return (self.requires,) if isinstance(self.requires, str) else tuple(self.requires)
+
     def exists_for(self, mode: str, variants: Iterable[str]) -> bool:
         """Whether the metric exists in ``mode`` when ``variants`` are scored."""
-        return mode in self.modes and (self.requires is None or self.requires in variants)
+        scored = set(variants)
+        return mode in self.modes and all(variant in scored for variant in self.required_variants)
 
     def outcomes(self, table: ScoreTable) -> np.ndarray | None:
         """Per-probe values over ``table`` (float64, NaN = none), or ``None`` when the metric has no per-probe values
@@ -170,9 +179,10 @@ class MetricSpec:
                                      f"got {self.short!r}.")
         if not self.modes or not set(self.modes) <= set(MODES):
             raise ConfigurationError(f"{where}: modes must be a non-empty tuple of {list(MODES)}, got {self.modes!r}.")
-        if self.requires not in (None, *CONTROL_VARIANTS):
-            raise ConfigurationError(f"{where}: requires must be None or one of {list(CONTROL_VARIANTS)}, got "
-                                     f"{self.requires!r}.")
+        if (self.requires is not None and not self.required_variants) or not set(self.required_variants) <= set(
+                CONTROL_VARIANTS):
+            raise ConfigurationError(f"{where}: requires must be None or one of {list(CONTROL_VARIANTS)} (or a tuple "
+                                     f"of them), got {self.requires!r}.")
 
 
 class MetricRegistry(Sequence[MetricSpec]):

@@ -39,6 +39,7 @@ from .metric_spec import (
 from .score_table import ScoreTable, better, hit
 
 __all__ = [
+    "AMBIGUITY_MARGIN",
     "CONFIDENCE",
     "CONTINUOUS",
     "DERIVED_KEYS",
@@ -112,6 +113,36 @@ def _context_lift(t: ScoreTable) -> np.ndarray:
     return t.counterfactual() - t.counterfactual("closed_book")
 
 
+#: ``ambiguous_rate``'s margin, in nats: a probe whose two answers' log-likelihoods under the counterfactual context
+#: are closer than this has no clear label (1.0, as the replication of Goyal et al. by GIRIAYUSH uses).
+AMBIGUITY_MARGIN = 1.0
+
+
+def _ambiguous(t: ScoreTable) -> np.ndarray:
+    """1.0 where |log p(cf) - log p(rival)| < :data:`AMBIGUITY_MARGIN` under the counterfactual context."""
+    gap = np.abs(t.counterfactual() - t.rival())
+    out = (gap < AMBIGUITY_MARGIN).astype(np.float64)
+    out[np.isnan(gap)] = np.nan
+    return out
+
+
+def _ignores_irrelevant(t: ScoreTable) -> np.ndarray:
+    """Under another probe's passage: the parametric answer wins over the passage's entity (the lure) and every other
+    answer; generation mode: the output names the parametric answer and not the lure."""
+    if not t.is_generation:
+        return t.parametric_wins("irrelevant")
+    par, lure = t.parametric("irrelevant"), t.counterfactual("irrelevant")
+    out = ((par == 1) & (lure == 0)).astype(np.float64)
+    out[np.isnan(par) | np.isnan(lure)] = np.nan
+    return out
+
+
+def _utilises_context(t: ScoreTable) -> np.ndarray:
+    """Right under all three contexts (CUB-style): follows the conflicting one, answers the aligned one with the true
+    fact, ignores the irrelevant one. A product of 1.0/0.0 outcomes: NaN where any part is missing."""
+    return _counterfactual_wins(t) * _parametric_wins(t, "aligned") * _ignores_irrelevant(t)
+
+
 # -- group aggregates of the metrics that are no mean over probes ----------------------------------------------
 
 
@@ -180,6 +211,27 @@ METRICS: MetricRegistry = MetricRegistry((
         "mean of log p(cf | counterfactual context) - log p(cf | no context), in nats: how much the context moves "
         "the model (log-likelihood mode)",
         short="lift", modes=(LOGLIK,), per_probe=_context_lift, outcome=CONTINUOUS, requires="closed_book",
+    ),
+    MetricSpec(
+        "irrelevant_robustness",
+        "share of probes answered from memory after an irrelevant passage of the same family (another probe's): the "
+        "parametric answer beats the passage's entity (generation: named, and the entity not)",
+        short="irr", modes=BOTH, per_probe=_ignores_irrelevant, outcome=HIT, requires="irrelevant",
+        needs_parametric=True, in_summary_table=True,
+    ),
+    MetricSpec(
+        "utilisation",
+        "share of probes handled right under all three contexts: follows the conflicting one, answers the aligned one "
+        "with the true fact, ignores the irrelevant one (CUB-style; its parts: counterfactual_accuracy, "
+        "aligned_accuracy, irrelevant_robustness)",
+        short="util", modes=BOTH, per_probe=_utilises_context, outcome=HIT, requires=("aligned", "irrelevant"),
+        needs_parametric=True,
+    ),
+    MetricSpec(
+        "ambiguous_rate",
+        "share of probes whose two answers' log-likelihoods under the counterfactual context differ by less than "
+        "1.0 nat (AMBIGUITY_MARGIN): their log-likelihood label is not clear-cut (log-likelihood mode)",
+        short="ambig", modes=(LOGLIK,), per_probe=_ambiguous, outcome=HIT, greater_is_better=False,
     ),
     MetricSpec(
         "both_rate", "share of outputs containing both answers (generation mode; multiple choice: the "
@@ -265,7 +317,7 @@ def glossary_markdown() -> str:
     lines = ["| metric | column | modes | needs | better | meaning |", "|---|---|---|---|---|---|"]
     for spec in METRICS:
         modes = "both" if set(spec.modes) == set(MODES) else ", ".join(spec.modes)
-        needs = f"`{spec.requires}`" if spec.requires else ""
+        needs = ", ".join(f"`{variant}`" for variant in spec.required_variants)
         direction = "" if not spec.monitorable else ("higher" if spec.greater_is_better else "lower")
         meaning = spec.description.replace("|", "&#124;")
         lines.append(f"| `{spec.name}` | `{spec.short}` | {modes} | {needs} | {direction} | {meaning} |")

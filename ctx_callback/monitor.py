@@ -99,8 +99,10 @@ def parse_monitor(monitor: str | None, mode: str | None = None, variants: Sequen
         where = f" for mode={mode!r}" if mode is not None else ""
         raise ConfigurationError(f"Unknown monitor metric {metric!r}{where}; choose one of {list(allowed)}.")
     spec = allowed[metric]
-    if variants is not None and spec.requires is not None and spec.requires not in variants:
-        raise ConfigurationError(f"monitor {metric!r} needs the {spec.requires!r} variant; add it to variants.")
+    missing = [v for v in spec.required_variants if variants is not None and v not in variants]
+    if missing:
+        raise ConfigurationError(f"monitor {metric!r} needs the {' and '.join(map(repr, missing))} variant(s); add "
+                                 "them to variants.")
     family = parts[0] if len(parts) == 2 else None
     return Monitor(key=metric_key(metric, family), metric=metric, family=family,
                    greater_is_better=spec.greater_is_better)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoding import ALL_VARIANTS, EncodedItem, EncodedProbes, check_lengths, encode_probes
+from .encoding import DEFAULT_VARIANTS, EncodedItem, EncodedProbes, check_lengths, encode_probes
 from .engines import (
     FALLBACK_ENGINE,
     AutoEngine,
@@ -99,7 +99,8 @@ class ProbeScorer:
             :class:`~ctx_callback.formatting.PromptFormat`.
         mode: ``"loglik"`` (compare the answers' log-likelihoods; default) or ``"generate"`` (greedy decoding and
             answer matching, as in the paper).
-        variants: Which rows to score per probe: ``"context"`` (always), ``"closed_book"``, ``"aligned"``.
+        variants: Which rows to score per probe: ``"context"`` (always), ``"closed_book"``, ``"aligned"``,
+            ``"irrelevant"`` (another probe's passage: :mod:`ctx_callback.irrelevant`; not in the default).
         engine: Log-likelihood engine: ``"auto"`` (prefix cache, falling back to ``"batched"``) or a name in
             :data:`~ctx_callback.engines.LOGLIK_ENGINES` (``"prefix"``, ``"batched"``, ``"simple"``).
         max_batch_tokens: Padded tokens per forward pass (batch size x length).
@@ -149,7 +150,7 @@ class ProbeScorer:
         prompt_format: Any = "chat",
         *,
         mode: str = "loglik",
-        variants: Sequence[str] = ALL_VARIANTS,
+        variants: Sequence[str] = DEFAULT_VARIANTS,
         engine: str = "auto",
         max_batch_tokens: int = 8192,
         max_batch_size: int = 64,
@@ -342,10 +343,19 @@ class ProbeScorer:
                 for item, text in zip(items, texts):
                     r, c = row_of[item.probe_index], col_of[item.variant]
                     generations[r][c] = text
-                    hits = answer_hits(self.probes[item.probe_index], text)
+                    hits = self._hits(item, text)
                     scores[r, c] = self._row(item.probe_index, [float(hit) for hit in hits], width)
                     scored[r, c] = True
         return scores, scored, generations
+
+    def _hits(self, item: EncodedItem, text: str) -> list[bool]:
+        """Generation mode: which of the item's answers ``text`` names (the irrelevant variant's are the lure and the
+        parametric answer)."""
+        probe = self.probes[item.probe_index]
+        passages = self.encoded.irrelevant
+        if item.variant == "irrelevant" and passages is not None and passages[item.probe_index] is not None:
+            return passages[item.probe_index].hits(probe, text)  # type: ignore[union-attr]
+        return answer_hits(probe, text)
 
     def _row(self, probe_index: int, values: Sequence[float], width: int) -> np.ndarray:
         """One cell's scores: ``(counterfactual, strongest rival)`` followed by ``width`` option columns (the

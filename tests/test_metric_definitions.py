@@ -98,6 +98,7 @@ def test_the_derived_tables_are_flags_on_the_specs():
         "counterfactual_accuracy": True, "parametric_accuracy": True, "closed_book_accuracy": True,
         "aligned_accuracy": True, "both_rate": True, "neither_rate": True,
         "counterfactual_probability": False, "logprob_margin": False, "context_lift": False,
+        "irrelevant_robustness": True, "utilisation": True, "ambiguous_rate": True,
     }
     assert set(PARAMETRIC_METRICS) == set(NEEDS_PARAMETRIC)
     assert [s.name for s in METRICS if s.bounds is not None] == ["counterfactual_probability"]

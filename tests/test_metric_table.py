@@ -16,7 +16,7 @@ from ctx_callback.monitor import parse_monitor
 
 #: The documentation page that holds the glossary (it moved there from the README).
 METRICS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
-ALL = ("context", "closed_book", "aligned")
+ALL = ("context", "closed_book", "aligned", "irrelevant")
 
 
 def test_readme_glossary_equals_the_table():
@@ -35,7 +35,7 @@ def test_table_is_well_formed():
         assert re.fullmatch(r"[a-z_]+", spec.name)
         assert 0 < len(spec.short) <= 7
         assert spec.modes and set(spec.modes) <= set(MODES)
-        assert spec.requires in (None, "closed_book", "aligned")
+        assert set(spec.required_variants) <= {"closed_book", "aligned", "irrelevant"}
         assert spec.description and "\n" not in spec.description
         assert spec.key == f"ctx_reliance/{spec.name}"
 
@@ -46,7 +46,7 @@ def test_compute_emits_exactly_the_table_entries_that_exist(mode, variants):
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(6, len(variants), 2)) if mode == "loglik" else rng.integers(0, 2, (6, len(variants), 2))
     out = compute_metrics(scores, ["a"] * 3 + ["b"] * 3, variants, mode=mode)
-    expected = [s.name for s in METRICS if mode in s.modes and (s.requires is None or s.requires in variants)]
+    expected = [s.name for s in METRICS if mode in s.modes and set(s.required_variants) <= set(variants)]
     assert [k.split("/")[-1] for k in out if k.count("/") == 1] == expected
     assert {k.split("/")[-1] for k in out if k.startswith("ctx_reliance/a/")} == set(expected)
     for name in expected:  # everything emitted is also a valid monitor, with the table's direction
@@ -56,7 +56,7 @@ def test_compute_emits_exactly_the_table_entries_that_exist(mode, variants):
 
 
 def test_every_metric_survives_an_all_nan_group():
-    scores = np.full((2, 3, 2), np.nan)
+    scores = np.full((2, len(ALL), 2), np.nan)
     for mode in MODES:
         out = compute_metrics(scores, ["x", "x"], ALL, mode=mode)
         assert out["ctx_reliance/num_probes"] == 2.0

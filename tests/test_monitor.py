@@ -8,7 +8,7 @@ from ctx_callback.errors import ConfigurationError, CtxCallbackError
 from ctx_callback.metrics import METRICS, metric_spec
 from ctx_callback.monitor import Monitor, monitorable_metrics, parse_monitor
 
-ALL = ("context", "closed_book", "aligned")
+ALL = ("context", "closed_book", "aligned", "irrelevant")
 
 
 @pytest.mark.parametrize("name", [
@@ -33,7 +33,7 @@ def test_direction_comes_from_the_table(spec):
 
 def test_lower_is_better_metrics():
     lower = {s.name for s in METRICS if s.monitorable and not s.greater_is_better}
-    assert lower == {"parametric_accuracy", "both_rate", "neither_rate", "memorization_ratio"}
+    assert lower == {"parametric_accuracy", "both_rate", "neither_rate", "memorization_ratio", "ambiguous_rate"}
 
 
 @pytest.mark.parametrize("name, mode, variants, match", [
@@ -45,6 +45,8 @@ def test_lower_is_better_metrics():
     ("world_facts/", "loglik", ALL, "must look like"),
     ("context_lift", "loglik", ("context",), "needs the 'closed_book' variant"),
     ("aligned_accuracy", "loglik", ("context", "closed_book"), "needs the 'aligned' variant"),
+    ("utilisation", "loglik", ("context", "aligned"), "needs the 'irrelevant' variant"),
+    ("utilisation", "loglik", ("context",), "needs the 'aligned' and 'irrelevant' variant"),
     ("counterfactual_accuracy", "sample", ALL, "mode must be one of"),
 ])
 def test_bad_monitors_raise_configuration_errors(name, mode, variants, match):

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import model_loading
 from ..checkpoints import checkpoint_dirs
-from ..encoding import ALL_VARIANTS
+from ..encoding import ALL_VARIANTS, DEFAULT_VARIANTS
 from ..errors import ConfigurationError, CtxCallbackError, ModelLoadError, UsageError, quote_error
 from ..metrics import METRIC_PREFIX as PREFIX
 from ..model_loading import check_loading_info, has_tokenizer, max_positions_of
@@ -204,8 +204,9 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt", default=None, help="chat format: system message (use your training one)")
     g.add_argument("--mode", choices=("loglik", "generate"), default="loglik",
                    help="log-likelihood comparison of the two answers, or greedy generation + answer matching")
-    g.add_argument("--variants", type=_variants, default=",".join(ALL_VARIANTS), metavar="LIST",
-                   help="comma list of probe rows to score, from " + ",".join(ALL_VARIANTS))
+    g.add_argument("--variants", type=_variants, default=",".join(DEFAULT_VARIANTS), metavar="LIST",
+                   help="comma list of probe rows to score, from " + ",".join(ALL_VARIANTS)
+                   + " (default: %(default)s)")
     g.add_argument("--monitor", default=None, metavar="METRIC",
                    help="metric that defines the peak, e.g. counterfactual_accuracy or "
                         "world_facts/counterfactual_accuracy (parametric_accuracy: lower is better); default: "

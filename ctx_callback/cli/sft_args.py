@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS
-from ..encoding import ALL_VARIANTS
+from ..encoding import DEFAULT_VARIANTS
 from ..errors import UsageError
 
 __all__ = ["GROUP_NAME", "PREFIX", "ContextRelianceArguments", "option_fields"]
@@ -57,8 +57,8 @@ class ContextRelianceArguments:
     ctx_probe_at_start: bool = _option(True, "probe once before the first step (the baseline, step 0)")
     ctx_probe_at_end: bool = _option(True, "probe at the last step if it is not a multiple of ctx_eval_steps")
     ctx_mode: str = _option("loglik", "'loglik' (answer log-likelihoods) or 'generate' (greedy decoding; slower)")
-    ctx_variants: list[str] = field(default_factory=lambda: list(ALL_VARIANTS), metadata={
-        "help": "probe rows to score: 'context' (always), 'closed_book', 'aligned'"})
+    ctx_variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS), metadata={
+        "help": "probe rows to score: 'context' (always), 'closed_book', 'aligned', 'irrelevant'"})
     ctx_limit_per_family: int | None = _option(None, "use at most this many probes per family")
     ctx_known_only: bool = _option(False, "keep only probes the model answers right closed-book at the start")
     ctx_monitor: str | None = _option(None, "the metric that defines the peak (default: counterfactual_probability "

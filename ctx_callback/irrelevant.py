@@ -1,0 +1,111 @@
+"""The irrelevant-context variant: each probe asked after a passage that states *another* fact of its family.
+
+A model that copies whatever the passage says scores perfectly on every counterfactual metric; the opposite failure,
+a distracting passage overriding what the model knows, is what retrieval users fear most. The ``"irrelevant"`` probe
+variant measures it (CUB, Hagström et al. 2025, scores context utilisation on gold, conflicting and irrelevant
+contexts together): the question of probe *i* follows the passage of another probe *j* of the same family, which is
+on-topic-looking but says nothing about *i*, so the right answer is *i*'s parametric answer and the tempting wrong one
+is the entity *j*'s passage states (the **lure**).
+
+Built from the probe set itself, no new data: :func:`irrelevant_passages` pairs every probe with the first other probe
+after it (in probe order, wrapping around) of the same family, preferring one with the same ``metadata["relation"]``
+(another capital for a capital), whose passage can serve:
+
+- the passage is *j*'s aligned context (a true statement) with *j*'s parametric answer as the lure, or, when *j* has
+  no aligned context, *j*'s counterfactual context with its counterfactual answer as the lure;
+- the lure must not overlap any of *i*'s answers (:func:`~ctx_callback.matching.answers_overlap`), and the passage
+  must not name one of them (else it would be relevant after all).
+
+A probe with no such partner, or without a known parametric answer, has no irrelevant row (like the aligned control).
+The pairing depends only on the probe list, so every rank, every resumed run and ``ctx-callback scan`` build the same
+passages. A two-answer probe is scored on ``(lure, parametric answer)``; a multiple-choice probe on its own options
+(the passage names none of them), and is robust when its parametric option still wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .matching import answer_hits, answers_overlap, contains_answer, match_answers
+from .probes import Probe
+
+__all__ = ["IrrelevantPassage", "irrelevant_passages", "probe_answer_texts"]
+
+
+@dataclass(frozen=True)
+class IrrelevantPassage:
+    """The passage a probe is asked after in its ``"irrelevant"`` variant.
+
+    Attributes:
+        source_id: The id of the probe whose passage it is.
+        context: The passage.
+        lure: The entity the passage states (the tempting wrong answer): the source probe's parametric answer when the
+            passage is its aligned context, else its counterfactual answer.
+    """
+
+    source_id: str
+    context: str
+    lure: str
+
+    def answers(self, probe: Probe) -> tuple[str, ...]:
+        """The answers ``probe`` is scored on after this passage: ``(lure, parametric)``, or its options."""
+        if probe.options:
+            return probe.options
+        assert probe.parametric_answer is not None
+        return (self.lure, probe.parametric_answer)
+
+    def hits(self, probe: Probe, text: str) -> list[bool]:
+        """Generation mode: which of :meth:`answers` ``text`` names (the parametric answer with its aliases)."""
+        if probe.options:
+            return answer_hits(probe, text)
+        assert probe.parametric_answer is not None
+        return match_answers(text, [(self.lure,), (probe.parametric_answer, *probe.parametric_aliases)])
+
+
+def probe_answer_texts(probe: Probe) -> tuple[str, ...]:
+    """Every surface form of every answer of ``probe`` (answers, options and aliases)."""
+    return (*probe.answers, *probe.counterfactual_aliases, *probe.parametric_aliases)
+
+
+def _passage_of(source: Probe) -> tuple[str, str] | None:
+    """``(passage, lure)`` that ``source`` lends: its aligned context and parametric answer, else its context."""
+    aligned = source.aligned()
+    if aligned is not None and source.parametric_answer is not None:
+        return aligned, source.parametric_answer
+    return source.context, source.counterfactual_answer
+
+
+def _serves(probe: Probe, passage: str, lure: str) -> bool:
+    """Whether ``passage`` is irrelevant to ``probe``: its lure and text name none of ``probe``'s answers."""
+    answers = probe_answer_texts(probe)
+    return not answers_overlap([lure], answers) and not contains_answer(passage, answers)
+
+
+def _relation(probe: Probe) -> object:
+    return probe.metadata.get("relation") if probe.metadata else None
+
+
+def irrelevant_passages(probes: Sequence[Probe]) -> list[IrrelevantPassage | None]:
+    """One irrelevant passage per probe, in probe order (``None`` where none can be built; module docstring)."""
+    by_family: dict[str, list[int]] = {}
+    for index, probe in enumerate(probes):
+        by_family.setdefault(probe.family, []).append(index)
+    out: list[IrrelevantPassage | None] = []
+    for index, probe in enumerate(probes):
+        out.append(None if probe.parametric_answer is None else _partner(probe, index, probes, by_family[probe.family]))
+    return out
+
+
+def _partner(probe: Probe, index: int, probes: Sequence[Probe], family: list[int]) -> IrrelevantPassage | None:
+    """The first serving passage after ``index`` in the family (wrapping), same relation first."""
+    at = family.index(index)
+    ring = [probes[j] for j in family[at + 1:] + family[:at]]
+    relation = _relation(probe)
+    ordered = [p for p in ring if relation is not None and _relation(p) == relation]
+    ordered += [p for p in ring if relation is None or _relation(p) != relation]
+    for source in ordered:
+        passage, lure = _passage_of(source)
+        if _serves(probe, passage, lure):
+            return IrrelevantPassage(source.id, passage, lure)
+    return None
