@@ -190,13 +190,16 @@ def probe_rows(step: int, ids: Sequence[str], families: Sequence[str], scores: n
     """The log rows of one probe event: one per probe (row of ``scores``), in row order.
 
     ``cf`` and ``par`` are the counterfactual and the parametric answer's scores under the counterfactual context
-    (``par`` is ``None`` for a multiple-choice probe without a known parametric option)."""
+    (``par`` is ``None`` for a multiple-choice probe without a known parametric option). With the ``"irrelevant"``
+    variant scored, ``robust`` is the probe's ``irrelevant_robustness`` outcome (1/0; ``None`` where it has none)."""
     scores = np.asarray(scores, dtype=np.float64)
     table = _table(scores, variants, mode, options, option_roles)
     cf, par = table.counterfactual(), table.parametric()
     preferred = preferred_vector(scores, variants, mode, options=options, option_roles=option_roles)
     known = known_vector(scores, variants, mode, options=options, option_roles=option_roles)
     context_col = list(variants).index("context")
+    robust = (metric_outcomes(scores, variants, mode, "irrelevant_robustness", options=options,
+                              option_roles=option_roles) if "irrelevant" in variants else None)
     rows: list[dict[str, Any]] = []
     for r, (probe_id, family) in enumerate(zip(ids, families)):
         row: dict[str, Any] = {"step": int(step), "id": probe_id, "family": family,
@@ -204,6 +207,8 @@ def probe_rows(step: int, ids: Sequence[str], families: Sequence[str], scores: n
                                "preferred": preferred[r]}
         if known is not None and known[r] is not None:
             row["known"] = known[r]
+        if robust is not None:
+            row["robust"] = None if math.isnan(robust[r]) else int(robust[r])
         if generations is not None and mode == "generate":
             row["generation"] = generations[r][context_col]
         rows.append(row)

@@ -89,8 +89,12 @@ def test_two_process_ddp_mixed_multiple_choice_and_two_answer_round(runs):
     assert_rows_equal_one_process(ranks, num_probes=11)
     row = ranks[0]["rows"][0]
     assert row["ctx_reliance/mc/num_probes"] == 4 and row["ctx_reliance/capitals/num_probes"] == 7
-    for key in ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy", "logprob_margin"):
+    for key in ("counterfactual_accuracy", "parametric_accuracy", "closed_book_accuracy", "logprob_margin",
+                "irrelevant_robustness"):
         assert row[f"ctx_reliance/mc/{key}"] == row[f"ctx_reliance/mc/{key}"], key  # not NaN
+    # The two-sided metrics were sharded and merged like the others (compared with one process above).
+    for key in ("irrelevant_robustness", "utilisation", "ambiguous_rate"):
+        assert row[f"ctx_reliance/capitals/{key}"] == row[f"ctx_reliance/capitals/{key}"], key
     assert [r["global_step"] for r in ranks] == [8, 8]
 
 

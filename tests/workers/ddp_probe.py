@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import ctx_callback.distributed as distributed  # noqa: E402
-from ctx_callback import ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
+from ctx_callback import ALL_VARIANTS, ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
 from tests.helpers import (  # noqa: E402
     PROBES,
     make_tiny_llama,  # noqa: E402
@@ -82,14 +82,15 @@ def run(tokenizer_dir, out_dir, mode, sharded):
                 raise RuntimeError("simulated out of memory on rank 1")
 
         model.model.register_forward_pre_hook(fail_in_eval)
-    kwargs = dict(eval_steps=2, variants=("context", "closed_book"), mode=mode, max_new_tokens=3)
+    # Every variant, the irrelevant-context control included: its metrics must shard like the others.
+    kwargs = dict(eval_steps=2, variants=ALL_VARIANTS, mode=mode, max_new_tokens=3)
     if mode == "loglik" and probes is PROBES:  # a stop independent of the training dynamics: no event can improve
         kwargs.update(patience=1, min_delta=10.0, warmup_steps=4)
     if sharded == "fail_on_rank1":
         kwargs["engine"] = "batched"
     callback = ContextRelianceCallback(trainer, probes, **kwargs)
     rescore = Rescore(ProbeScorer(probes_from_records(probes), tokenizer, mode=mode, max_new_tokens=3,
-                                  variants=("context", "closed_book")), callback)
+                                  variants=ALL_VARIANTS), callback)
     trainer.add_callback(callback)
     trainer.add_callback(rescore)
     trainer.train()
