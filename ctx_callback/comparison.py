@@ -9,7 +9,7 @@ McNemar test (binary outcomes) or a paired t-test and the decline's interval. Co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,8 @@ class Comparison:
         test: ``"mcnemar"``, ``"t"`` or ``None``.
         lost: Probes that were a hit at the peak and are not now (binary outcomes), or that got worse (otherwise).
         gained: The reverse.
+        per_probe: Each probe's decline, ``peak_i - now_i`` (negated when lower is better; NaN where a probe was not
+            scored at both events), ``None`` without paired outcomes (what :mod:`ctx_callback.decline_share` splits).
     """
 
     decline: float
@@ -55,6 +57,7 @@ class Comparison:
     test: str | None
     lost: int | None = None
     gained: int | None = None
+    per_probe: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def _is_binary(outcomes: np.ndarray) -> bool:
@@ -92,7 +95,7 @@ def compare_events(peak: ProbeEvent, now: ProbeEvent, greater_is_better: bool = 
         else:
             result = mcnemar_exact(1.0 - a_f, 1.0 - b_f)
         return Comparison(decline=decline, interval=interval, p_value=result.p_value, test="mcnemar",
-                          lost=result.b, gained=result.c)
+                          lost=result.b, gained=result.c, per_probe=-diff)
     p_value = paired_t_test(a_f, b_f)
     return Comparison(decline=decline, interval=interval, p_value=None if math.isnan(p_value) else p_value, test="t",
-                      lost=lost, gained=gained)
+                      lost=lost, gained=gained, per_probe=-diff)

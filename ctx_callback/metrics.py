@@ -411,6 +411,12 @@ DERIVED_KEYS: tuple[tuple[str, str], ...] = (
     ("decline_ci_high", "upper end of that interval"),
     ("decline_p_value", "two-sided p-value of the paired test now vs the peak event: exact McNemar for hit/miss "
                         "metrics, paired t-test otherwise (not corrected for repeated looks)"),
+    ("decline_share/<family>", "that family's share of the monitored metric's decline from the peak event: the sum "
+                               "of its probes' declines over the sum of all (the families sum to 1; negative: it "
+                               "improved); logged only while the metric is below its peak event (ctx_callback."
+                               "decline_share)"),
+    ("decline_share/<family>/<relation>", "the same share for the probes of one relation (metadata['relation'], "
+                                          "e.g. world_facts/capital)"),
     ("flips_to_memory", "probes that preferred the context's answer at the peak event and prefer the memorised one "
                         "now"),
     ("flips_to_context", "probes that preferred the memorised answer at the peak event and prefer the context's now"),

@@ -186,12 +186,14 @@ def _number(x: float, mode: str) -> float | int | None:
 def probe_rows(step: int, ids: Sequence[str], families: Sequence[str], scores: np.ndarray,
                variants: Sequence[str], mode: str,
                generations: Sequence[Sequence[str | None]] | None = None, *, options: np.ndarray | None = None,
-               option_roles: np.ndarray | None = None) -> list[dict[str, Any]]:
+               option_roles: np.ndarray | None = None,
+               relations: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
     """The log rows of one probe event: one per probe (row of ``scores``), in row order.
 
     ``cf`` and ``par`` are the counterfactual and the parametric answer's scores under the counterfactual context
     (``par`` is ``None`` for a multiple-choice probe without a known parametric option). With the ``"irrelevant"``
-    variant scored, ``robust`` is the probe's ``irrelevant_robustness`` outcome (1/0; ``None`` where it has none)."""
+    variant scored, ``robust`` is the probe's ``irrelevant_robustness`` outcome (1/0; ``None`` where it has none).
+    ``relation`` is the probe's ``metadata["relation"]`` where ``relations`` gives one."""
     scores = np.asarray(scores, dtype=np.float64)
     table = _table(scores, variants, mode, options, option_roles)
     cf, par = table.counterfactual(), table.parametric()
@@ -209,6 +211,8 @@ def probe_rows(step: int, ids: Sequence[str], families: Sequence[str], scores: n
             row["known"] = known[r]
         if robust is not None:
             row["robust"] = None if math.isnan(robust[r]) else int(robust[r])
+        if relations is not None and relations[r] is not None:
+            row["relation"] = relations[r]
         if generations is not None and mode == "generate":
             row["generation"] = generations[r][context_col]
         rows.append(row)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .decline_share import shares_from_counts
+
 __all__ = [
     "CONTEXT",
     "MEMORY",
@@ -117,6 +119,7 @@ class Flip:
         after: Preferred answer at the second event.
         known: Closed-book knowledge at the latest event up to the second one that measured it (``None``: never).
         cf_before, par_before, cf_after, par_after: The scores (log-probabilities or hits), when logged.
+        relation: The probe's ``metadata["relation"]``, when the log has it.
     """
 
     id: str
@@ -128,6 +131,7 @@ class Flip:
     par_before: float | None = None
     cf_after: float | None = None
     par_after: float | None = None
+    relation: str | None = None
 
     @property
     def direction(self) -> str:
@@ -152,8 +156,26 @@ class FlipReport:
         """The flips of one direction (:attr:`Flip.direction`), sorted by family and id."""
         return sorted((f for f in self.flips if f.direction == direction), key=lambda f: (f.family, f.id))
 
+    def decline_shares(self) -> dict[str, float]:
+        """Each family's and ``family/relation``'s share of the counterfactual accuracy's decline between the two
+        events: its net flips to memory (to memory minus to context) over all net flips (empty when the net is not
+        positive; :mod:`ctx_callback.decline_share`)."""
+        by_family: dict[str, float] = {}
+        by_relation: dict[str, float] = {}
+        for flip in self.flips:
+            step = {"to_memory": 1.0, "to_context": -1.0}.get(flip.direction, 0.0)
+            by_family[flip.family] = by_family.get(flip.family, 0.0) + step
+            if flip.relation is not None:
+                label = f"{flip.family}/{flip.relation}"
+                by_relation[label] = by_relation.get(label, 0.0) + step
+        shares = shares_from_counts(by_family)
+        total = sum(by_family.values())
+        if shares:
+            shares.update({label: value / total for label, value in sorted(by_relation.items())})
+        return shares
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: steps, counts per direction and family, and every flip."""
+        """A JSON-ready dict: steps, counts per direction and family, the decline shares, and every flip."""
         families: dict[str, dict[str, int]] = {}
         for f in self.flips:
             entry = families.setdefault(f.family, {"to_memory": 0, "to_context": 0, "other": 0})
@@ -162,6 +184,7 @@ class FlipReport:
             "from_step": self.from_step, "to_step": self.to_step, "num_probes": self.num_probes,
             "to_memory": len(self.by_direction("to_memory")), "to_context": len(self.by_direction("to_context")),
             "other": len(self.by_direction("other")), "families": dict(sorted(families.items())),
+            "decline_shares": self.decline_shares(),
             "flips": [{**f.__dict__, "direction": f.direction}
                       for f in sorted(self.flips, key=lambda f: (f.direction, f.family, f.id))],
         }
@@ -201,5 +224,6 @@ def compute_flips(rows: Sequence[Mapping[str, Any]], from_step: int, to_step: in
             continue
         flips.append(Flip(id=probe_id, family=str(a.get("family", b.get("family", ""))), before=b.get("preferred"),
                           after=a.get("preferred"), known=known.get(probe_id), cf_before=b.get("cf"),
-                          par_before=b.get("par"), cf_after=a.get("cf"), par_after=a.get("par")))
+                          par_before=b.get("par"), cf_after=a.get("cf"), par_after=a.get("par"),
+                          relation=a.get("relation", b.get("relation"))))
     return FlipReport(from_step=from_step, to_step=to_step, num_probes=len(set(before) & set(after)), flips=flips)

@@ -38,7 +38,7 @@ from .distributed import ProbePlan, run_round
 from .messages import logger, rank_zero_warn
 from .monitor import Monitor
 from .probes import Probe
-from .reliance_row import KEY_FAILED, KEY_STOPPED, decision_row, decline_row, uncertainty_row
+from .reliance_row import KEY_FAILED, KEY_STOPPED, decision_row, decline_row, decline_share_row, uncertainty_row
 from .scoring import ProbeScorer, ScoreResult
 from .stopping import RoundDecision
 
@@ -69,6 +69,7 @@ def event_row(metrics: dict[str, float], result: ScoreResult, probes: Sequence[P
     (``flips``), the decision's keys, and the fault flags (a warning for each fault)."""
     nonfinite = result.nonfinite_scores
     row = {**metrics, **uncertainty_row(result, probes, monitor), **decline_row(decision.comparison), **flips}
+    row.update(decline_share_row(decision.comparison, result, probes, monitor))
     row.update(decision_row(decision, result.seconds, nonfinite))
     if nonfinite:
         rank_zero_warn("%d probe score(s) at step %d are not finite (NaN/inf logits?): the round is "

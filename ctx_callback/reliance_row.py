@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .decisions import Comparison
+from .decline_share import decline_shares, group_labels
 from .metrics import CONFIDENCE, INTERVAL_METRICS, METRIC_PREFIX, metric_key
 from .monitor import Monitor
 from .outcomes import metric_outcomes, preferred_vector, uncertainty
@@ -116,6 +117,19 @@ def decline_row(comparison: Comparison | None) -> dict[str, float]:
     if comparison.p_value is not None:
         out[KEY_DECLINE_P] = float(comparison.p_value)
     return out
+
+
+def decline_share_row(comparison: Comparison | None, result: ScoreResult, probes: Sequence[Probe],
+                      monitor: Monitor) -> dict[str, float]:
+    """Each family's and relation's share of the decline from the peak (:mod:`ctx_callback.decline_share`)."""
+    if comparison is None or comparison.per_probe is None:
+        return {}
+    monitored = [probes[int(i)] for i in result.probe_indices
+                 if monitor.family is None or probes[int(i)].family == monitor.family]
+    if len(monitored) != len(comparison.per_probe):
+        return {}
+    families, relations = group_labels(monitored)
+    return decline_shares(comparison.per_probe, families, relations)
 
 
 def decision_row(decision: RoundDecision, seconds: float, nonfinite: int) -> dict[str, float]:

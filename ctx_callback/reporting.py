@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .decline_share import KEY_DECLINE_SHARE
 from .messages import warn
 from .outcomes import SUMMARY_FILE
 from .peak_checkpoint import RESTORED_FROM_BASELINE
@@ -85,7 +86,8 @@ def summarize(facts: RunFacts, restored: bool = False) -> dict[str, Any]:
     ``None``), or ``None`` when nothing was restored. ``peak_save_error`` says why the current peak has no checkpoint
     when saving it failed (then ``peak_checkpoint`` is ``None``). ``curve_start_step``: the step a new reliance curve
     began at after a resume with another probe set (``on_probe_set_change="new_curve"``; ``baseline`` is then the new
-    curve's first event), else ``None``.
+    curve's first event), else ``None``. ``final_decline_shares``: each family's and relation's share of the final
+    decline from the peak (:mod:`ctx_callback.decline_share`; ``{}`` without a decline).
     """
     key = facts.monitor_key
     values = [(row["step"], row.get(key)) for row in facts.history if key in row]
@@ -115,6 +117,8 @@ def summarize(facts: RunFacts, restored: bool = False) -> dict[str, Any]:
         "final_decline_from_peak": final_row.get(KEY_DECLINE),
         "final_decline_interval": interval(final_step, KEY_DECLINE_LOW, KEY_DECLINE_HIGH),
         "final_decline_p_value": final_row.get(KEY_DECLINE_P),
+        "final_decline_shares": {k[len(KEY_DECLINE_SHARE) + 1:]: v for k, v in final_row.items()
+                                 if k.startswith(KEY_DECLINE_SHARE + "/")},
         "peak_checkpoint": facts.peak_checkpoint,
         "peak_save_error": facts.peak_save_error,
         "restored_peak": restored,
@@ -146,6 +150,11 @@ def summary_text(s: dict[str, Any], restored: bool = False) -> str:
         else f"  peak checkpoint: {s['peak_checkpoint']}" + (" (restored)" if restored else ""),
         f"  probing took {s['probe_seconds_total']:.1f}s over {s['probe_events']} events",
     ]
+    shares = s.get("final_decline_shares") or {}
+    families = {group: share for group, share in shares.items() if "/" not in group}
+    if families:
+        lines.insert(4, "  share of the decline: " + ", ".join(f"{group} {share:+.0%}" for group, share in
+                                                              sorted(families.items(), key=lambda kv: -kv[1])))
     if s["curve_start_step"] is not None:
         lines.insert(1, f"  a new curve from step {s['curve_start_step']} (resumed with another probe set; the "
                         "rows before it measured other probes)")

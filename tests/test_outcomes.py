@@ -22,7 +22,7 @@ from ctx_callback.outcomes import (
 
 #: The documentation page that holds the derived-key table (it moved there from the README).
 METRICS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
-ALL = ("context", "closed_book", "aligned")
+ALL = ("context", "closed_book", "aligned", "irrelevant")
 
 
 @pytest.mark.parametrize("mode", ["loglik", "generate"])
@@ -30,9 +30,9 @@ def test_the_mean_of_the_outcomes_is_the_logged_metric(mode):
     rng = np.random.default_rng(3)
     n = 40
     if mode == "loglik":
-        scores = rng.normal(-5, 3, size=(n, 3, 2))
+        scores = rng.normal(-5, 3, size=(n, len(ALL), 2))
     else:
-        scores = rng.integers(0, 2, size=(n, 3, 2)).astype(float)
+        scores = rng.integers(0, 2, size=(n, len(ALL), 2)).astype(float)
     scores[3, 2, :] = np.nan  # a probe without an aligned context
     metrics = compute_metrics(scores, ["f"] * n, ALL, mode=mode, per_family=False)
     checked = 0
@@ -48,7 +48,9 @@ def test_the_mean_of_the_outcomes_is_the_logged_metric(mode):
         assert set(np.unique(np.asarray(outcomes, float)[~np.isnan(np.asarray(outcomes, float))])) <= {0.0, 1.0} \
             or not binary
         checked += 1
-    assert checked == (7 if mode == "loglik" else 6)
+    # loglik: 4 accuracies, probability, margin, lift, robustness, utilisation, ambiguity; generate: 4 accuracies,
+    # both, neither, robustness, utilisation.
+    assert checked == (10 if mode == "loglik" else 8)
     # Complete binary outcomes are bool; with an unscored probe they are 0/1/NaN floats.
     assert metric_outcomes(scores, ALL, mode, "counterfactual_accuracy").dtype == bool
     assert metric_outcomes(scores, ALL, mode, "aligned_accuracy").dtype == np.float64

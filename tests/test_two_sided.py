@@ -168,3 +168,80 @@ def test_the_irrelevant_variant_is_opt_in_and_a_control(tokenizer):
     model = make_tiny_llama(tokenizer)
     metrics = ProbeScorer(probes, tokenizer, variants=ALL_VARIANTS).score(model, variants=("context",)).metrics
     assert not any(k.endswith(("irrelevant_robustness", "utilisation")) for k in metrics)
+
+
+# -- which part of the probes carries the decline --------------------------------------------------------------
+
+
+def test_decline_shares_by_hand():
+    from ctx_callback.decline_share import decline_shares, shares_from_counts
+
+    per_probe = np.array([0.3, 0.1, np.nan, -0.1, 0.2])
+    families = ["a", "a", "a", "b", "b"]
+    relations = ["a/x", "a/y", "a/x", None, "b/z"]
+    total = 0.3 + 0.1 - 0.1 + 0.2
+    assert decline_shares(per_probe, families, relations) == pytest.approx({
+        "ctx_reliance/decline_share/a": 0.4 / total, "ctx_reliance/decline_share/b": 0.1 / total,
+        "ctx_reliance/decline_share/a/x": 0.3 / total, "ctx_reliance/decline_share/a/y": 0.1 / total,
+        "ctx_reliance/decline_share/b/z": 0.2 / total})
+    assert decline_shares(-per_probe, families, relations) == {}  # no decline: nothing to split
+    assert decline_shares(None, families) == {}
+    assert shares_from_counts({"a": 3.0, "b": -1.0}) == {"a": 1.5, "b": -0.5}
+
+
+def test_a_real_run_logs_the_decline_split_the_two_sided_controls_and_the_probe_log_fields(tokenizer, tmp_path):
+    from ctx_callback import ContextRelianceCallback
+    from ctx_callback.probe_log import compute_flips, read_probe_rows
+    from tests.helpers import make_trainer
+
+    records = capital_records()
+    for i, record in enumerate(records):  # two families, three relations
+        record["family"] = "east" if i % 2 else "west"
+        record["metadata"] = {"relation": "capital" if i < 4 else "seat"}
+    model = make_tiny_llama(tokenizer)
+    trainer = make_trainer(model, tokenizer, tmp_path, max_steps=30)
+    callback = ContextRelianceCallback(trainer, records, eval_steps=5, variants=ALL_VARIANTS, controls_every=2,
+                                       monitor="counterfactual_probability", verbose=False)
+    trainer.add_callback(callback)
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "ctx_reliance/num_probes" in r]
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20, 25, 30]
+    for event, row in enumerate(rows):  # the controls on the slower clock, as the other controls
+        assert ("ctx_reliance/utilisation" in row) == (event % 2 == 0)
+        assert ("ctx_reliance/irrelevant_robustness" in row) == ("ctx_reliance/aligned_accuracy" in row)
+    log = read_probe_rows(tmp_path / "ctx_reliance_probes.jsonl")
+    assert {r["relation"] for r in log} == {"capital", "seat"}
+    assert all(("robust" in r) == (r["step"] in (0, 10, 20, 30)) for r in log)
+    final = rows[-1]
+    peak_step = int(final["ctx_reliance/peak_step"])
+    assert final["ctx_reliance/decline_from_peak"] > 0.05, "the run must decline for the split to mean anything"
+
+    def p_cf(step):
+        return {r["id"]: 1 / (1 + np.exp(-(r["cf"] - r["par"]))) for r in log if r["step"] == step}
+
+    before, after = p_cf(peak_step), p_cf(30)
+    decline = {i: before[i] - after[i] for i in before}
+    total = sum(decline.values())
+    family = {r["id"]: r["family"] for r in records}
+    relation = {r["id"]: f"{r['family']}/{r['metadata']['relation']}" for r in records}
+    expected = {}
+    for probe_id, value in decline.items():
+        for group in (family[probe_id], relation[probe_id]):
+            key = f"ctx_reliance/decline_share/{group}"
+            expected[key] = expected.get(key, 0.0) + value / total
+    logged = {k: v for k, v in final.items() if k.startswith("ctx_reliance/decline_share/")}
+    assert logged == pytest.approx(expected, abs=1e-3)  # the log rounds scores to 5 decimals
+    assert sum(v for k, v in logged.items() if k.count("/") == 2) == pytest.approx(1.0)
+    summary = callback.summary()
+    assert summary["final_decline_shares"] == pytest.approx({k.split("/", 2)[2]: v for k, v in logged.items()})
+    assert "share of the decline:" in callback.summary_text()
+    # ctx-callback flips splits the counterfactual accuracy's decline by net flips to memory.
+    report = compute_flips(log, peak_step, 30)
+    net = {}
+    for flip in report.flips:
+        step = {"to_memory": 1, "to_context": -1}.get(flip.direction, 0)
+        for group in (flip.family, f"{flip.family}/{flip.relation}"):
+            net[group] = net.get(group, 0) + step
+    total_net = sum(v for k, v in net.items() if "/" not in k)
+    assert total_net > 0, "the accuracy must decline too"
+    assert report.decline_shares() == pytest.approx({k: v / total_net for k, v in net.items()})

@@ -176,6 +176,10 @@ def format_report(report: FlipReport) -> str:
                      None: "closed-book not measured"}[flip.known]
             change = "" if direction != "other" else f" ({flip.before} -> {flip.after})"
             lines.append(f"    {flip.id}{change}  [{known}]")
+    shares = report.decline_shares()
+    if shares:
+        lines.append("\nshare of the counterfactual accuracy's decline (net flips to memory), by family and relation:")
+        lines += [f"  {group}: {share:+.0%}" for group, share in shares.items()]
     return "\n".join(lines)
 
 
