@@ -75,7 +75,6 @@ _EXPORTS = {
 
 __all__ = [
     "ALL_VARIANTS",
-    "DEFAULT_VARIANTS",
     "AuditDataError",
     "AuditResult",
     "BUILTIN_SUITES",
@@ -84,6 +83,7 @@ __all__ = [
     "ConfigurationTypeError",
     "ContextRelianceCallback",
     "CtxCallbackError",
+    "DEFAULT_VARIANTS",
     "DeferredContextRelianceCallback",
     "EncodedProbes",
     "METRICS",

@@ -26,9 +26,11 @@ from .callback_options import (
 )
 from .consumed import ConsumedData, read_audit_categories
 from .decisions import DEFAULT_ALPHA, DEFAULT_MIN_DECLINE, DEFAULT_SUSTAINED_EVENTS, ProbeEvent
+from .diagnostics import DEFAULT_DIAGNOSTIC_PROBES, Diagnostics
 from .distributed import broadcast_from_main, plan_probes
 from .encoding import DEFAULT_VARIANTS
 from .engines.base import device_of
+from .known_facts import DEFAULT_KNOWN_DISTRACTORS
 from .messages import announce, warn
 from .metrics import METRIC_PREFIX
 from .models import max_positions
@@ -95,6 +97,9 @@ class ContextRelianceCallback(TrainerCallback):
         known_only: Before the baseline, keep only probes whose parametric answer the model prefers closed-book
             (no conflict exists where the model does not know the fact); logs kept/total per family. Needs the
             ``closed_book`` variant.
+        known_distractors: ``known_only``: the parametric answer must also beat this many length-matched answers of
+            other probes of its family closed-book (default 3; 0: the counterfactual one alone; :mod:`~ctx_callback.
+            known_facts`).
         monitor: Metric that defines the peak, e.g. ``"counterfactual_probability"`` or
             ``"world_facts/counterfactual_accuracy"``. Default (``None``): ``"counterfactual_probability"`` in
             log-likelihood mode, ``"counterfactual_accuracy"`` in generation mode, chosen by measurement
@@ -108,10 +113,8 @@ class ContextRelianceCallback(TrainerCallback):
         patience: Probe events without improvement before training stops; ``None`` (default) never stops.
         warmup_steps: Never stop before this global step (applies to every stop rule).
         stop_rule: ``None`` (default) or ``"significant_decline"``: stop when the monitored metric is at least
-            ``min_decline`` below its value at the peak event and a paired test on the same probes (exact McNemar
-            for accuracies, the paired t-test for probabilities and margins) is significant at ``alpha``, corrected for
-            the number of events compared (see :mod:`ctx_callback.decisions` and ``docs/stopping.md``). The monitor
-            must have per-probe outcomes (not ``memorization_ratio``).
+            ``min_decline`` below its value at the peak event and a paired test on the same probes (McNemar, paired t)
+            is significant at ``alpha``, corrected for the events compared (:mod:`ctx_callback.decisions`).
         min_decline: ``significant_decline``: smallest decline that may stop, in the metric's units (default 0.02,
             2 points of accuracy: the test guards against noise, this against real but negligible declines).
         alpha: ``significant_decline``: false-stop level for the run (default 0.05).
@@ -123,13 +126,11 @@ class ContextRelianceCallback(TrainerCallback):
         stopping_threshold: Stop once the monitored metric is below this absolute floor (above it for a metric
             where lower is better); ``None`` (default): no such rule. Unlike Lightning's argument of that name, a
             floor, not a target.
-        probe_log: Append every probe's outcome at every event to ``output_dir/ctx_reliance_probes.jsonl`` (main
-            process; rows after the resumed step are dropped on resume, the file starts over on a fresh run) and
-            log the probes that flipped since the peak as a table to W&B (incrementally) and TensorBoard (text).
+        probe_log: Append every probe's outcome at every event to ``output_dir/ctx_reliance_probes.jsonl`` and log
+            the probes that flipped since the peak as a table to W&B and TensorBoard (:mod:`~ctx_callback.probe_log`).
         informative_band: ``(low, high)``: at train begin, keep only the probes whose baseline counterfactual
-            probability ``p_cf / (p_cf + p_par)`` lies within the band (not at the ceiling or the floor, where a
-            probe cannot show a decline or is not following the context anyway); reported per family and kept on
-            resume like ``known_only`` (applied after it). Log-likelihood mode only. ``None`` (default): all.
+            probability lies within the band (not at the ceiling or the floor); log-likelihood mode, after
+            ``known_only``, kept on resume (:mod:`ctx_callback.probe_selection`). ``None`` (default): all.
         save_peak_checkpoint: Save a checkpoint (``checkpoint-{step}``) at each new peak, protected from
             ``save_total_limit`` rotation; ``output_dir`` must be writable (checked at train begin). A save that fails
             later is a warning, never a failed run (:mod:`ctx_callback.peak_checkpoint`).
@@ -155,27 +156,26 @@ class ContextRelianceCallback(TrainerCallback):
             must then not need a control variant.
         verbose: Print the stop message and the train-end summary on the main process. They are always logged
             at INFO level through the ``ctx_callback.callback`` logger as well.
-        on_probe_set_change: A resumed run whose checkpoint was probed with another probe set (compared by digest):
-            ``"error"`` (default) refuses at train begin, before any step, with a
-            :class:`~ctx_callback.errors.ConfigurationError` naming both probe sets; ``"new_curve"`` starts a new
-            reliance curve at the resumed step, with a warning (what is forgotten: :mod:`ctx_callback.resume`; the
-            summary's ``curve_start_step`` says where it began).
+        on_probe_set_change: A resumed run whose checkpoint was probed with another probe set: ``"error"``
+            (default) refuses at train begin, naming both probe sets; ``"new_curve"`` starts a new reliance curve at
+            the resumed step, with a warning (:mod:`ctx_callback.resume`; the summary's ``curve_start_step``).
         audit: An audit of the training dataset (an ``AuditResult`` or the JSONL ``ctx-callback audit --out`` writes):
             every event then logs the share of each category among the examples consumed since the previous event
             (``ctx_reliance/consumed/*``), where the sampler can be followed (:mod:`ctx_callback.consumed`).
+        label_check_every: At events 0, K, 2K, ...: greedy-generate the answers of a probe sample and log how often
+            they agree with the log-likelihood labels (``ctx_reliance/label_check/*``; :mod:`ctx_callback.label_check`).
+        attention_every: At events 0, K, 2K, ...: log the attention share from the answer position to the context
+            tokens on the sample, overall and per layer (``ctx_reliance/attention/*``; :mod:`ctx_callback.attention`).
+        diagnostic_probes: The sample size of those two checks (default 32; :mod:`ctx_callback.diagnostics`).
 
-    More: how sure a stop is, a stop rule firing on the baseline (:mod:`ctx_callback.stopping`); resumed runs
-    (:mod:`ctx_callback.resume`); a failed peak save, never a failed run (:mod:`ctx_callback.peak_checkpoint`); faults
-    in a probe round (:mod:`ctx_callback.probe_round`); the summary (:mod:`ctx_callback.reporting`); the probes
-    ``significant_decline`` needs (:func:`ctx_callback.callback_options.check_significant_probe_count`).
+    More: stops (:mod:`ctx_callback.stopping`), resumes (:mod:`ctx_callback.resume`), peak saves
+    (:mod:`ctx_callback.peak_checkpoint`), round faults (:mod:`ctx_callback.probe_round`), the summary
+    (:mod:`ctx_callback.reporting`), probe counts (:func:`ctx_callback.callback_options.check_significant_probe_count`).
 
     Raises:
-        ConfigurationError: On any invalid argument, at construction (a ``ValueError``; probe files are loaded and
-            validated here, raising ``ProbeSourceError``/``ProbeFormatError``; a chat template that refuses the
-            probe conversation, e.g. one without a system role given ``system_prompt``, is one too). At train
-            begin: when ``save_peak_checkpoint=True`` and ``output_dir`` is not writable; when a resumed
-            checkpoint was probed with another probe set and ``on_probe_set_change="error"``; when a stop rule
-            fires on the baseline (see above); when ``significant_decline`` is left with too few probes.
+        ConfigurationError: An invalid argument, probe file or chat template, at construction (a ``ValueError``). At
+            train begin: an ``output_dir`` a peak cannot be saved to, a resumed run probed with another probe set
+            (``on_probe_set_change="error"``), a stop rule firing on the baseline, too few probes for a stop rule.
         TrainerWiringError: ``trainer`` is not a ``transformers.Trainer``.
     """
 
@@ -197,6 +197,7 @@ class ContextRelianceCallback(TrainerCallback):
         variants: Sequence[str] = DEFAULT_VARIANTS,
         limit_per_family: int | None = None,
         known_only: bool = False,
+        known_distractors: int = DEFAULT_KNOWN_DISTRACTORS,
         monitor: str | None = None,
         greater_is_better: bool | None = None,
         smoothing: str = "ema",
@@ -227,6 +228,9 @@ class ContextRelianceCallback(TrainerCallback):
         verbose: bool = True,
         on_probe_set_change: str = "error",
         audit: Any = None,
+        label_check_every: int | None = None,
+        attention_every: int | None = None,
+        diagnostic_probes: int = DEFAULT_DIAGNOSTIC_PROBES,
     ) -> None:
         options = validate_arguments({name: value for name, value in locals().items() if name != "self"})
         self.monitor = options.monitor
@@ -234,7 +238,8 @@ class ContextRelianceCallback(TrainerCallback):
         self.monitor_family, self.greater_is_better = options.monitor.family, options.monitor.greater_is_better
         self.probes, self._probe_set_sha1, self.decider = options.probes, options.probe_set_sha1, options.decider
         self.informative_band, self.probe_dtype = options.informative_band, options.probe_dtype
-        self.selection = ProbeSelection(self.probes, known_only, options.informative_band)
+        self.selection = ProbeSelection(self.probes, known_only, options.informative_band, known_distractors)
+        self.diagnostics = Diagnostics(label_check_every, attention_every, diagnostic_probes, strict)
         self.checkpointer, self.reports = PeakCheckpointer(trainer, strict), ProbeReports(strict)
         self.trainer, self.tokenizer, self.prompt_format, self.mode = trainer, tokenizer, prompt_format, mode
         self.eval_steps, self.probe_on, self.probe_at_start, self.probe_at_end = eval_steps, probe_on, \
@@ -327,6 +332,8 @@ class ContextRelianceCallback(TrainerCallback):
         flips = self.reports.flip_counts(preferred, decision.peak.is_new_peak)
         row = event_row(metrics, result, self.probes, self.monitor, decision, flips, value, step)
         row.update(self.consumed.row(self.last_probe_step, step) if self.consumed else {})
+        row.update(self.diagnostics.row(self.scorer, model, plan, self.selection.indices(), result,
+                                        self.probe_events - 1))  # the event index, counted as controls_every
         self.row_logger.log(row, control)
         # What on_evaluate hands to metric_for_best_model: NaN for a flagged round, so it is never the Trainer's best.
         self.latest_metrics = {k: math.nan for k in metrics} if nonfinite else metrics
@@ -436,14 +443,7 @@ class ContextRelianceCallback(TrainerCallback):
     def summary(self, restored: bool = False) -> dict[str, Any]:
         """Baseline, peak and final values of the monitored metric, the stop step and the peak checkpoint: every
         field is described by :func:`~ctx_callback.reporting.summarize`."""
-        tracker, checkpointer = self.decider.tracker, self.checkpointer
-        started = self.trainer is not None and self.train_start_step is not None
-        end_step = int(self.trainer.state.global_step) if started else None
-        return reporting.summarize(reporting.RunFacts(
-            self.monitor_key, self.history, tracker.peak_step, tracker.peak_value, tracker.num_events, self.stop_step,
-            self.stop_reason, self.stop_rule_name, checkpointer.peak_checkpoint, checkpointer.peak_save_error,
-            checkpointer.restored_from, end_step, self.train_start_step, self.probe_seconds_total,
-            self.selection.known_counts, self.curve_start_step), restored)
+        return reporting.summarize(reporting.run_facts(self), restored)
 
     def summary_text(self, restored: bool = False) -> str:
         """The summary as the lines printed at train end."""

@@ -21,7 +21,9 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 
 from .decisions import RECOMMENDED_PROBES, min_probes_for_significance
+from .diagnostics import check_diagnostics
 from .errors import ConfigurationError, TrainerWiringError
+from .known_facts import check_distractors
 from .messages import rank_zero_warn
 from .metrics import CONFIDENCE, METRIC_PREFIX, metric_spec
 from .monitor import NEEDS_PARAMETRIC, Monitor, parse_monitor
@@ -123,6 +125,8 @@ def _check_plain(a: dict[str, Any]) -> None:
         )
     if a["known_only"] and "closed_book" not in a["variants"]:
         raise ConfigurationError("known_only=True needs the 'closed_book' variant in variants=.")
+    check_distractors(a["known_distractors"])
+    check_diagnostics(a["label_check_every"], a["attention_every"], a["diagnostic_probes"], a["mode"])
 
 
 def _check_keep_best(a: dict[str, Any]) -> None:

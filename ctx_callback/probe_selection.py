@@ -58,6 +58,8 @@ class ProbeSelection:
         probes: Every probe of the callback.
         known_only: Keep the probes the model knows closed-book.
         informative_band: ``(low, high)`` of baseline counterfactual probability, or ``None``.
+        known_distractors: ``known_only``: length-matched distractors the parametric answer must also beat
+            (:mod:`ctx_callback.known_facts`).
 
     Attributes:
         active_indices: Indices of the monitored probes, or ``None`` (all; or not selected yet).
@@ -65,9 +67,10 @@ class ProbeSelection:
     """
 
     def __init__(self, probes: Sequence[Probe], known_only: bool = False,
-                 informative_band: tuple[float, float] | None = None) -> None:
+                 informative_band: tuple[float, float] | None = None, known_distractors: int = 0) -> None:
         self.probes = list(probes)
         self.known_only = known_only
+        self.known_distractors = known_distractors
         self.informative_band = informative_band
         self.reset()
 
@@ -108,9 +111,12 @@ class ProbeSelection:
             ConfigurationError: The selection kept no probe.
         """
         if self.known_only and self.active_indices is None:
-            self.active_indices, self.known_counts = scorer.known_probe_indices(model)
-            summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" for f, c in sorted(self.known_counts.items()))
-            rank_zero_info("knowledge verification kept %d/%d probes (%s).", len(self.active_indices),
+            self.active_indices, self.known_counts = scorer.known_probe_indices(model, self.known_distractors)
+            summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" + (
+                f" ({c['known_without_distractors']} without the distractors)" if "known_without_distractors" in c
+                else "") for f, c in sorted(self.known_counts.items()))
+            rank_zero_info("knowledge verification (parametric answer above the counterfactual one and %d distractors) "
+                           "kept %d/%d probes (%s).", self.known_distractors, len(self.active_indices),
                            len(self.probes), summary)
             if not self.active_indices:
                 raise ConfigurationError(

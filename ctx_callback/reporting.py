@@ -28,7 +28,7 @@ from .outcomes import SUMMARY_FILE
 from .peak_checkpoint import RESTORED_FROM_BASELINE
 from .reliance_row import CI_HIGH_SUFFIX, CI_LOW_SUFFIX, KEY_DECLINE, KEY_DECLINE_HIGH, KEY_DECLINE_LOW, KEY_DECLINE_P
 
-__all__ = ["PLOT_FILE", "RunFacts", "summarize", "summary_text", "write_plot", "write_summary"]
+__all__ = ["PLOT_FILE", "RunFacts", "run_facts", "summarize", "summary_text", "write_plot", "write_summary"]
 
 #: The reliance plot's file name, in the trainer's ``output_dir``.
 PLOT_FILE = "ctx_reliance.png"
@@ -73,6 +73,18 @@ class RunFacts:
     probe_seconds_total: float
     known_counts: dict[str, dict[str, int]] | None
     curve_start_step: int | None
+
+
+def run_facts(callback: Any) -> RunFacts:
+    """The :class:`RunFacts` of a :class:`~ctx_callback.ContextRelianceCallback` as it is now."""
+    tracker, checkpointer, trainer = callback.decider.tracker, callback.checkpointer, callback.trainer
+    started = trainer is not None and callback.train_start_step is not None
+    end_step = int(trainer.state.global_step) if started else None
+    return RunFacts(
+        callback.monitor_key, callback.history, tracker.peak_step, tracker.peak_value, tracker.num_events,
+        callback.stop_step, callback.stop_reason, callback.stop_rule_name, checkpointer.peak_checkpoint,
+        checkpointer.peak_save_error, checkpointer.restored_from, end_step, callback.train_start_step,
+        callback.probe_seconds_total, callback.selection.known_counts, callback.curve_start_step)
 
 
 def summarize(facts: RunFacts, restored: bool = False) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from .engines.base import device_of
 from .errors import ConfigurationError
 from .formatting import resolve_prompt_format
 from .isolation import probe_mode
+from .known_facts import distractor_items, length_matched_distractors
 from .matching import answer_hits, normalize_answer
 from .memory_backoff import log_recovered_round, run_with_backoff, smaller_budget
 from .metrics import ScoreTable, compute_metrics
@@ -348,6 +349,16 @@ class ProbeScorer:
                     scored[r, c] = True
         return scores, scored, generations
 
+    def generate(self, model: torch.nn.Module, probe_indices: Sequence[int],
+                 variant: str = "context") -> dict[int, str]:
+        """Greedy answers to ``variant``'s prompt of the probes ``probe_indices`` (probe index -> output), whatever the
+        scorer's mode, under :func:`probe_mode` (the label check of :mod:`ctx_callback.label_check`). With
+        :attr:`synced_gpus`, every rank must pass the same number of probes."""
+        items = [item for item in self.encoded.items_for(list(probe_indices)) if item.variant == variant]
+        with probe_mode(model), probe_autocast(model, self.probe_dtype):
+            texts = self.generation_engine.generate(model, items, synced_gpus=self.synced_gpus) if items else []
+        return {item.probe_index: text for item, text in zip(items, texts)}
+
     def _hits(self, item: EncodedItem, text: str) -> list[bool]:
         """Generation mode: which of the item's answers ``text`` names (the irrelevant variant's are the lure and the
         parametric answer)."""
@@ -385,12 +396,16 @@ class ProbeScorer:
         self._fallback_engine.set_batcher(batcher)
         self.generation_engine.set_batcher(batcher)
 
-    def known_probe_indices(self, model: torch.nn.Module) -> tuple[list[int], dict[str, dict[str, int]]]:
+    def known_probe_indices(self, model: torch.nn.Module,
+                            distractors: int = 0) -> tuple[list[int], dict[str, dict[str, int]]]:
         """Knowledge verification: probes whose parametric answer the model prefers closed-book (multiple choice: over
-        every other option; a probe whose parametric option is unknown is never kept).
+        every other option; a probe whose parametric option is unknown is never kept), and with ``distractors=k``
+        also over ``k`` length-matched answers of other probes of its family (:mod:`ctx_callback.known_facts`).
 
         Returns:
-            ``(indices, counts)`` where counts maps each family to ``{"kept": k, "total": n}``.
+            ``(indices, counts)`` where counts maps each family to ``{"kept": k, "total": n}``, with
+            ``"known_without_distractors"`` (the probes that passed the counterfactual comparison) when
+            ``distractors > 0``.
         """
         if "closed_book" not in self.variants:
             raise ValueError("knowledge verification needs the 'closed_book' variant.")
@@ -401,16 +416,31 @@ class ProbeScorer:
             known = table.parametric_wins("closed_book") == 1  # multiple choice: over every other option
         else:
             known = (table.parametric("closed_book") == 1) & (table.counterfactual("closed_book") == 0)
+        beats = self._beats_distractors(model, distractors) if distractors else None
         counts: dict[str, dict[str, int]] = {}
         kept = []
         for row, index in enumerate(result.probe_indices):
             family = self.probes[int(index)].family
             entry = counts.setdefault(family, {"kept": 0, "total": 0})
             entry["total"] += 1
-            if known[row]:
+            if beats is not None:
+                entry["known_without_distractors"] = entry.get("known_without_distractors", 0) + int(known[row])
+            if known[row] and (beats is None or beats[int(index)]):
                 entry["kept"] += 1
                 kept.append(int(index))
         return kept, counts
+
+    def _beats_distractors(self, model: torch.nn.Module, k: int) -> list[bool]:
+        """Per probe: the parametric answer scores above each of its ``k`` distractors closed-book (``True`` for a
+        probe without distractors)."""
+        distractors = length_matched_distractors(self.probes, self.tokenizer, k)
+        items = distractor_items(self.probes, distractors, self.tokenizer, self.prompt_format)
+        beats = [True] * len(self.probes)
+        with probe_mode(model), probe_autocast(model, self.probe_dtype):
+            scores = self._fallback_engine.score(model, items) if items else []
+        for item, values in zip(items, scores):
+            beats[item.probe_index] = bool(values[0] > max(values[1:]))
+        return beats
 
     # -- orchestration --------------------------------------------------------------------------------------------
     def _loglik(self, model: torch.nn.Module, items: list[EncodedItem]) -> list[tuple[float, ...]]:

@@ -61,6 +61,8 @@ class ContextRelianceArguments:
         "help": "probe rows to score: 'context' (always), 'closed_book', 'aligned', 'irrelevant'"})
     ctx_limit_per_family: int | None = _option(None, "use at most this many probes per family")
     ctx_known_only: bool = _option(False, "keep only probes the model answers right closed-book at the start")
+    ctx_known_distractors: int = _option(3, "ctx_known_only: length-matched distractors the true answer must also "
+                                            "beat closed-book (0: the counterfactual answer alone)")
     ctx_monitor: str | None = _option(None, "the metric that defines the peak (default: counterfactual_probability "
                                             "in loglik mode, counterfactual_accuracy in generate mode)")
     ctx_greater_is_better: bool | None = _option(None, "direction of ctx_monitor (default: inferred)")
@@ -96,11 +98,17 @@ class ContextRelianceArguments:
     ctx_engine: str = _option("auto", "scoring engine: 'auto', 'prefix', 'batched' or 'simple'")
     ctx_probe_dtype: str | None = _option(None, "precision of the probe forwards: 'bfloat16', 'float16' (CUDA) or "
                                                 "unset (the training step's)")
-    ctx_controls_every: int = _option(1, "score the closed_book/aligned variants on every K-th probe event only")
+    ctx_controls_every: int = _option(1, "score the control variants (all but 'context') on every K-th probe event "
+                                         "only")
     ctx_verbose: bool = _option(True, "print the stop message and the train-end summary")
     ctx_on_probe_set_change: str = _option("error", "on resume with another probe set: 'error' or 'new_curve'")
     ctx_audit: str | None = _option(None, "the training data's audit (`ctx-callback audit --out FILE`): log the share "
                                     "of each category consumed between probe events")
+    ctx_label_check_every: int | None = _option(None, "every K-th probe event: check the log-likelihood labels of a "
+                                                      "probe sample against greedy generation")
+    ctx_attention_every: int | None = _option(None, "every K-th probe event: log the attention share from the answer "
+                                                    "position to the context tokens on a probe sample")
+    ctx_diagnostic_probes: int = _option(32, "the sample size of the label check and the attention share")
 
     def callback_kwargs(self) -> dict[str, Any]:
         """The callback's keyword arguments: each field's value under its name without ``ctx_``.

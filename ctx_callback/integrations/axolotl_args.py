@@ -59,9 +59,11 @@ class ContextRelianceArgs(BaseModel):
     ctx_reliance_probe_at_start: bool = _strict(True, "Probe once before the first step (the baseline).")
     ctx_reliance_probe_at_end: bool = _strict(True, "Probe at the last step.")
     ctx_reliance_mode: str = _strict("loglik", "'loglik' or 'generate'.")
-    ctx_reliance_variants: list[str] = _strict(["context", "closed_book", "aligned"], "Probe variants to score.")
+    ctx_reliance_variants: list[str] = _strict(["context", "closed_book", "aligned"], "Probe variants to score "
+                                               "(`irrelevant` adds the irrelevant-context control).")
     ctx_reliance_limit_per_family: int | None = _strict(None, "At most this many probes per family.")
     ctx_reliance_known_only: bool = _strict(False, "Keep only probes the model answers right closed-book.")
+    ctx_reliance_known_distractors: int = _strict(3, "known_only: length-matched distractors to beat as well.")
     ctx_reliance_monitor: str | None = _strict(None, "Metric that defines the peak (default by mode).")
     ctx_reliance_greater_is_better: bool | None = _strict(None, "Direction of the monitor (default inferred).")
     ctx_reliance_smoothing: str = _strict("ema", "'ema', 'mean' or 'none'.")
@@ -96,6 +98,11 @@ class ContextRelianceArgs(BaseModel):
     ctx_reliance_on_probe_set_change: str = _strict("error", "On resume with other probes: 'error' or 'new_curve'.")
     ctx_reliance_audit: str | None = _strict(
         None, "The training data's audit JSONL: log the share of each category consumed between probe events.")
+    ctx_reliance_label_check_every: int | None = _strict(
+        None, "Every K-th probe event: check log-likelihood labels against greedy generation on a sample.")
+    ctx_reliance_attention_every: int | None = _strict(
+        None, "Every K-th probe event: log the attention share to the context tokens on a sample.")
+    ctx_reliance_diagnostic_probes: int = _strict(32, "The sample size of the label check and the attention share.")
 
     @model_validator(mode="before")
     @classmethod
