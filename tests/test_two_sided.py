@@ -245,3 +245,177 @@ def test_a_real_run_logs_the_decline_split_the_two_sided_controls_and_the_probe_
     total_net = sum(v for k, v in net.items() if "/" not in k)
     assert total_net > 0, "the accuracy must decline too"
     assert report.decline_shares() == pytest.approx({k: v / total_net for k, v in net.items()})
+
+
+# -- known facts, checked with distractors ---------------------------------------------------------------------
+
+
+def test_distractors_are_other_probes_answers_of_the_family_closest_in_token_length(tokenizer):
+    from ctx_callback.known_facts import length_matched_distractors
+
+    records = [{"id": f"p{i}", "family": "f", "context": f"c{i} is {fake}.", "question": f"q{i}?",
+                "counterfactual_answer": fake, "parametric_answer": true}
+               for i, (true, fake) in enumerate([("Paris", "Lyon"), ("Buenos Aires", "Rosario"), ("Rome", "Milan"),
+                                                 ("Kuala Lumpur", "Penang"), ("Lyon", "Nice")])]
+    records.append({**records[0], "id": "other", "family": "g"})
+    probes = probes_from_records(records)
+    length = {a: len(tokenizer(" " + a, add_special_tokens=False)["input_ids"])
+              for a in ("Paris", "Buenos Aires", "Rome", "Kuala Lumpur", "Lyon")}
+    chosen = length_matched_distractors(probes, tokenizer, 2)
+    # p0 (Paris vs Lyon): Lyon is its own counterfactual answer, never a distractor; the rest by length distance.
+    others = ["Buenos Aires", "Rome", "Kuala Lumpur"]
+    expected = sorted(others, key=lambda a: (abs(length[a] - length["Paris"]), others.index(a)))[:2]
+    assert list(chosen[0]) == expected
+    assert all(len(c) == 2 and probes[i].parametric_answer not in c for i, c in enumerate(chosen[:5]))
+    assert chosen[5] == ()  # alone in its family
+    assert length_matched_distractors(probes, tokenizer, 0) == [()] * 6
+
+
+def test_known_only_with_distractors_equals_a_hand_computation(tokenizer):
+    from ctx_callback.known_facts import distractor_items, length_matched_distractors
+
+    probes = probes_from_records(capital_records())
+    model = make_tiny_llama(tokenizer)
+    scorer = ProbeScorer(probes, tokenizer)
+    plain, plain_counts = scorer.known_probe_indices(model)
+    strict, counts = scorer.known_probe_indices(model, distractors=3)
+    closed = {i.probe_index: i for i in scorer.encoded.items if i.variant == "closed_book"}
+    hand_plain = [i for i, item in closed.items()
+                  if hand_logprob(model, item.prompt_ids, item.answer_ids[1])
+                  > hand_logprob(model, item.prompt_ids, item.answer_ids[0])]
+    extra = distractor_items(probes, length_matched_distractors(probes, tokenizer, 3), tokenizer,
+                             scorer.prompt_format)
+    assert [len(item.answer_ids) for item in extra] == [4] * 7 and extra[0].prompt_ids == closed[0].prompt_ids
+    beats = {item.probe_index: all(hand_logprob(model, item.prompt_ids, item.answer_ids[0])
+                                   > hand_logprob(model, item.prompt_ids, ids) for ids in item.answer_ids[1:])
+             for item in extra}
+    assert plain == sorted(hand_plain)
+    assert strict == [i for i in hand_plain if beats[i]]
+    assert len(strict) < len(plain)  # the distractors removed some: the comparison is not vacuous
+    assert counts == {"capitals": {"kept": len(strict), "total": 7, "known_without_distractors": len(plain)}}
+    assert plain_counts == {"capitals": {"kept": len(plain), "total": 7}}
+
+
+# -- labels checked against generation ----------------------------------------------------------------------------
+
+
+def test_label_counts_by_hand():
+    from ctx_callback.label_check import label_counts, sample_indices
+    from ctx_callback.score_results import ScoreResult
+
+    probes = probes_from_records(capital_records(4))
+    scores = np.array([[[-1.0, -2.0]], [[-3.0, -1.0]], [[-1.0, -2.0]], [[-1.0, -2.0]]])  # labels cf, par, cf, cf
+    result = ScoreResult(np.arange(4), ("context",), scores, None, "loglik", 0.0)
+    texts = {0: "Lyon.", 1: "It is Osaka", 2: "Milan or Rome", 3: "I do not know"}  # agree, disagree, both, none
+    assert label_counts(texts, result, probes) == (1, 2, 4)  # agree, undecided (both; neither), n
+    assert sample_indices(range(10), 4) == [0, 3, 6, 9] and sample_indices([5, 1], 4) == [1, 5]
+
+
+def test_the_label_check_on_smollm2_equals_a_hand_computation(smollm2_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from ctx_callback.distributed import ProbePlan
+    from ctx_callback.label_check import KEYS, label_row
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    probes = load_probes("world_facts", limit_per_family=12)
+    scorer = ProbeScorer(probes, tokenizer, max_new_tokens=12)
+    result = scorer.score_raw(model, variants=("context",))
+    sample = [0, 2, 4, 6, 8, 10]
+    row = label_row(scorer, model, ProbePlan(list(range(12)), 0, 1, False), sample, result)
+    agree = undecided = 0
+    for index in sample:  # one unbatched greedy generation per probe; a substring test of the answers
+        item = next(i for i in scorer.encoded.items if i.probe_index == index and i.variant == "context")
+        with torch.no_grad():
+            out = model.generate(torch.tensor([item.prompt_ids]), max_new_tokens=12, do_sample=False)
+        text = tokenizer.decode(out[0, len(item.prompt_ids):], skip_special_tokens=True).lower()
+        named = [answer.lower() in text for answer in probes[index].answers]
+        if sum(named) != 1:
+            undecided += 1
+        else:
+            cf, par = result.scores[index, 0]
+            agree += named.index(True) == (0 if cf > par else 1)
+    assert row[KEYS["probes"]] == 6
+    assert row[KEYS["agreement"]] == pytest.approx(agree / 6)
+    assert row[KEYS["undecided_rate"]] == pytest.approx(undecided / 6)
+    assert row[KEYS["agreement"]] >= 0.5  # a real model mostly says what its log-likelihoods prefer
+    assert row[KEYS["agreement_ci_low"]] <= row[KEYS["agreement"]] <= row[KEYS["agreement_ci_high"]]
+
+
+# -- attention to the context --------------------------------------------------------------------------------------
+
+
+def test_attention_shares_equal_a_hand_computation_with_an_eager_model(tokenizer):
+    from ctx_callback.attention import ContextSpans, context_shares
+
+    probes = probes_from_records(capital_records())
+    model = make_tiny_llama(tokenizer, seed=2)
+    eager = make_tiny_llama(tokenizer, seed=2, attn_implementation="eager")
+    assert model.config._attn_implementation == "sdpa"
+    scorer = ProbeScorer(probes, tokenizer)
+    spans = ContextSpans(scorer.encoded.items, probes, tokenizer, False)
+    shares = context_shares(model, spans, range(len(probes)))
+    assert model.config._attn_implementation == "sdpa"  # restored
+    for item in (i for i in scorer.encoded.items if i.variant == "context"):
+        # The context's tokens by decoding the prompt token by token (not by offsets).
+        start = item.prompt_text.index(probes[item.probe_index].context)
+        end = start + len(probes[item.probe_index].context)
+        position, inside = 0, []
+        for t, token in enumerate(item.prompt_ids):
+            piece = tokenizer.decode([token])
+            if position < end and position + len(piece) > start and piece:
+                inside.append(t)
+            position += len(piece)
+        with torch.no_grad():
+            attentions = eager(input_ids=torch.tensor([item.prompt_ids]), output_attentions=True).attentions
+        last = len(item.prompt_ids) - 1
+        hand = [float(layer[0, :, last, inside].sum(-1).mean()) for layer in attentions]
+        np.testing.assert_allclose(shares[item.probe_index], hand, atol=1e-6)
+        assert 0 < min(hand) and max(hand) < 1
+
+
+def test_eager_attention_restores_the_implementation_after_an_error(tokenizer):
+    from ctx_callback.attention import eager_attention
+
+    model = make_tiny_llama(tokenizer)
+    with pytest.raises(RuntimeError, match="boom"), eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_training_with_every_diagnostic_is_bit_identical_to_training_without(tokenizer, tmp_path):
+    from ctx_callback import ContextRelianceCallback
+    from tests.helpers import make_trainer
+
+    finals = []
+    for name, extra in (("plain", {}), ("checked", dict(label_check_every=1, attention_every=1, diagnostic_probes=4,
+                                                           variants=ALL_VARIANTS, max_new_tokens=3))):
+        model = make_tiny_llama(tokenizer)
+        trainer = make_trainer(model, tokenizer, tmp_path / name, max_steps=6)
+        callback = ContextRelianceCallback(trainer, capital_records(), eval_steps=2, verbose=False, **extra)
+        trainer.add_callback(callback)
+        trainer.train()
+        rows = [r for r in trainer.state.log_history if "ctx_reliance/num_probes" in r]
+        assert len(rows) == 4
+        if extra:
+            assert all(r["ctx_reliance/label_check/probes"] == 4 and r["ctx_reliance/attention/probes"] == 4
+                       for r in rows)
+            assert all(f"ctx_reliance/attention/layer_{i:02d}" in rows[0] for i in range(2))
+        assert model.config._attn_implementation == "sdpa" and model.training
+        finals.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_diagnostic_arguments_are_checked(tokenizer):
+    from ctx_callback import ContextRelianceCallback
+    from ctx_callback.errors import ConfigurationError
+
+    for kwargs, match in ((dict(label_check_every=0), "label_check_every must be None"),
+                          (dict(attention_every=True), "attention_every must be None"),
+                          (dict(diagnostic_probes=0), "diagnostic_probes must be an integer"),
+                          (dict(label_check_every=2, mode="generate"), "needs mode='loglik'"),
+                          (dict(known_only=True, known_distractors=-1), "known_distractors must be")):
+        with pytest.raises(ConfigurationError, match=match):
+            ContextRelianceCallback(None, capital_records(), tokenizer=tokenizer, **kwargs)
