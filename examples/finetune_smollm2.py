@@ -32,7 +32,7 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from ctx_callback import ContextRelianceCallback, load_probes
+from ctx_callback import ALL_VARIANTS, ContextRelianceCallback, load_probes
 from ctx_callback.models import SMOLLM2_ALIAS, load_model_and_tokenizer
 
 
@@ -101,6 +101,11 @@ def parse_args(argv=None):
     parser.add_argument("--save-steps", type=int, default=0,
                         help="also save a weights-only checkpoint every N steps, none rotated (for `ctx-callback scan` "
                              "afterwards); 0 = only the callback's peak checkpoints")
+    parser.add_argument("--two-sided", action="store_true",
+                        help="also score the aligned and irrelevant-context controls, check the log-likelihood labels "
+                             "against generation and log the attention share to the context at every event")
+    parser.add_argument("--diagnostic-probes", type=int, default=32,
+                        help="--two-sided: probes the label check and the attention share look at")
     return parser.parse_args(argv)
 
 
@@ -126,8 +131,12 @@ def main(argv=None, train_dataset=None) -> dict:
         max_length=256, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    observe: dict = dict(variants=("context", "closed_book"))
+    if args.two_sided:  # every control, and the label check and the attention share at every event
+        observe = dict(variants=ALL_VARIANTS, label_check_every=1, attention_every=1,
+                       diagnostic_probes=args.diagnostic_probes)
     callback = ContextRelianceCallback(
-        trainer, probed, limit_per_family=args.probes_per_family, variants=("context", "closed_book"),
+        trainer, probed, limit_per_family=args.probes_per_family, **observe,
         eval_steps=args.eval_steps, warmup_steps=args.eval_steps * 3,
         patience=None if args.no_stop or args.stop_rule else args.patience,
         stop_rule=None if args.no_stop else args.stop_rule,

@@ -67,10 +67,12 @@ def assert_rows_equal_one_process(ranks, num_probes=7):
             # Replicated parameters: each rank scored its round-robin share in other batches than the one-process
             # re-score, so the metrics agree up to float32 summation order (see METRIC_ATOL), not bit for bit.
             for key, value in single.items():
+                if key.endswith("/seconds"):  # the diagnostics' cost, per process
+                    continue
                 assert row[key] == pytest.approx(value, abs=METRIC_ATOL, nan_ok=True), (rank["rank"], row["step"], key)
     # Both ranks logged identical numbers at identical steps. Exact by construction: every rank computes the metrics
     # from the same gathered per-probe arrays (sharded path: rank 0's result, broadcast).
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "ctx_reliance/probe_seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
     assert strip(ranks[0]["rows"]) == strip(ranks[1]["rows"])
 
 
@@ -81,6 +83,11 @@ def test_two_process_ddp_loglik_sharded_probing_and_early_stop(runs):
     assert [r["stop_step"] for r in ranks] == [4, 4]
     assert [r["global_step"] for r in ranks] == [4, 4]
     assert [row["step"] for row in ranks[0]["rows"]] == [0, 2, 4]
+    # The label check at every event, the attention share at events 0 and 2 (steps 0 and 4), on 5 probes split
+    # over the ranks: equal to one process above.
+    rows = ranks[0]["rows"]
+    assert [r.get("ctx_reliance/label_check/probes") for r in rows] == [5, 5, 5]
+    assert [r.get("ctx_reliance/attention/probes") for r in rows] == [5, None, 5]
 
 
 def test_two_process_ddp_mixed_multiple_choice_and_two_answer_round(runs):

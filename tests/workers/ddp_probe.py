@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import ctx_callback.distributed as distributed  # noqa: E402
+from ctx_callback.distributed import ProbePlan  # noqa: E402
 from ctx_callback import ALL_VARIANTS, ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
 from tests.helpers import (  # noqa: E402
     PROBES,
@@ -52,7 +53,13 @@ class Rescore(TrainerCallback):
 
     def _record(self, state, model):
         if self.callback.last_probe_step == state.global_step and state.global_step not in self.rows:
-            self.rows[state.global_step] = self.scorer.score(model).metrics
+            report = self.scorer.score(model)
+            self.rows[state.global_step] = report.metrics
+            # The label check and the attention share as one process computes them (every probe on this rank).
+            everything = ProbePlan(list(range(len(self.scorer.probes))), 0, 1, False)
+            self.rows[state.global_step].update(self.callback.diagnostics.row(
+                self.scorer, model, everything, self.callback.selection.indices(), report.result,
+                self.callback.probe_events - 1))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._record(state, model)
@@ -86,6 +93,8 @@ def run(tokenizer_dir, out_dir, mode, sharded):
     kwargs = dict(eval_steps=2, variants=ALL_VARIANTS, mode=mode, max_new_tokens=3)
     if mode == "loglik" and probes is PROBES:  # a stop independent of the training dynamics: no event can improve
         kwargs.update(patience=1, min_delta=10.0, warmup_steps=4)
+    if sharded == "replicated" and mode == "loglik":  # the diagnostics shard their sample like a round
+        kwargs.update(label_check_every=1, attention_every=2, diagnostic_probes=5)
     if sharded == "fail_on_rank1":
         kwargs["engine"] = "batched"
     callback = ContextRelianceCallback(trainer, probes, **kwargs)
