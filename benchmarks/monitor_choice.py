@@ -206,6 +206,34 @@ def candidates() -> dict[str, tuple[tuple[str, ...], str]]:
     return out
 
 
+#: Candidates read from the callback's own logged rows (``ctx_reliance_summary.json``), where the run logged them
+#: (``examples/finetune_smollm2.py --two-sided``): the two-sided controls and diagnostics of issue 22. Not resampled
+#: (no bootstrap interval): the attention share and the label check are on the callback's 32-probe sample.
+LOGGED = {
+    "logged: attention/context_share": "ctx_reliance/attention/context_share",
+    "logged: irrelevant_robustness": "ctx_reliance/irrelevant_robustness",
+    "logged: utilisation": "ctx_reliance/utilisation",
+    "logged: aligned_accuracy": "ctx_reliance/aligned_accuracy",
+    "logged: label_check/agreement": "ctx_reliance/label_check/agreement",
+    "logged: ambiguous_rate": "ctx_reliance/ambiguous_rate",
+}
+
+
+def _logged_rows(run_dir: Path) -> dict[int, dict[str, float]]:
+    """The callback's rows of the run, by step (empty when the run wrote no summary)."""
+    path = run_dir / "ctx_reliance_summary.json"
+    if not path.is_file():
+        return {}
+    return {int(row["step"]): row for row in json.loads(path.read_text())["history"]}
+
+
+def _logged_series(run_dir: Path, steps: list[int]) -> dict[str, np.ndarray]:
+    """The :data:`LOGGED` candidates the run logged at every one of ``steps``."""
+    rows = _logged_rows(run_dir)
+    return {name: np.array([rows[s][key] for s in steps]) for name, key in LOGGED.items()
+            if all(s in rows and key in rows[s] for s in steps)}
+
+
 def fall_event(values: np.ndarray) -> int | None:
     """First event after the maximum where the series has lost at least half of its eventual decline."""
     peak = int(np.argmax(values))
@@ -268,8 +296,10 @@ def analyze(run_dirs: list[Path], markdown: bool, resamples: int = 200) -> dict:
             boot.setdefault(name, []).extend(values)
         ref_peak = int(np.argmax(reference))
         ref_fall = fall_event(reference)
-        for name, (families, metric) in candidates().items():
-            series = np.array([_union(mon[s], families, metric) for s in steps])
+        series_of = {name: np.array([_union(mon[s], families, metric) for s in steps])
+                     for name, (families, metric) in candidates().items()}
+        series_of.update(_logged_series(run, steps))
+        for name, series in series_of.items():
             if np.isnan(series).any():
                 continue
             def rho_with(target, series=series):

@@ -16,7 +16,11 @@ after it (in probe order, wrapping around) of the same family, preferring one wi
 - the lure must not overlap any of *i*'s answers (:func:`~ctx_callback.matching.answers_overlap`), and the passage
   must not name one of them (else it would be relevant after all).
 
-A probe with no such partner, or without a known parametric answer, has no irrelevant row (like the aligned control).
+A probe whose context is an instruction about the answer (``metadata["context_kind"] == "instruction"``: the built-in
+``quotes`` suite and the ``memotrap`` preset, *Write a quote that ends in the word "heavy"*) never lends it: such a
+passage applies to any question, so borrowing it makes a second counterfactual probe, not an irrelevant one. A probe
+with no partner, or without a known parametric answer, has no irrelevant row (like the aligned control); metrics over
+the irrelevant variant skip it.
 The pairing depends only on the probe list, so every rank, every resumed run and ``ctx-callback scan`` build the same
 passages. A two-answer probe is scored on ``(lure, parametric answer)``; a multiple-choice probe on its own options
 (the passage names none of them), and is robust when its parametric option still wins.
@@ -30,7 +34,11 @@ from dataclasses import dataclass
 from .matching import answer_hits, answers_overlap, contains_answer, match_answers
 from .probes import Probe
 
-__all__ = ["IrrelevantPassage", "irrelevant_passages", "probe_answer_texts"]
+__all__ = ["INSTRUCTION", "IrrelevantPassage", "irrelevant_passages", "probe_answer_texts"]
+
+#: ``metadata["context_kind"]`` of a probe whose context is an instruction about the answer (MemoTrap: *Write a quote
+#: that ends in the word "heavy"*): it applies to any question, so it is never lent as an irrelevant passage.
+INSTRUCTION = "instruction"
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,10 @@ def probe_answer_texts(probe: Probe) -> tuple[str, ...]:
 
 
 def _passage_of(source: Probe) -> tuple[str, str] | None:
-    """``(passage, lure)`` that ``source`` lends: its aligned context and parametric answer, else its context."""
+    """``(passage, lure)`` that ``source`` lends: its aligned context and parametric answer, else its context;
+    ``None`` for an instruction (``metadata["context_kind"] == "instruction"``)."""
+    if source.metadata and source.metadata.get("context_kind") == INSTRUCTION:
+        return None
     aligned = source.aligned()
     if aligned is not None and source.parametric_answer is not None:
         return aligned, source.parametric_answer
@@ -105,7 +116,7 @@ def _partner(probe: Probe, index: int, probes: Sequence[Probe], family: list[int
     ordered = [p for p in ring if relation is not None and _relation(p) == relation]
     ordered += [p for p in ring if relation is None or _relation(p) != relation]
     for source in ordered:
-        passage, lure = _passage_of(source)
-        if _serves(probe, passage, lure):
-            return IrrelevantPassage(source.id, passage, lure)
+        lent = _passage_of(source)
+        if lent is not None and _serves(probe, *lent):
+            return IrrelevantPassage(source.id, *lent)
     return None

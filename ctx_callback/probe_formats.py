@@ -199,6 +199,8 @@ def _from_memotrap(record: Mapping[str, Any], where: str, mapping: Mapping[str, 
         "question": match.group(2).strip(),
         "counterfactual_answer": clean(classes[index]),
         "parametric_answer": clean(classes[1 - index]),
+        # An instruction about the answer applies to any question: never lent as an irrelevant passage.
+        "metadata": {"context_kind": "instruction"},
     }
 
 

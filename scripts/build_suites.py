@@ -766,6 +766,7 @@ def quotes() -> list[dict]:
             metadata={
                 "relation": "proverb_ending", "template": t, "question_template": q,
                 "saying": saying, "prefix": prefix, "counterfactual_saying": f"{prefix} {alt}",
+                "context_kind": "instruction",  # never lent as an irrelevant passage (ctx_callback.irrelevant)
             },
         ))
     return rows

@@ -27,7 +27,7 @@ def hand_logprob(model, prompt_ids, answer_ids) -> float:
 
 
 def test_every_built_in_probe_gets_a_passage_of_its_own_relation_that_names_none_of_its_answers():
-    probes = load_probes("world_facts+biographies+quotes")
+    probes = load_probes("world_facts+biographies")
     by_id = {p.id: p for p in probes}
     passages = irrelevant_passages(probes)
     assert all(passage is not None for passage in passages)
@@ -50,6 +50,15 @@ def test_every_built_in_probe_gets_a_passage_of_its_own_relation_that_names_none
                     assert names_an_answer(probe, other.aligned()), (probe.id, other.id)
     assert same_relation / len(probes) > 0.9
     assert irrelevant_passages(probes) == passages  # a function of the probe list alone
+
+
+def test_instructions_are_never_lent_as_irrelevant_passages():
+    # MemoTrap-style contexts ("Write a quote that ends in the word ...") apply to any question.
+    quotes = load_probes("quotes")
+    assert irrelevant_passages(quotes) == [None] * len(quotes)
+    mixed = probes_from_records([{**r, "metadata": {"context_kind": "instruction"}} if i == 1 else r
+                                 for i, r in enumerate(capital_records(3))])
+    assert [p.source_id for p in irrelevant_passages(mixed)] == ["capitals/italy", "capitals/italy", "capitals/france"]
 
 
 def test_pairing_skips_overlapping_partners_falls_back_to_the_context_and_gives_up_alone():

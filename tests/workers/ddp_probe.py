@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import ctx_callback.distributed as distributed  # noqa: E402
-from ctx_callback.distributed import ProbePlan  # noqa: E402
 from ctx_callback import ALL_VARIANTS, ContextRelianceCallback, ProbeScorer, probes_from_records  # noqa: E402
+from ctx_callback.distributed import ProbePlan  # noqa: E402
 from tests.helpers import (  # noqa: E402
     PROBES,
     make_tiny_llama,  # noqa: E402
