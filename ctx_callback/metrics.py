@@ -421,6 +421,21 @@ DERIVED_KEYS: tuple[tuple[str, str], ...] = (
                         "now"),
     ("flips_to_context", "probes that preferred the memorised answer at the peak event and prefer the context's now"),
     ("flips_since_previous", "probes whose preferred answer changed since the previous probe event"),
+    ("label_check/agreement", "with label_check_every: share of the sampled probes whose greedy answer names the "
+                              "answer their log-likelihood prefers under the counterfactual context (an output naming "
+                              "none or several answers disagrees; ctx_callback.label_check)"),
+    ("label_check/agreement_ci_low", "lower end of its 95% Wilson interval"),
+    ("label_check/agreement_ci_high", "upper end of that interval"),
+    ("label_check/undecided_rate", "share of the sampled outputs naming none or several of the answers"),
+    ("label_check/probes", "the sample's size (diagnostic_probes, at most the monitored probes)"),
+    ("label_check/seconds", "what the label check cost at this event"),
+    ("attention/context_share", "with attention_every: attention from the answer position (the last prompt token) to "
+                                "the context's tokens, summed over them, averaged over heads, layers and the sampled "
+                                "probes (ctx_callback.attention)"),
+    ("attention/layer_<NN>", "the same share in layer NN (00 = the first), averaged over heads and probes"),
+    ("attention/uniform_share", "the context's share of the prompt's tokens: what uniform attention would give"),
+    ("attention/probes", "probes measured (the sample, less any whose context tokens could not be located)"),
+    ("attention/seconds", "what the attention measurement cost at this event"),
     ("consumed/examples", "with audit=: training examples the optimizer steps since the previous probe event consumed "
                           "(where the sampler can be followed: ctx_callback.consumed)"),
     ("consumed/<category>_share", "with audit=: share of those examples in the audit category context_critical, "

@@ -42,3 +42,14 @@ def test_metrics_from_margins_match_the_callbacks_definitions_and_unions_weight_
     # the union over families is the mean over all their probes
     assert mc._union(rows[10], ("world_facts", "quotes"), "counterfactual_accuracy") == pytest.approx(2 / 4)
     assert mc._union(rows[10], ("world_facts", "quotes"), "logprob_margin") == pytest.approx(-1.5 / 4)
+
+
+def test_logged_candidates_are_read_from_the_runs_summary_at_every_step(mc, tmp_path):
+    history = [{"step": s, "ctx_reliance/attention/context_share": v, "ctx_reliance/utilisation": v / 2}
+               for s, v in ((0, 0.2), (10, 0.25), (20, 0.21))]
+    del history[1]["ctx_reliance/utilisation"]  # a round that did not score the controls: not a candidate
+    (tmp_path / "ctx_reliance_summary.json").write_text(json.dumps({"summary": {}, "history": history}))
+    series = mc._logged_series(tmp_path, [0, 10, 20])
+    assert list(series) == ["logged: attention/context_share"]
+    np.testing.assert_allclose(series["logged: attention/context_share"], [0.2, 0.25, 0.21])
+    assert mc._logged_series(tmp_path / "missing", [0]) == {}

@@ -254,6 +254,12 @@ def test_a_real_run_logs_the_decline_split_the_two_sided_controls_and_the_probe_
     total_net = sum(v for k, v in net.items() if "/" not in k)
     assert total_net > 0, "the accuracy must decline too"
     assert report.decline_shares() == pytest.approx({k: v / total_net for k, v in net.items()})
+    from ctx_callback.cli.flips import format_report
+
+    listing = format_report(report)
+    assert "share of the counterfactual accuracy's decline" in listing
+    assert all(f"  {group}: " in listing for group in net)
+    assert report.to_json()["decline_shares"] == report.decline_shares()
 
 
 # -- known facts, checked with distractors ---------------------------------------------------------------------
