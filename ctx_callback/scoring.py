@@ -409,7 +409,7 @@ class ProbeScorer:
         """
         if "closed_book" not in self.variants:
             raise ValueError("knowledge verification needs the 'closed_book' variant.")
-        result = self.score_raw(model)
+        result = self.score_raw(model, variants=("context", "closed_book"))  # what the check reads
         table = ScoreTable(result.scores, {v: c for c, v in enumerate(result.variants)}, result.mode,
                            result.option_scores, result.option_roles)
         if result.mode == "loglik":
