@@ -115,9 +115,9 @@ class ProbeSelection:
             summary = ", ".join(f"{f}: {c['kept']}/{c['total']}" + (
                 f" ({c['known_without_distractors']} without the distractors)" if "known_without_distractors" in c
                 else "") for f, c in sorted(self.known_counts.items()))
-            rank_zero_info("knowledge verification (parametric answer above the counterfactual one and %d distractors) "
-                           "kept %d/%d probes (%s).", self.known_distractors, len(self.active_indices),
-                           len(self.probes), summary)
+            rank_zero_info("knowledge verification kept %d/%d probes (the parametric answer above the counterfactual "
+                           "one and %d distractors closed-book; %s).", len(self.active_indices), len(self.probes),
+                           self.known_distractors, summary)
             if not self.active_indices:
                 raise ConfigurationError(
                     "known_only=True kept no probes: the model prefers the parametric answer closed-book for none of "

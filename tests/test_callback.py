@@ -448,7 +448,8 @@ def test_known_only_keeps_the_probes_the_model_knows_closed_book(tokenizer, tmp_
     assert 0 < len(expected) < len(PROBES), "pick a seed where the random model knows some probes but not all"
 
     trainer = make_trainer(model, tokenizer, tmp_path, max_steps=2)
-    callback = ContextRelianceCallback(trainer, PROBES, eval_steps=2, known_only=True,
+    # The counterfactual comparison alone (the distractors: tests/test_two_sided.py).
+    callback = ContextRelianceCallback(trainer, PROBES, eval_steps=2, known_only=True, known_distractors=0,
                                        variants=("context", "closed_book"))
     trainer.add_callback(callback)
     trainer.train()
