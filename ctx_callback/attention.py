@@ -69,7 +69,7 @@ class ContextSpans:
     """The context tokens of each probe's counterfactual prompt, found once from the tokenizer's offsets.
 
     Args:
-        items: The encoded ``"context"`` items.
+        items: Encoded items (their ``"context"`` ones are located; give those of the probes to be measured).
         probes: The probes the items point into.
         tokenizer: A fast tokenizer (with ``return_offsets_mapping``).
         add_special_tokens: Whether the prompt format tokenizes with special tokens.
@@ -86,8 +86,10 @@ class ContextSpans:
         self.items: dict[int, EncodedItem] = {}
         self.positions: dict[int, np.ndarray] = {}
         for item in items:
+            if item.variant != "context":
+                continue
             start = item.prompt_text.find(probes[item.probe_index].context)
-            if item.variant != "context" or start < 0:
+            if start < 0:
                 continue
             end = start + len(probes[item.probe_index].context)
             encoded = tokenizer(item.prompt_text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .metric_spec import METRIC_PREFIX
 
-__all__ = ["KEY_DECLINE_SHARE", "decline_shares", "group_labels", "shares_from_counts"]
+__all__ = ["KEY_DECLINE_SHARE", "decline_shares", "group_labels", "group_shares"]
 
 #: Prefix of the logged shares: ``ctx_reliance/decline_share/<family>[/<relation>]``.
 KEY_DECLINE_SHARE = f"{METRIC_PREFIX}/decline_share"
@@ -35,37 +35,20 @@ KEY_DECLINE_SHARE = f"{METRIC_PREFIX}/decline_share"
 
 def group_labels(probes: Sequence[Any]) -> tuple[list[str], list[str | None]]:
     """Each probe's family, and its ``family/relation`` label (``None`` when its metadata names no relation)."""
-    families = [p.family for p in probes]
-    relations = []
-    for probe in probes:
-        relation = probe.metadata.get("relation") if probe.metadata else None
-        relations.append(None if relation in (None, "") else f"{probe.family}/{relation}")
-    return families, relations
+    return ([p.family for p in probes],
+            [None if p.relation is None else f"{p.family}/{p.relation}" for p in probes])
 
 
-def shares_from_counts(declines: dict[str, float]) -> dict[str, float]:
-    """Each group's share of the summed decline (``{}`` when the sum is not positive)."""
-    total = float(sum(declines.values()))
-    if not total > 0:
-        return {}
-    return {group: float(value) / total for group, value in sorted(declines.items())}
-
-
-def decline_shares(per_probe: np.ndarray | None, families: Sequence[str],
-                   relations: Sequence[str | None] | None = None) -> dict[str, float]:
-    """``{key: share}`` of the decline from the peak, per family and per relation (module docstring).
+def group_shares(per_probe: np.ndarray, families: Sequence[str],
+                 relations: Sequence[str | None] | None = None) -> dict[str, float]:
+    """``{group: share}`` of the summed per-probe decline: the families (sorted), then the ``family/relation`` groups
+    (sorted; a probe whose relation is ``None`` is in none); ``{}`` when the sum is not positive.
 
     Args:
-        per_probe: Per-probe decline (positive = worse), NaN where a probe was not scored at both events; ``None``
-            without paired outcomes.
+        per_probe: Per-probe decline (positive = worse), NaN where a probe was not scored at both events.
         families: Family of each probe, in the same order.
         relations: ``family/relation`` label of each probe (``None`` where it has none); ``None`` for no relations.
-
-    Returns:
-        ``ctx_reliance/decline_share/<group>`` keys; empty without a positive decline.
     """
-    if per_probe is None:
-        return {}
     per_probe = np.asarray(per_probe, dtype=np.float64)
     valid = ~np.isnan(per_probe)
     total = float(per_probe[valid].sum())
@@ -77,5 +60,15 @@ def decline_shares(per_probe: np.ndarray | None, families: Sequence[str],
         for value, label, ok in zip(per_probe, labels, valid):
             if ok and label is not None:
                 sums[label] = sums.get(label, 0.0) + float(value)
-        out.update({f"{KEY_DECLINE_SHARE}/{group}": value / total for group, value in sorted(sums.items())})
+        out.update({group: value / total for group, value in sorted(sums.items())})
     return out
+
+
+def decline_shares(per_probe: np.ndarray | None, families: Sequence[str],
+                   relations: Sequence[str | None] | None = None) -> dict[str, float]:
+    """The logged keys ``ctx_reliance/decline_share/<group>`` of :func:`group_shares` (``{}`` for ``per_probe=None``,
+    an event without paired outcomes)."""
+    if per_probe is None:
+        return {}
+    shares = group_shares(per_probe, families, relations)
+    return {f"{KEY_DECLINE_SHARE}/{group}": share for group, share in shares.items()}

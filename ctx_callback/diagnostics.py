@@ -63,7 +63,9 @@ class Diagnostics:
                  strict: bool = False) -> None:
         self.label_check_every, self.attention_every = label_check_every, attention_every
         self.sample_size, self.strict = sample_size, strict
+        #: The context tokens of the sample's probes, and the sample they were located for.
         self.spans: ContextSpans | None = None
+        self.spans_sample: list[int] | None = None
 
     @staticmethod
     def _due(every: int | None, event: int) -> bool:
@@ -93,7 +95,8 @@ class Diagnostics:
         return row
 
     def _attention(self, scorer: Any, model: Any, plan: ProbePlan, sample: list[int]) -> dict[str, float]:
-        if self.spans is None:
-            self.spans = ContextSpans(scorer.encoded.items, scorer.probes, scorer.tokenizer,
-                                      scorer.prompt_format.adds_special_tokens)
+        if self.spans is None or self.spans_sample != sample:  # the sample's probes only, located once
+            items = scorer.encoded.items_for(sample)
+            self.spans = ContextSpans(items, scorer.probes, scorer.tokenizer, scorer.prompt_format.adds_special_tokens)
+            self.spans_sample = sample
         return attention_row(model, self.spans, plan, sample)

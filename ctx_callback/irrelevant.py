@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .matching import answer_hits, answers_overlap, contains_answer, match_answers
-from .probes import Probe
+from .probes import Probe, family_rings
 
-__all__ = ["INSTRUCTION", "IrrelevantPassage", "irrelevant_passages", "probe_answer_texts"]
+__all__ = ["INSTRUCTION", "IrrelevantPassage", "irrelevant_passages"]
 
 #: ``metadata["context_kind"]`` of a probe whose context is an instruction about the answer (MemoTrap: *Write a quote
 #: that ends in the word "heavy"*): it applies to any question, so it is never lent as an irrelevant passage.
@@ -71,11 +71,6 @@ class IrrelevantPassage:
         return match_answers(text, [(self.lure,), (probe.parametric_answer, *probe.parametric_aliases)])
 
 
-def probe_answer_texts(probe: Probe) -> tuple[str, ...]:
-    """Every surface form of every answer of ``probe`` (answers, options and aliases)."""
-    return (*probe.answers, *probe.counterfactual_aliases, *probe.parametric_aliases)
-
-
 def _passage_of(source: Probe) -> tuple[str, str] | None:
     """``(passage, lure)`` that ``source`` lends: its aligned context and parametric answer, else its context;
     ``None`` for an instruction (``metadata["context_kind"] == "instruction"``)."""
@@ -89,32 +84,21 @@ def _passage_of(source: Probe) -> tuple[str, str] | None:
 
 def _serves(probe: Probe, passage: str, lure: str) -> bool:
     """Whether ``passage`` is irrelevant to ``probe``: its lure and text name none of ``probe``'s answers."""
-    answers = probe_answer_texts(probe)
+    answers = probe.surface_forms
     return not answers_overlap([lure], answers) and not contains_answer(passage, answers)
-
-
-def _relation(probe: Probe) -> object:
-    return probe.metadata.get("relation") if probe.metadata else None
 
 
 def irrelevant_passages(probes: Sequence[Probe]) -> list[IrrelevantPassage | None]:
     """One irrelevant passage per probe, in probe order (``None`` where none can be built; module docstring)."""
-    by_family: dict[str, list[int]] = {}
-    for index, probe in enumerate(probes):
-        by_family.setdefault(probe.family, []).append(index)
-    out: list[IrrelevantPassage | None] = []
-    for index, probe in enumerate(probes):
-        out.append(None if probe.parametric_answer is None else _partner(probe, index, probes, by_family[probe.family]))
-    return out
+    return [None if probe.parametric_answer is None else _partner(probe, [probes[j] for j in ring])
+            for probe, ring in zip(probes, family_rings(probes))]
 
 
-def _partner(probe: Probe, index: int, probes: Sequence[Probe], family: list[int]) -> IrrelevantPassage | None:
-    """The first serving passage after ``index`` in the family (wrapping), same relation first."""
-    at = family.index(index)
-    ring = [probes[j] for j in family[at + 1:] + family[:at]]
-    relation = _relation(probe)
-    ordered = [p for p in ring if relation is not None and _relation(p) == relation]
-    ordered += [p for p in ring if relation is None or _relation(p) != relation]
+def _partner(probe: Probe, ring: list[Probe]) -> IrrelevantPassage | None:
+    """The first serving passage of the other probes of the family (``ring``, in order), same relation first."""
+    relation = probe.relation
+    ordered = [p for p in ring if relation is not None and p.relation == relation]
+    ordered += [p for p in ring if relation is None or p.relation != relation]
     for source in ordered:
         lent = _passage_of(source)
         if lent is not None and _serves(probe, *lent):

@@ -26,7 +26,7 @@ from .encoding import EncodedItem, split_prompt_and_answers
 from .errors import ConfigurationError
 from .formatting import PromptFormat
 from .matching import answers_overlap, normalize_answer
-from .probes import Probe
+from .probes import Probe, family_rings
 
 __all__ = ["DEFAULT_KNOWN_DISTRACTORS", "check_distractors", "distractor_items", "length_matched_distractors"]
 
@@ -59,24 +59,18 @@ def length_matched_distractors(probes: Sequence[Probe], tokenizer: Any, k: int) 
             lengths[text] = len(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
         return lengths[text]
 
-    by_family: dict[str, list[int]] = {}
-    for index, probe in enumerate(probes):
-        by_family.setdefault(probe.family, []).append(index)
     out: list[tuple[str, ...]] = []
-    for index, probe in enumerate(probes):
+    for probe, ring in zip(probes, family_rings(probes)):
         if probe.options or probe.parametric_answer is None:
             out.append(())
             continue
-        family = by_family[probe.family]
-        at = family.index(index)
-        own = (*probe.answers, *probe.counterfactual_aliases, *probe.parametric_aliases)
         seen: set[str] = set()
         candidates: list[tuple[int, int, str]] = []
-        for order, j in enumerate(family[at + 1:] + family[:at]):
+        for order, j in enumerate(ring):
             answer = probes[j].parametric_answer
             if answer is None or probes[j].options or normalize_answer(answer) in seen:
                 continue
-            if answers_overlap([answer], own):
+            if answers_overlap([answer], probe.surface_forms):
                 continue
             seen.add(normalize_answer(answer))
             candidates.append((abs(length(answer) - length(probe.parametric_answer)), order, answer))

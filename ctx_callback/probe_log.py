@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .decline_share import shares_from_counts
+import numpy as np
+
+from .decline_share import group_shares
 
 __all__ = [
     "CONTEXT",
@@ -160,19 +162,10 @@ class FlipReport:
         """Each family's and ``family/relation``'s share of the counterfactual accuracy's decline between the two
         events: its net flips to memory (to memory minus to context) over all net flips (empty when the net is not
         positive; :mod:`ctx_callback.decline_share`)."""
-        by_family: dict[str, float] = {}
-        by_relation: dict[str, float] = {}
-        for flip in self.flips:
-            step = {"to_memory": 1.0, "to_context": -1.0}.get(flip.direction, 0.0)
-            by_family[flip.family] = by_family.get(flip.family, 0.0) + step
-            if flip.relation is not None:
-                label = f"{flip.family}/{flip.relation}"
-                by_relation[label] = by_relation.get(label, 0.0) + step
-        shares = shares_from_counts(by_family)
-        total = sum(by_family.values())
-        if shares:
-            shares.update({label: value / total for label, value in sorted(by_relation.items())})
-        return shares
+        flips = self.flips
+        steps = np.array([{"to_memory": 1.0, "to_context": -1.0}.get(flip.direction, 0.0) for flip in flips])
+        relations = [None if flip.relation is None else f"{flip.family}/{flip.relation}" for flip in flips]
+        return group_shares(steps, [flip.family for flip in flips], relations)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: steps, counts per direction and family, the decline shares, and every flip."""

@@ -76,10 +76,9 @@ class ProbeReports:
         round's ``result``) to the probe log, and send the new flips since the peak (``peak_step``) to the trackers'
         tables among ``callbacks``."""
         chosen = [probes[int(i)] for i in result.probe_indices]
-        relations = [p.metadata.get("relation") if p.metadata else None for p in chosen]
         log_rows = probe_rows(step, [p.id for p in chosen], [p.family for p in chosen], result.scores,
                               result.variants, result.mode, result.generations, **option_kwargs(result),
-                              relations=[None if r is None else str(r) for r in relations])
+                              relations=[p.relation for p in chosen])
         self.write_probe_log(output_dir, log_rows)
         self.report_flips(step, peak_step, log_rows, preferred, callbacks, global_step)
 

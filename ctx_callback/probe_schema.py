@@ -118,6 +118,17 @@ class Probe:
         lines = [f"{OPTION_LABELS[i]}. {option}" for i, option in enumerate(self.options)]
         return "\n".join([self.question, *lines])
 
+    @property
+    def surface_forms(self) -> tuple[str, ...]:
+        """Every answer text of the probe: its answers (or options) and both answers' aliases."""
+        return (*self.answers, *self.counterfactual_aliases, *self.parametric_aliases)
+
+    @property
+    def relation(self) -> str | None:
+        """``metadata["relation"]`` as a string (``"capital"``), or ``None`` when the metadata names none."""
+        relation = self.metadata.get("relation") if self.metadata else None
+        return None if relation in (None, "") else str(relation)
+
     def aligned(self) -> str | None:
         """The context stating the true fact, or ``None`` if it cannot be built (also when the parametric answer is
         unknown)."""

@@ -37,6 +37,7 @@ __all__ = [
     "OPTION_LABELS",
     "Probe",
     "ProbeFormatError",
+    "family_rings",
     "load_probes",
     "probes_from_records",
 ]
@@ -157,6 +158,19 @@ def _answers_overlap(probe: Probe) -> bool:
         groups = [(probe.counterfactual_answer, *probe.counterfactual_aliases),
                   (probe.parametric_answer or "", *probe.parametric_aliases)]
     return any(answers_overlap(groups[i], groups[j]) for i in range(len(groups)) for j in range(i + 1, len(groups)))
+
+
+def family_rings(probes: Sequence[Probe]) -> list[list[int]]:
+    """For each probe, the indices of the other probes of its family, starting after it in probe order and wrapping
+    around (the order in which the irrelevant passages and the known_only distractors are looked for)."""
+    by_family: dict[str, list[int]] = {}
+    for index, probe in enumerate(probes):
+        by_family.setdefault(probe.family, []).append(index)
+    rings: list[list[int]] = [[] for _ in probes]
+    for family in by_family.values():
+        for at, index in enumerate(family):
+            rings[index] = family[at + 1:] + family[:at]
+    return rings
 
 
 def _spread_per_family(probes: Sequence[Probe], limit: int) -> list[Probe]:

@@ -416,7 +416,8 @@ class ProbeScorer:
             known = table.parametric_wins("closed_book") == 1  # multiple choice: over every other option
         else:
             known = (table.parametric("closed_book") == 1) & (table.counterfactual("closed_book") == 0)
-        beats = self._beats_distractors(model, distractors) if distractors else None
+        candidates = [int(index) for row, index in enumerate(result.probe_indices) if known[row]]
+        beats = self._beats_distractors(model, distractors, candidates) if distractors else None
         counts: dict[str, dict[str, int]] = {}
         kept = []
         for row, index in enumerate(result.probe_indices):
@@ -430,10 +431,13 @@ class ProbeScorer:
                 kept.append(int(index))
         return kept, counts
 
-    def _beats_distractors(self, model: torch.nn.Module, k: int) -> list[bool]:
+    def _beats_distractors(self, model: torch.nn.Module, k: int, candidates: Sequence[int]) -> list[bool]:
         """Per probe: the parametric answer scores above each of its ``k`` distractors closed-book (``True`` for a
-        probe without distractors)."""
+        probe without distractors). Only the ``candidates`` (the probes that passed the counterfactual comparison)
+        are scored; the others are never kept anyway."""
         distractors = length_matched_distractors(self.probes, self.tokenizer, k)
+        wanted = set(candidates)
+        distractors = [extra if index in wanted else () for index, extra in enumerate(distractors)]
         items = distractor_items(self.probes, distractors, self.tokenizer, self.prompt_format)
         beats = [True] * len(self.probes)
         with probe_mode(model), probe_autocast(model, self.probe_dtype):

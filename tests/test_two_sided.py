@@ -183,7 +183,7 @@ def test_the_irrelevant_variant_is_opt_in_and_a_control(tokenizer):
 
 
 def test_decline_shares_by_hand():
-    from ctx_callback.decline_share import decline_shares, shares_from_counts
+    from ctx_callback.decline_share import decline_shares, group_shares
 
     per_probe = np.array([0.3, 0.1, np.nan, -0.1, 0.2])
     families = ["a", "a", "a", "b", "b"]
@@ -195,7 +195,7 @@ def test_decline_shares_by_hand():
         "ctx_reliance/decline_share/b/z": 0.2 / total})
     assert decline_shares(-per_probe, families, relations) == {}  # no decline: nothing to split
     assert decline_shares(None, families) == {}
-    assert shares_from_counts({"a": 3.0, "b": -1.0}) == {"a": 1.5, "b": -0.5}
+    assert group_shares(np.array([3.0, -1.0]), ["a", "b"]) == {"a": 1.5, "b": -0.5}
 
 
 def test_a_real_run_logs_the_decline_split_the_two_sided_controls_and_the_probe_log_fields(tokenizer, tmp_path):
